@@ -1,0 +1,203 @@
+//! Reading `proxy.yaml` (and `policy_file`): YAML → spec → validated settings + compiled policy.
+//!
+//! Parsing is layered so that every error names a YAML path:
+//! - `serde-saphyr` parses (duplicate keys are errors; alias/size budgets bound hostile input);
+//! - `serde_path_to_error` records where a type error happened (`limits.send_queue: invalid
+//!   type…`);
+//! - `serde_ignored` reports *every* unknown key, not just the first, so typos are all listed.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+use super::settings::{self, Settings, SettingsSpec};
+use crate::diagnostics::Diagnostics;
+use crate::policy::spec::PolicySpec;
+use crate::policy::{CompileContext, Policy, compile, process_env};
+
+/// Longest config or policy file read, in bytes. A policy with thousands of actors is a few
+/// MiB; anything beyond this is a mistake, and YAML parsers are not where to find out.
+pub const MAX_CONFIG_BYTES: u64 = 32 << 20;
+
+/// The files a configuration was read from: what the hot-reload watcher watches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sources {
+    pub config: PathBuf,
+    pub policy_file: Option<PathBuf>,
+}
+
+impl Sources {
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        std::iter::once(self.config.as_path()).chain(self.policy_file.as_deref())
+    }
+}
+
+/// A successfully loaded configuration.
+#[derive(Debug)]
+pub struct Loaded {
+    pub settings: Settings,
+    pub policy: Policy,
+    /// Non-fatal findings (unset secret variables, …), to be logged.
+    pub warnings: Diagnostics,
+    pub sources: Sources,
+    /// SHA-256 over the bytes read; equal digests mean nothing changed on disk.
+    pub digest: [u8; 32],
+}
+
+/// Loads `path` with secrets from the process environment.
+pub fn load(path: &Path) -> Result<Loaded, Diagnostics> {
+    load_with_env(path, &process_env)
+}
+
+/// Loads `path` with secrets from `env`.
+pub fn load_with_env(
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Loaded, Diagnostics> {
+    let mut diags = Diagnostics::new();
+    let mut hasher = Sha256::new();
+    let text = read_file(path, &mut diags).ok_or_else(|| diags.clone())?;
+    hasher.update(&text);
+    let spec: SettingsSpec = parse_yaml(&text, "", &mut diags).ok_or_else(|| diags.clone())?;
+
+    let base_dir = path.parent().unwrap_or(Path::new("."));
+    let cx = CompileContext { base_dir, env };
+    let mut sources = Sources {
+        config: path.to_path_buf(),
+        policy_file: None,
+    };
+    let policy_spec = match (&spec.policy, &spec.policy_file) {
+        (Some(p), None) => Some(p.clone()),
+        (None, Some(file)) => {
+            let file = cx.resolve(file);
+            sources.policy_file = Some(file.clone());
+            read_file(&file, &mut diags).and_then(|text| {
+                hasher.update(&text);
+                parse_policy_file(&text, &mut diags)
+            })
+        }
+        (Some(_), Some(_)) => {
+            diags.error(
+                "policy_file",
+                "`policy` and `policy_file` are mutually exclusive",
+            );
+            None
+        }
+        (None, None) => {
+            diags.error(
+                "policy",
+                "a policy is required (inline `policy:` or `policy_file:`)",
+            );
+            None
+        }
+    };
+    let settings = settings::validate(&spec, &cx, &mut diags);
+    let policy = policy_spec.and_then(|p| compile(&p, "policy", &cx, &mut diags));
+    match (settings, policy) {
+        (Some(settings), Some(policy)) if !diags.has_errors() => Ok(Loaded {
+            settings,
+            policy,
+            warnings: diags,
+            sources,
+            digest: hasher.finalize().into(),
+        }),
+        _ => Err(diags),
+    }
+}
+
+fn read_file(path: &Path, diags: &mut Diagnostics) -> Option<String> {
+    let display = path.display();
+    match std::fs::metadata(path) {
+        Ok(m) if m.len() > MAX_CONFIG_BYTES => {
+            diags.error(
+                "",
+                format!("{display} is larger than {MAX_CONFIG_BYTES} bytes"),
+            );
+            return None;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            diags.error("", format!("cannot read {display}: {e}"));
+            return None;
+        }
+    }
+    match std::fs::read_to_string(path) {
+        Ok(text) => Some(text),
+        Err(e) => {
+            diags.error("", format!("cannot read {display}: {e}"));
+            None
+        }
+    }
+}
+
+/// Parses the content of a `policy_file` (the policy mapping itself, as under `policy:`).
+pub fn parse_policy_file(text: &str, diags: &mut Diagnostics) -> Option<PolicySpec> {
+    parse_yaml(text, "policy", diags)
+}
+
+/// Parses YAML into `T`, reporting unknown keys and the first type error with their paths
+/// under `root`. `None` when the document could not be read as a `T`.
+pub fn parse_yaml<T: DeserializeOwned>(
+    text: &str,
+    root: &str,
+    diags: &mut Diagnostics,
+) -> Option<T> {
+    // An empty document is an empty mapping: every section then takes its default.
+    let text = if text.trim().is_empty() { "{}" } else { text };
+    let mut unknown = Vec::new();
+    let mut track = serde_path_to_error::Track::new();
+    let result = serde_saphyr::with_deserializer_from_str_with_options(
+        text,
+        serde_saphyr::options::Options::default(),
+        |de| {
+            let de = serde_path_to_error::Deserializer::new(de, &mut track);
+            serde_ignored::deserialize(de, |path| unknown.push(ignored_path(root, &path)))
+        },
+    );
+    for path in unknown {
+        diags.error(path, "unknown key");
+    }
+    match result {
+        Ok(value) => Some(value),
+        Err(e) => {
+            let path = track.path().to_string();
+            let path = match (root, path.as_str()) {
+                (r, ".") => r.to_string(),
+                ("", p) => p.to_string(),
+                (r, p) if p.starts_with('[') => format!("{r}{p}"),
+                (r, p) => format!("{r}.{p}"),
+            };
+            diags.error(path, e.to_string());
+            None
+        }
+    }
+}
+
+/// Formats a `serde_ignored` path the way every other diagnostic is written:
+/// `policy.projects[0].apps[1].colour`.
+fn ignored_path(root: &str, path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path as P;
+    fn walk(path: &P<'_>, out: &mut String) {
+        match path {
+            P::Root => {}
+            P::Seq { parent, index } => {
+                walk(parent, out);
+                out.push_str(&format!("[{index}]"));
+            }
+            P::Map { parent, key } => {
+                walk(parent, out);
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
+                walk(parent, out)
+            }
+        }
+    }
+    let mut out = root.to_string();
+    walk(path, &mut out);
+    out
+}

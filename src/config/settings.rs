@@ -1,0 +1,654 @@
+//! Every setting except the policy: YAML shape (`*Spec`, with defaults), validated form, and
+//! the validation between them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::auth::AuthCacheSettings;
+use crate::diagnostics::{Diagnostics, quoted};
+use crate::policy::CompileContext;
+use crate::policy::spec::PolicySpec;
+use crate::topic::upstream::TopicLayout;
+
+// ---------------------------------------------------------------------------------------
+// YAML shape of the whole file. Every field but the policy has a default, so a file holding
+// only `policy:` is complete.
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub(crate) struct SettingsSpec {
+    pub listen: String,
+    pub admin: String,
+    pub tls: Option<TlsSpec>,
+    pub upstream: UpstreamSpec,
+    pub limits: LimitsSpec,
+    pub auth_cache: AuthCacheSpec,
+    pub reload: ReloadSpec,
+    pub log: LogSpec,
+    pub shutdown: ShutdownSpec,
+    /// Inline policy…
+    pub policy: Option<PolicySpec>,
+    /// …or a path to a file holding it (relative to the config file).
+    pub policy_file: Option<PathBuf>,
+}
+
+impl Default for SettingsSpec {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            admin: "127.0.0.1:9090".into(),
+            tls: None,
+            upstream: UpstreamSpec::default(),
+            limits: LimitsSpec::default(),
+            auth_cache: AuthCacheSpec::default(),
+            reload: ReloadSpec::default(),
+            log: LogSpec::default(),
+            shutdown: ShutdownSpec::default(),
+            policy: None,
+            policy_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct TlsSpec {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub(crate) struct UpstreamSpec {
+    pub broker: String,
+    pub pool: u64,
+    pub username: Option<String>,
+    pub password_env: Option<String>,
+    pub topic_prefix: String,
+    pub client_id_prefix: String,
+    pub keep_alive_s: u64,
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for UpstreamSpec {
+    fn default() -> Self {
+        Self {
+            broker: "embedded".into(),
+            pool: 4,
+            username: None,
+            password_env: None,
+            topic_prefix: String::new(),
+            client_id_prefix: "cuttle".into(),
+            keep_alive_s: 30,
+            connect_timeout_ms: 5000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub(crate) struct LimitsSpec {
+    pub max_message_bytes: u64,
+    pub max_frame_bytes: u64,
+    pub publish_per_second: u64,
+    pub connections_per_actor: u64,
+    pub max_connections: u64,
+    pub subscriptions_per_connection: u64,
+    pub auth_timeout_ms: u64,
+    pub handshake_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub send_queue: u64,
+}
+
+impl Default for LimitsSpec {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 921_600,
+            max_frame_bytes: 1_048_576,
+            publish_per_second: 50,
+            connections_per_actor: 32,
+            max_connections: 10_000,
+            subscriptions_per_connection: 256,
+            auth_timeout_ms: 10_000,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            send_queue: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub(crate) struct AuthCacheSpec {
+    pub capacity: u64,
+    pub ttl_s: u64,
+}
+
+impl Default for AuthCacheSpec {
+    fn default() -> Self {
+        let d = AuthCacheSettings::default();
+        Self {
+            capacity: d.capacity,
+            ttl_s: d.ttl.as_secs(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub(crate) struct ReloadSpec {
+    pub debounce_ms: u64,
+}
+
+impl Default for ReloadSpec {
+    fn default() -> Self {
+        Self { debounce_ms: 250 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub(crate) struct LogSpec {
+    pub format: String,
+    pub level: String,
+}
+
+impl Default for LogSpec {
+    fn default() -> Self {
+        Self {
+            format: "pretty".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub(crate) struct ShutdownSpec {
+    pub grace_s: u64,
+}
+
+impl Default for ShutdownSpec {
+    fn default() -> Self {
+        Self { grace_s: 20 }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Validated settings.
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Broker {
+    /// rumqttd in-process on a loopback port.
+    Embedded,
+    Remote {
+        host: String,
+        port: u16,
+        tls: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamSettings {
+    pub broker: Broker,
+    pub pool: usize,
+    pub username: Option<String>,
+    /// Resolved from `password_env` at load time; never printed.
+    pub password: Option<String>,
+    pub layout: TopicLayout,
+    pub client_id_prefix: String,
+    pub keep_alive: Duration,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_message_bytes: usize,
+    pub max_frame_bytes: usize,
+    pub publish_per_second: u32,
+    pub connections_per_actor: u32,
+    pub max_connections: u32,
+    pub subscriptions_per_connection: u32,
+    pub auth_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub send_queue: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A `tracing_subscriber::EnvFilter` directive; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReloadSettings {
+    pub debounce: Duration,
+}
+
+/// Everything but the policy, validated. Fixed for the life of the process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub tls: Option<TlsSettings>,
+    pub upstream: UpstreamSettings,
+    pub limits: Limits,
+    pub auth_cache: AuthCacheSettings,
+    pub reload: ReloadSettings,
+    pub log: LogSettings,
+    pub shutdown_grace: Duration,
+}
+
+impl Settings {
+    /// Names of the top-level sections that differ from `other`: what a reload cannot apply.
+    pub fn restart_needed(&self, other: &Settings) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        let mut check = |name, differs: bool| {
+            if differs {
+                changed.push(name)
+            }
+        };
+        check("listen", self.listen != other.listen);
+        check("admin", self.admin != other.admin);
+        check("tls", self.tls != other.tls);
+        check("upstream", self.upstream != other.upstream);
+        check("limits", self.limits != other.limits);
+        check("auth_cache", self.auth_cache != other.auth_cache);
+        check("reload", self.reload != other.reload);
+        check("log", self.log != other.log);
+        check("shutdown", self.shutdown_grace != other.shutdown_grace);
+        changed
+    }
+}
+
+fn socket_addr(value: &str, path: &str, diags: &mut Diagnostics) -> Option<SocketAddr> {
+    match value.parse() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            diags.error(
+                path,
+                format!(
+                    "invalid address {}: expected ip:port, e.g. 127.0.0.1:8080 or [::]:8080",
+                    quoted(value)
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// Checks `lo <= value <= hi`, reporting at `path`.
+fn in_range(value: u64, lo: u64, hi: u64, path: &str, diags: &mut Diagnostics) -> u64 {
+    if value < lo || value > hi {
+        diags.error(path, format!("{value} is out of range ({lo}..={hi})"));
+    }
+    value.clamp(lo, hi)
+}
+
+fn parse_broker(value: &str, diags: &mut Diagnostics) -> Option<Broker> {
+    const PATH: &str = "upstream.broker";
+    if value == "embedded" {
+        return Some(Broker::Embedded);
+    }
+    let bad = |diags: &mut Diagnostics, why: &str| {
+        diags.error(
+            PATH,
+            format!(
+                "invalid broker {}: {why} (expected `embedded`, mqtt://host[:port] or mqtts://host[:port])",
+                quoted(value)
+            ),
+        );
+        None
+    };
+    let (tls, rest) = if let Some(r) = value.strip_prefix("mqtt://") {
+        (false, r)
+    } else if let Some(r) = value.strip_prefix("mqtts://") {
+        (true, r)
+    } else {
+        return bad(diags, "unknown scheme");
+    };
+    let default_port = if tls { 8883 } else { 1883 };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains(['/', '@', '?', '#']) {
+        return bad(
+            diags,
+            "only host and port are allowed (credentials go in username/password_env)",
+        );
+    }
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        match v6.split_once(']') {
+            Some((h, "")) => (h, None),
+            Some((h, p)) => match p.strip_prefix(':') {
+                Some(p) => (h, Some(p)),
+                None => return bad(diags, "malformed IPv6 address"),
+            },
+            None => return bad(diags, "malformed IPv6 address"),
+        }
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (rest, None),
+        }
+    };
+    if host.is_empty() {
+        return bad(diags, "missing host");
+    }
+    let port = match port {
+        None => default_port,
+        Some(p) => match p.parse::<u16>() {
+            Ok(p) if p != 0 => p,
+            _ => return bad(diags, "invalid port"),
+        },
+    };
+    Some(Broker::Remote {
+        host: host.to_string(),
+        port,
+        tls,
+    })
+}
+
+/// Validates settings, reporting every problem. `None` when any error was reported.
+pub(crate) fn validate(
+    spec: &SettingsSpec,
+    cx: &CompileContext<'_>,
+    diags: &mut Diagnostics,
+) -> Option<Settings> {
+    let before = diags.errors().count();
+    let listen = socket_addr(&spec.listen, "listen", diags);
+    let admin = socket_addr(&spec.admin, "admin", diags);
+    if let (Some(l), Some(a)) = (listen, admin)
+        && l == a
+        && l.port() != 0
+    {
+        diags.error("admin", "must differ from listen");
+    }
+
+    let tls = spec.tls.as_ref().map(|t| {
+        let cert = cx.resolve(&t.cert);
+        let key = cx.resolve(&t.key);
+        for (field, file) in [("tls.cert", &cert), ("tls.key", &key)] {
+            if !file.is_file() {
+                diags.error(field, format!("file not found: {}", file.display()));
+            }
+        }
+        TlsSettings { cert, key }
+    });
+
+    let u = &spec.upstream;
+    let broker = parse_broker(&u.broker, diags);
+    let pool = in_range(u.pool, 1, 64, "upstream.pool", diags) as usize;
+    let layout = match TopicLayout::new(&u.topic_prefix) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            diags.error(
+                "upstream.topic_prefix",
+                format!("invalid prefix {}: {e}", quoted(&u.topic_prefix)),
+            );
+            None
+        }
+    };
+    if u.client_id_prefix.is_empty()
+        || u.client_id_prefix.len() > 32
+        || !u
+            .client_id_prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        diags.error(
+            "upstream.client_id_prefix",
+            format!(
+                "invalid prefix {}: 1-32 characters of a-z, A-Z, 0-9, '-' and '_'",
+                quoted(&u.client_id_prefix)
+            ),
+        );
+    }
+    let password = match &u.password_env {
+        None => None,
+        Some(var) => {
+            let value = (cx.env)(var);
+            if value.is_none() {
+                diags.warn(
+                    "upstream.password_env",
+                    format!(
+                        "environment variable {} is not set: connecting without a password",
+                        quoted(var)
+                    ),
+                );
+            }
+            value
+        }
+    };
+    if password.is_some() && u.username.is_none() {
+        diags.error("upstream.password_env", "a password needs a username");
+    }
+    if broker == Some(Broker::Embedded) && (u.username.is_some() || u.password_env.is_some()) {
+        diags.warn(
+            "upstream.username",
+            "ignored with the embedded broker (it listens on loopback only)",
+        );
+    }
+    let keep_alive_s = in_range(u.keep_alive_s, 5, 3600, "upstream.keep_alive_s", diags);
+    let connect_ms = in_range(
+        u.connect_timeout_ms,
+        100,
+        120_000,
+        "upstream.connect_timeout_ms",
+        diags,
+    );
+
+    let l = &spec.limits;
+    let max_frame = in_range(
+        l.max_frame_bytes,
+        1_048_576,
+        64 << 20,
+        "limits.max_frame_bytes",
+        diags,
+    );
+    let max_message = in_range(
+        l.max_message_bytes,
+        1,
+        max_frame,
+        "limits.max_message_bytes",
+        diags,
+    );
+    let limits = Limits {
+        max_message_bytes: max_message as usize,
+        max_frame_bytes: max_frame as usize,
+        publish_per_second: in_range(
+            l.publish_per_second,
+            1,
+            1_000_000,
+            "limits.publish_per_second",
+            diags,
+        ) as u32,
+        connections_per_actor: in_range(
+            l.connections_per_actor,
+            1,
+            1_000_000,
+            "limits.connections_per_actor",
+            diags,
+        ) as u32,
+        max_connections: in_range(
+            l.max_connections,
+            1,
+            10_000_000,
+            "limits.max_connections",
+            diags,
+        ) as u32,
+        subscriptions_per_connection: in_range(
+            l.subscriptions_per_connection,
+            1,
+            100_000,
+            "limits.subscriptions_per_connection",
+            diags,
+        ) as u32,
+        auth_timeout: Duration::from_millis(in_range(
+            l.auth_timeout_ms,
+            100,
+            60_000,
+            "limits.auth_timeout_ms",
+            diags,
+        )),
+        handshake_timeout: Duration::from_millis(in_range(
+            l.handshake_timeout_ms,
+            100,
+            60_000,
+            "limits.handshake_timeout_ms",
+            diags,
+        )),
+        // PROTOCOL §3: never close an idle client sooner than 60 s.
+        idle_timeout: Duration::from_millis(in_range(
+            l.idle_timeout_ms,
+            60_000,
+            3_600_000,
+            "limits.idle_timeout_ms",
+            diags,
+        )),
+        send_queue: in_range(l.send_queue, 1, 1_000_000, "limits.send_queue", diags) as usize,
+    };
+
+    let auth_cache = AuthCacheSettings {
+        capacity: in_range(
+            spec.auth_cache.capacity,
+            1,
+            100_000_000,
+            "auth_cache.capacity",
+            diags,
+        ),
+        ttl: Duration::from_secs(in_range(
+            spec.auth_cache.ttl_s,
+            1,
+            3600,
+            "auth_cache.ttl_s",
+            diags,
+        )),
+    };
+    let reload = ReloadSettings {
+        debounce: Duration::from_millis(in_range(
+            spec.reload.debounce_ms,
+            10,
+            60_000,
+            "reload.debounce_ms",
+            diags,
+        )),
+    };
+    let format = match spec.log.format.as_str() {
+        "pretty" => Some(LogFormat::Pretty),
+        "json" => Some(LogFormat::Json),
+        other => {
+            diags.error(
+                "log.format",
+                format!("unknown format {} (expected pretty or json)", quoted(other)),
+            );
+            None
+        }
+    };
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&spec.log.level) {
+        diags.error(
+            "log.level",
+            format!("invalid filter {}: {e}", quoted(&spec.log.level)),
+        );
+    }
+    let grace = in_range(spec.shutdown.grace_s, 0, 3600, "shutdown.grace_s", diags);
+
+    if diags.errors().count() > before {
+        return None;
+    }
+    Some(Settings {
+        listen: listen?,
+        admin: admin?,
+        tls,
+        upstream: UpstreamSettings {
+            broker: broker?,
+            pool,
+            username: u.username.clone(),
+            password,
+            layout: layout?,
+            client_id_prefix: u.client_id_prefix.clone(),
+            keep_alive: Duration::from_secs(keep_alive_s),
+            connect_timeout: Duration::from_millis(connect_ms),
+        },
+        limits,
+        auth_cache,
+        reload,
+        log: LogSettings {
+            format: format?,
+            level: spec.log.level.clone(),
+        },
+        shutdown_grace: Duration::from_secs(grace),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let mut d = Diagnostics::new();
+        let cx = CompileContext {
+            base_dir: std::path::Path::new("."),
+            env: &|_| None,
+        };
+        let s = validate(&SettingsSpec::default(), &cx, &mut d).expect("defaults are valid");
+        assert!(d.is_empty(), "{d}");
+        assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.upstream.broker, Broker::Embedded);
+        assert_eq!(s.upstream.pool, 4);
+        assert_eq!(s.limits.max_message_bytes, 921_600);
+        assert_eq!(s.limits.publish_per_second, 50);
+        assert_eq!(s.limits.idle_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn brokers() {
+        let mut d = Diagnostics::new();
+        assert_eq!(
+            parse_broker("mqtt://localhost", &mut d),
+            Some(Broker::Remote {
+                host: "localhost".into(),
+                port: 1883,
+                tls: false
+            })
+        );
+        assert_eq!(
+            parse_broker("mqtts://[::1]:9883", &mut d),
+            Some(Broker::Remote {
+                host: "::1".into(),
+                port: 9883,
+                tls: true
+            })
+        );
+        assert!(d.is_empty());
+        for bad in [
+            "tcp://x:1",
+            "mqtt://",
+            "mqtt://h:0",
+            "mqtt://h:x",
+            "mqtt://u:p@h",
+            "mqtt://[::1",
+        ] {
+            let mut d = Diagnostics::new();
+            assert_eq!(parse_broker(bad, &mut d), None, "{bad}");
+            assert!(d.to_string().contains("upstream.broker"), "{d}");
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! cuttle: a stateless realtime edge proxy.
+//!
+//! Clients speak the NoLag MessagePack protocol over WebSocket; cuttle authenticates each one
+//! as an actor, authorizes every publish and delivery against the policy, isolates tenants by
+//! injecting their access scope into upstream MQTT topics, and multiplexes everyone onto a
+//! small pool of broker connections. See `docs/ARCHITECTURE.md` for the data flow.
+//!
+//! Layers, bottom up:
+//! - [`topic`]: client topic syntax, filters, and the upstream topic layout (pure functions);
+//! - [`policy`]: the policy model, its validation, and authorization decisions;
+//! - [`auth`]: credentials (device tokens, server keys, user JWTs, session tokens) → actors;
+//! - [`config`]: `proxy.yaml`, its defaults and validation;
+//! - [`reload`]: the live policy snapshot and hot reload;
+//! - [`cli`]: the `cuttle` command line.
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod diagnostics;
+pub mod logging;
+pub mod policy;
+pub mod reload;
+pub mod topic;

@@ -1,0 +1,472 @@
+//! Validation and indexing: [`PolicySpec`] → [`Policy`].
+//!
+//! Every check pushes a diagnostic naming its YAML path and carries on, so that one run lists
+//! every problem. The result is returned only when there are no errors.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use super::model::*;
+use super::spec::{ActorSpec, AppSpec, PolicySpec, ProjectSpec};
+use super::{CompileContext, check_actor_id, check_slug};
+use crate::auth::jwt::JwtVerifier;
+use crate::auth::session_token::SessionSecret;
+use crate::diagnostics::{Diagnostics, quoted};
+
+/// Compiles a policy spec found at YAML path `root` (normally `policy`).
+pub fn compile(
+    spec: &PolicySpec,
+    root: &str,
+    cx: &CompileContext<'_>,
+    diags: &mut Diagnostics,
+) -> Option<Policy> {
+    let errors_before = diags.errors().count();
+    let mut policy = Policy::default();
+    // App slugs are the first level of the upstream layout, which has no project level: two
+    // projects with one app slug would share a namespace, so slugs are unique policy-wide.
+    let mut app_owner: HashMap<String, String> = HashMap::new();
+    let mut issuer_owner: HashMap<String, String> = HashMap::new();
+
+    for (pi, p) in spec.projects.iter().enumerate() {
+        let path = format!("{root}.projects[{pi}]");
+        if let Err(why) = check_slug(&p.id) {
+            diags.error(
+                format!("{path}.id"),
+                format!("invalid id {}: {why}", quoted(&p.id)),
+            );
+        }
+        if policy.projects.contains_key(p.id.as_str()) {
+            diags.error(
+                format!("{path}.id"),
+                format!("duplicate project id {}", quoted(&p.id)),
+            );
+            continue;
+        }
+        let project = compile_project(p, &path, cx, diags, &mut app_owner, &mut policy);
+        if let Some(jwt) = &project.jwt {
+            let iss = jwt.issuer.to_string();
+            if let Some(other) = issuer_owner.insert(iss.clone(), p.id.clone()) {
+                diags.error(
+                    format!("{path}.jwt.issuer"),
+                    format!(
+                        "issuer {} is already used by project {}: the issuer selects the project",
+                        quoted(&iss),
+                        quoted(&other)
+                    ),
+                );
+            }
+            policy
+                .issuers
+                .insert(jwt.issuer.clone(), project.id.clone());
+        }
+        policy
+            .projects
+            .insert(project.id.clone(), Arc::new(project));
+    }
+    if spec.projects.is_empty() {
+        diags.warn(
+            format!("{root}.projects"),
+            "no projects: every connection will be refused",
+        );
+    }
+    (diags.errors().count() == errors_before).then_some(policy)
+}
+
+fn compile_project(
+    p: &ProjectSpec,
+    path: &str,
+    cx: &CompileContext<'_>,
+    diags: &mut Diagnostics,
+    app_owner: &mut HashMap<String, String>,
+    policy: &mut Policy,
+) -> Project {
+    let id: Arc<str> = p.id.as_str().into();
+
+    let mut scopes = HashMap::new();
+    for (i, s) in p.scopes.iter().enumerate() {
+        let sp = format!("{path}.scopes[{i}].slug");
+        if let Err(why) = check_slug(&s.slug) {
+            diags.error(sp, format!("invalid slug {}: {why}", quoted(&s.slug)));
+        } else if scopes.contains_key(s.slug.as_str()) {
+            diags.error(sp, format!("duplicate scope {}", quoted(&s.slug)));
+        } else {
+            let slug: Arc<str> = s.slug.as_str().into();
+            scopes.insert(
+                slug.clone(),
+                Scope {
+                    slug,
+                    name: s.name.clone(),
+                },
+            );
+        }
+    }
+
+    let mut actors = HashMap::new();
+    for (i, a) in p.actors.iter().enumerate() {
+        let ap = format!("{path}.actors[{i}]");
+        if let Some(actor) = compile_actor(a, &ap, &id, &scopes, diags, policy) {
+            if actors.contains_key(&*actor.id) {
+                diags.error(
+                    format!("{ap}.id"),
+                    format!("duplicate actor id {}", quoted(&a.id)),
+                );
+            } else {
+                actors.insert(actor.id.clone(), actor);
+            }
+        }
+    }
+
+    let mut apps: HashMap<Arc<str>, App> = HashMap::new();
+    for (i, a) in p.apps.iter().enumerate() {
+        let ap = format!("{path}.apps[{i}]");
+        let Some(app) = compile_app(a, &ap, &actors, diags) else {
+            continue;
+        };
+        if apps.contains_key(&*app.slug) {
+            diags.error(
+                format!("{ap}.slug"),
+                format!("duplicate app {}", quoted(&a.slug)),
+            );
+            continue;
+        }
+        if let Some(owner) = app_owner.insert(a.slug.clone(), p.id.clone())
+            && owner != p.id
+        {
+            diags.error(
+                format!("{ap}.slug"),
+                format!(
+                    "app {} is already declared by project {}: app slugs are unique across projects because they name the upstream namespace",
+                    quoted(&a.slug),
+                    quoted(&owner)
+                ),
+            );
+            continue;
+        }
+        apps.insert(app.slug.clone(), app);
+    }
+
+    let mut roles = HashSet::new();
+    for (role, grants) in &p.roles {
+        let rp = format!("{path}.roles.{role}");
+        if let Err(why) = check_slug(role) {
+            diags.error(&rp, format!("invalid role name {}: {why}", quoted(role)));
+            continue;
+        }
+        let role: Arc<str> = role.as_str().into();
+        roles.insert(role.clone());
+        for (target, perm) in grants {
+            let gp = format!("{rp}.{target}");
+            let Some(perm) = Permission::parse(perm) else {
+                diags.error(&gp, unknown_permission(perm));
+                continue;
+            };
+            let (app_filter, topic) = match target.split_once('/') {
+                Some((app, topic)) => (Some(app), topic),
+                None => (None, target.as_str()),
+            };
+            let mut matched = 0;
+            for app in apps.values_mut() {
+                if app_filter.is_some_and(|a| a != &*app.slug) {
+                    continue;
+                }
+                if let Some(acl) = app.topics.get_mut(topic) {
+                    acl.role_grants.push((role.clone(), perm));
+                    matched += 1;
+                }
+            }
+            if matched == 0 {
+                diags.error(
+                    &gp,
+                    format!(
+                        "unknown topic {}: a grant names `topic` (in any app) or `app/topic` of this project",
+                        quoted(target)
+                    ),
+                );
+            }
+        }
+    }
+
+    let jwt = p
+        .jwt
+        .as_ref()
+        .and_then(|j| JwtVerifier::build(j, &format!("{path}.jwt"), cx, diags));
+
+    let session = p.session.as_ref().map(|s| {
+        let sp = format!("{path}.session");
+        if s.max_ttl_s == 0 || s.max_ttl_s > MAX_SESSION_TTL_S {
+            diags.error(
+                format!("{sp}.max_ttl_s"),
+                format!(
+                    "{} is out of range (1..={MAX_SESSION_TTL_S} seconds)",
+                    s.max_ttl_s
+                ),
+            );
+        }
+        SessionSettings {
+            secret: cx
+                .secret(&s.secret_env, &format!("{sp}.secret_env"), diags)
+                .map(|v| SessionSecret::new(v.as_bytes())),
+            max_ttl_s: s.max_ttl_s,
+        }
+    });
+
+    Project {
+        id,
+        scopes,
+        apps,
+        actors,
+        roles,
+        jwt,
+        session,
+    }
+}
+
+/// Longest session-token lifetime a project may allow: 7 days. Guest access that lasts longer
+/// is an account, not a session.
+pub const MAX_SESSION_TTL_S: u64 = 7 * 24 * 3600;
+
+fn unknown_permission(value: &str) -> String {
+    format!(
+        "unknown permission {} (expected read, write, read-write or none)",
+        quoted(value)
+    )
+}
+
+fn compile_actor(
+    a: &ActorSpec,
+    path: &str,
+    project: &Arc<str>,
+    scopes: &HashMap<Arc<str>, Scope>,
+    diags: &mut Diagnostics,
+    policy: &mut Policy,
+) -> Option<ListedActor> {
+    // The actor is kept whenever its id and type are valid, so that one bad field does not
+    // cascade into "unknown actor" errors for the rooms that list it. (Any error fails the
+    // whole compile, so nothing half-valid is ever served.)
+    let id_ok = check_actor_id(&a.id).map_err(|why| {
+        diags.error(
+            format!("{path}.id"),
+            format!("invalid id {}: {why}", quoted(&a.id)),
+        );
+    });
+    let kind = match ActorType::parse(&a.kind) {
+        Some(ActorType::Session) => {
+            diags.error(
+                format!("{path}.type"),
+                "session actors are not listed: they exist only as session tokens",
+            );
+            None
+        }
+        Some(k) => Some(k),
+        None => {
+            diags.error(
+                format!("{path}.type"),
+                format!(
+                    "unknown actor type {} (expected device, user or server)",
+                    quoted(&a.kind)
+                ),
+            );
+            None
+        }
+    };
+    let scope = a.scope.as_ref().and_then(|s| {
+        let found = scopes.get(s.as_str()).map(|scope| scope.slug.clone());
+        if found.is_none() {
+            diags.error(
+                format!("{path}.scope"),
+                format!("unknown scope {}", quoted(s)),
+            );
+        }
+        found
+    });
+    let kind = kind?;
+
+    // Each type has exactly its own credential field (users have none).
+    let fields = [
+        ("token_sha256", &a.token_sha256),
+        ("api_key_sha256", &a.api_key_sha256),
+    ];
+    let own = match kind {
+        ActorType::Device => Some("token_sha256"),
+        ActorType::Server => Some("api_key_sha256"),
+        ActorType::User | ActorType::Session => None,
+    };
+    for (name, value) in fields {
+        match (value, own) {
+            (Some(_), None) => diags.error(
+                format!("{path}.{name}"),
+                "users authenticate with JWTs; they have no stored credential",
+            ),
+            (Some(_), Some(own)) if own != name => diags.error(
+                format!("{path}.{name}"),
+                format!("a {kind} actor's credential is `{own}`"),
+            ),
+            (None, Some(own)) if own == name => diags.error(
+                format!("{path}.{name}"),
+                format!("required for a {kind} actor"),
+            ),
+            (Some(hex_str), Some(_)) => register_credential(
+                hex_str,
+                &format!("{path}.{name}"),
+                project,
+                &a.id,
+                kind,
+                diags,
+                policy,
+            ),
+            (None, _) => {}
+        }
+    }
+    id_ok.ok().map(|()| ListedActor {
+        id: a.id.as_str().into(),
+        kind,
+        scope,
+    })
+}
+
+fn register_credential(
+    hex_str: &str,
+    path: &str,
+    project: &Arc<str>,
+    actor: &str,
+    kind: ActorType,
+    diags: &mut Diagnostics,
+    policy: &mut Policy,
+) {
+    let Some(digest) = parse_sha256(hex_str) else {
+        diags.error(
+            path,
+            format!(
+                "malformed hash {}: expected 64 hex digits (the SHA-256 that `cuttle hash-token` prints)",
+                quoted(hex_str)
+            ),
+        );
+        return;
+    };
+    if let Some(prev) = policy.credentials.get(&digest) {
+        diags.error(
+            path,
+            format!(
+                "the same credential hash is already used by actor {} of project {}",
+                quoted(&prev.actor),
+                quoted(&prev.project)
+            ),
+        );
+        return;
+    }
+    policy.credentials.insert(
+        digest,
+        CredentialEntry {
+            project: project.clone(),
+            actor: actor.into(),
+            kind,
+        },
+    );
+}
+
+fn parse_sha256(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(s, &mut out).ok()?;
+    Some(out)
+}
+
+fn compile_app(
+    a: &AppSpec,
+    path: &str,
+    actors: &HashMap<Arc<str>, ListedActor>,
+    diags: &mut Diagnostics,
+) -> Option<App> {
+    let mut ok = true;
+    if let Err(why) = check_slug(&a.slug) {
+        diags.error(
+            format!("{path}.slug"),
+            format!("invalid slug {}: {why}", quoted(&a.slug)),
+        );
+        ok = false;
+    }
+    let mut topics = HashMap::new();
+    for (name, perms) in &a.topics {
+        let tp = format!("{path}.topics.{name}");
+        if let Err(why) = check_slug(name) {
+            diags.error(&tp, format!("invalid topic name {}: {why}", quoted(name)));
+            ok = false;
+            continue;
+        }
+        let mut by_type = [Permission::NONE; 4];
+        // `server` has full topic access unless the topic lists it (DESIGN §3).
+        by_type[ActorType::Server as usize] = Permission::READ_WRITE;
+        for (kind, perm) in perms {
+            let Some(kind) = ActorType::parse(kind) else {
+                diags.error(
+                    format!("{tp}.{kind}"),
+                    format!(
+                        "unknown actor type {} (expected device, user, server or session)",
+                        quoted(kind)
+                    ),
+                );
+                ok = false;
+                continue;
+            };
+            match Permission::parse(perm) {
+                Some(p) => by_type[kind as usize] = p,
+                None => {
+                    diags.error(format!("{tp}.{kind}"), unknown_permission(perm));
+                    ok = false;
+                }
+            }
+        }
+        topics.insert(Arc::from(name.as_str()), TopicAcl::new(by_type));
+    }
+    let mut rooms = HashMap::new();
+    for (i, r) in a.rooms.iter().enumerate() {
+        let rp = format!("{path}.rooms[{i}]");
+        if let Err(why) = check_slug(&r.slug) {
+            diags.error(
+                format!("{rp}.slug"),
+                format!("invalid slug {}: {why}", quoted(&r.slug)),
+            );
+            ok = false;
+            continue;
+        }
+        if rooms.contains_key(r.slug.as_str()) {
+            diags.error(
+                format!("{rp}.slug"),
+                format!("duplicate room {}", quoted(&r.slug)),
+            );
+            ok = false;
+            continue;
+        }
+        let mut members = HashSet::new();
+        for (j, actor) in r.actors.iter().enumerate() {
+            let mp = format!("{rp}.actors[{j}]");
+            match actors.get(actor.as_str()) {
+                None => {
+                    diags.error(mp, format!("unknown actor {}", quoted(actor)));
+                    ok = false;
+                }
+                Some(listed) => {
+                    if !members.insert(listed.id.clone()) {
+                        diags.error(mp, format!("duplicate actor {}", quoted(actor)));
+                        ok = false;
+                    }
+                }
+            }
+        }
+        let slug: Arc<str> = r.slug.as_str().into();
+        rooms.insert(
+            slug.clone(),
+            Room {
+                slug,
+                members: (!r.actors.is_empty()).then_some(members),
+            },
+        );
+    }
+    ok.then(|| App {
+        slug: a.slug.as_str().into(),
+        topics,
+        rooms,
+    })
+}

@@ -1,0 +1,83 @@
+//! The policy engine: who may read and write what (DESIGN §3, §4).
+//!
+//! - [`spec`]: the YAML shape;
+//! - [`compile`](compile::compile): validation of a spec into an immutable, indexed [`Policy`],
+//!   with every problem reported against its YAML path;
+//! - [`model`]: the compiled types;
+//! - [`authorize`]: decisions for (actor, topic, access), at subscribe, publish and delivery
+//!   time.
+
+pub mod authorize;
+mod compile;
+pub mod model;
+pub mod slug;
+pub mod spec;
+
+use std::path::{Path, PathBuf};
+
+pub use authorize::{Denial, SubscriptionGrant};
+pub use compile::compile;
+pub use model::{
+    Access, ActorType, App, CredentialEntry, ListedActor, Permission, Policy, Project, Room, Scope,
+    SessionSettings, TopicAcl,
+};
+pub use slug::{check_actor_id, check_slug};
+
+use crate::diagnostics::{Diagnostics, quoted};
+
+/// HMAC secrets (JWT and session) shorter than this are refused: a short shared secret can be
+/// brute-forced offline from any one token.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// Where compile-time inputs outside the YAML come from: files relative to the config file,
+/// secrets from environment variables. A trait object so that tests can supply secrets
+/// without touching the process environment.
+pub struct CompileContext<'a> {
+    pub base_dir: &'a Path,
+    pub env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl CompileContext<'_> {
+    /// Reads the environment variable `var` named at YAML `path`. Unset: a warning (the
+    /// credential kind is disabled, failing closed). Too short: an error.
+    pub fn secret(&self, var: &str, path: &str, diags: &mut Diagnostics) -> Option<String> {
+        if var.is_empty() {
+            diags.error(path, "must name an environment variable");
+            return None;
+        }
+        match (self.env)(var) {
+            None => {
+                diags.warn(
+                    path,
+                    format!("environment variable {} is not set", quoted(var)),
+                );
+                None
+            }
+            Some(v) if v.len() < MIN_SECRET_BYTES => {
+                diags.error(
+                    path,
+                    format!(
+                        "the secret in {} is {} bytes; at least {MIN_SECRET_BYTES} are required",
+                        quoted(var),
+                        v.len()
+                    ),
+                );
+                None
+            }
+            Some(v) => Some(v),
+        }
+    }
+
+    pub fn resolve(&self, file: &Path) -> PathBuf {
+        if file.is_absolute() {
+            file.to_path_buf()
+        } else {
+            self.base_dir.join(file)
+        }
+    }
+}
+
+/// The process environment, for [`CompileContext::env`].
+pub fn process_env(var: &str) -> Option<String> {
+    std::env::var(var).ok()
+}

@@ -1,0 +1,291 @@
+//! Live policy: the current snapshot, atomic swaps, change notification, and the file watcher
+//! that drives hot reload (DESIGN §5).
+//!
+//! Readers call [`PolicyStore::load`] (one atomic load through `arc-swap`, no lock) once per
+//! decision and use that snapshot to the end of it. A reload parses and validates on a blocking
+//! thread, off the async workers, then swaps the whole snapshot in one store; an invalid policy
+//! is logged, counted, and never replaces a valid one. Sessions learn of a swap through
+//! [`PolicyStore::subscribe`] (a `watch` channel carrying the generation) and re-evaluate
+//! themselves.
+//!
+//! The watcher watches the *directories* of the config and policy files, not the files: a
+//! Kubernetes ConfigMap update swaps a `..data` symlink and never touches the file's own inode,
+//! and editors often replace files by rename. Any event in those directories, debounced, leads
+//! to a re-read; the content digest decides whether anything actually changed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::{ArcSwap, Guard};
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::{mpsc, watch};
+
+use crate::auth::{AuthCacheSettings, Authenticator};
+use crate::config::{self, Loaded, Settings, Sources};
+use crate::diagnostics::Diagnostics;
+use crate::policy::Policy;
+
+/// One immutable policy generation: the compiled policy and the authenticator (with its own
+/// cache) built for it.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub policy: Arc<Policy>,
+    pub auth: Authenticator,
+    pub digest: [u8; 32],
+    pub loaded_at: SystemTime,
+}
+
+/// Reload outcomes, for logs now and metrics later.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    pub succeeded: AtomicU64,
+    pub failed: AtomicU64,
+    /// Re-reads that found the sources unchanged.
+    pub unchanged: AtomicU64,
+}
+
+/// What one reload attempt did.
+#[derive(Debug)]
+pub enum ReloadOutcome {
+    Applied {
+        generation: u64,
+        /// Settings sections that changed on disk but need a restart to take effect.
+        restart_needed: Vec<&'static str>,
+    },
+    Unchanged,
+    Rejected(Diagnostics),
+}
+
+/// The live policy of the process.
+pub struct PolicyStore {
+    current: ArcSwap<Snapshot>,
+    changes: watch::Sender<u64>,
+    cache: AuthCacheSettings,
+    /// The settings the process runs with, to tell which changes need a restart.
+    settings: Settings,
+    sources: Sources,
+    pub stats: ReloadStats,
+}
+
+impl std::fmt::Debug for PolicyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyStore")
+            .field("generation", &self.generation())
+            .field("sources", &self.sources)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PolicyStore {
+    /// Starts from a loaded configuration as generation 1.
+    pub fn new(loaded: Loaded) -> Arc<Self> {
+        let cache = loaded.settings.auth_cache;
+        let snapshot = build_snapshot(1, loaded.policy, loaded.digest, cache);
+        let (changes, _) = watch::channel(1);
+        Arc::new(Self {
+            current: ArcSwap::from_pointee(snapshot),
+            changes,
+            cache,
+            settings: loaded.settings,
+            sources: loaded.sources,
+            stats: ReloadStats::default(),
+        })
+    }
+
+    /// The current snapshot. Hold it for one decision, not across awaits for long.
+    pub fn load(&self) -> Guard<Arc<Snapshot>> {
+        self.current.load()
+    }
+
+    /// An owned handle on the current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.current.load().generation
+    }
+
+    /// Notified with the new generation after every applied reload.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn sources(&self) -> &Sources {
+        &self.sources
+    }
+
+    /// Re-reads the sources and applies the policy if it changed and is valid. Blocking: file
+    /// I/O, YAML parsing and key loading. Call it from a blocking thread.
+    pub fn reload_blocking(&self, env: &dyn Fn(&str) -> Option<String>) -> ReloadOutcome {
+        match config::load_with_env(&self.sources.config, env) {
+            Err(diags) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                ReloadOutcome::Rejected(diags)
+            }
+            Ok(loaded) if loaded.digest == self.current.load().digest => {
+                self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
+                ReloadOutcome::Unchanged
+            }
+            Ok(loaded) => {
+                let restart_needed = self.settings.restart_needed(&loaded.settings);
+                if loaded.sources != self.sources {
+                    // Switching between inline and policy_file (or to another file) changes
+                    // what is watched; apply the policy, but the watch set needs a restart.
+                    let mut r = restart_needed;
+                    r.push("policy_file");
+                    return self.apply(loaded, r);
+                }
+                self.apply(loaded, restart_needed)
+            }
+        }
+    }
+
+    fn apply(&self, loaded: Loaded, restart_needed: Vec<&'static str>) -> ReloadOutcome {
+        for w in loaded.warnings.iter() {
+            tracing::warn!(%w, "policy reload");
+        }
+        let generation = self.current.load().generation + 1;
+        let snapshot = build_snapshot(generation, loaded.policy, loaded.digest, self.cache);
+        self.current.store(Arc::new(snapshot));
+        self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
+        self.changes.send_replace(generation);
+        ReloadOutcome::Applied {
+            generation,
+            restart_needed,
+        }
+    }
+}
+
+fn build_snapshot(
+    generation: u64,
+    policy: Policy,
+    digest: [u8; 32],
+    cache: AuthCacheSettings,
+) -> Snapshot {
+    let policy = Arc::new(policy);
+    Snapshot {
+        generation,
+        auth: Authenticator::new(policy.clone(), cache),
+        policy,
+        digest,
+        loaded_at: SystemTime::now(),
+    }
+}
+
+/// Something that asks for a reload: a file event or a signal.
+#[derive(Debug, Clone, Copy)]
+pub enum Trigger {
+    FileEvent,
+    Signal,
+}
+
+/// Handle to a running watcher. Dropping it stops watching.
+pub struct PolicyWatcher {
+    _watcher: notify::RecommendedWatcher,
+    triggers: mpsc::Sender<Trigger>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PolicyWatcher {
+    /// Asks for a reload now (SIGHUP, tests). Never blocks; a reload already queued covers it.
+    pub fn trigger(&self) {
+        let _ = self.triggers.try_send(Trigger::Signal);
+    }
+}
+
+impl Drop for PolicyWatcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts watching the store's sources. Must be called inside a Tokio runtime.
+pub fn watch(store: Arc<PolicyStore>) -> Result<PolicyWatcher, notify::Error> {
+    // Capacity 1 is enough: one pending trigger already means "re-read soon".
+    let (tx, rx) = mpsc::channel(1);
+    let event_tx = tx.clone();
+    let mut watcher =
+        notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+            Ok(e) if e.kind.is_access() => {}
+            Ok(_) => {
+                let _ = event_tx.try_send(Trigger::FileEvent);
+            }
+            Err(e) => tracing::warn!(error = %e, "policy watcher error"),
+        })?;
+    for dir in watch_dirs(store.sources()) {
+        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+        tracing::debug!(dir = %dir.display(), "watching for policy changes");
+    }
+    let debounce = store.settings().reload.debounce;
+    let task = tokio::spawn(run(store, rx, debounce));
+    Ok(PolicyWatcher {
+        _watcher: watcher,
+        triggers: tx,
+        task,
+    })
+}
+
+fn watch_dirs(sources: &Sources) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for file in sources.files() {
+        let dir = match file.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => Path::new(".").to_path_buf(),
+        };
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
+    }
+    dirs
+}
+
+async fn run(store: Arc<PolicyStore>, mut rx: mpsc::Receiver<Trigger>, debounce: Duration) {
+    while let Some(first) = rx.recv().await {
+        // Debounce: wait until the directory has been quiet for `debounce`, so that an editor's
+        // write-rename-chmod or a ConfigMap's several symlink swaps become one reload.
+        loop {
+            match tokio::time::timeout(debounce, rx.recv()).await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return,
+                Err(_) => break,
+            }
+        }
+        let s = store.clone();
+        let outcome =
+            tokio::task::spawn_blocking(move || s.reload_blocking(&crate::policy::process_env))
+                .await;
+        match outcome {
+            Ok(ReloadOutcome::Applied {
+                generation,
+                restart_needed,
+            }) => {
+                tracing::info!(generation, trigger = ?first, summary = %store.load().policy.summary(), "policy reloaded");
+                if !restart_needed.is_empty() {
+                    tracing::warn!(
+                        sections = ?restart_needed,
+                        "settings changed on disk but only the policy is reloaded live; restart to apply them"
+                    );
+                }
+            }
+            Ok(ReloadOutcome::Unchanged) => {
+                tracing::debug!(trigger = ?first, "policy sources unchanged")
+            }
+            Ok(ReloadOutcome::Rejected(diags)) => {
+                tracing::error!(
+                    errors = diags.errors().count(),
+                    "policy reload rejected; keeping generation {}:\n{diags}",
+                    store.generation()
+                );
+            }
+            Err(e) => tracing::error!(error = %e, "policy reload task failed"),
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! The upstream topic layout: where a client topic lives on the broker, and back.
+//!
+//! ```text
+//! [topic_prefix/] app / scope / room / topic [/ filter]
+//! ```
+//!
+//! `scope` is the actor's access-scope slug, or [`UNSCOPED`] (`_`, which no slug can be). The
+//! depth is fixed so that the first `prefix + 2` levels of every filter the proxy subscribes to
+//! are literals naming exactly one namespace (app, scope): MQTT matches level by level, so a
+//! filter of one namespace can never match a topic of another. That is the isolation
+//! invariant of DESIGN §4, and `tests/isolation.rs` checks it with property tests.
+//!
+//! Clients never name their scope: it is an argument here, taken from the authenticated actor.
+
+use super::filters::FilterError;
+use super::{ClientFilter, ClientTopic, Level, TopicLevel};
+
+/// The scope segment of unscoped actors. Slug validation rejects `_`, so no tenant can own it.
+pub const UNSCOPED: &str = "_";
+
+/// Why a configured `topic_prefix` is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "topic prefix must be '/'-separated non-empty levels without '+', '#', NUL or a leading '$'"
+)]
+pub struct PrefixError;
+
+/// The layout for one deployment: just the optional prefix, which is fixed at start-up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopicLayout {
+    /// Empty, or the prefix with a trailing `/` so that formatting is a plain push.
+    prefix: String,
+}
+
+/// An upstream topic taken apart: what the proxy needs to route a broker message back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamTopic<'a> {
+    pub app: &'a str,
+    /// `None` for the unscoped namespace.
+    pub scope: Option<&'a str>,
+    pub room: &'a str,
+    pub topic: &'a str,
+    /// Everything after the topic level: the sub-topic filter of a filtered publish.
+    pub filter: Option<&'a str>,
+}
+
+impl<'a> UpstreamTopic<'a> {
+    pub fn client_topic(&self) -> ClientTopic<'a> {
+        ClientTopic {
+            app: self.app,
+            room: self.room,
+            topic: self.topic,
+        }
+    }
+}
+
+/// The scope segment for an actor's scope.
+pub fn scope_segment(scope: Option<&str>) -> &str {
+    scope.unwrap_or(UNSCOPED)
+}
+
+impl TopicLayout {
+    pub fn new(prefix: &str) -> Result<Self, PrefixError> {
+        if prefix.is_empty() {
+            return Ok(Self::default());
+        }
+        for level in prefix.split('/') {
+            super::check_literal_level(level).map_err(|_| PrefixError)?;
+        }
+        Ok(Self {
+            prefix: format!("{prefix}/"),
+        })
+    }
+
+    /// The configured prefix without its trailing `/` (empty when none).
+    pub fn prefix(&self) -> &str {
+        self.prefix.strip_suffix('/').unwrap_or("")
+    }
+
+    fn namespace_into(&self, out: &mut String, app: &str, scope: Option<&str>) {
+        out.push_str(&self.prefix);
+        out.push_str(app);
+        out.push('/');
+        out.push_str(scope_segment(scope));
+        out.push('/');
+    }
+
+    /// The upstream topic a publish goes to. `filter` must come from
+    /// [`super::filters::publish_filter`], which has validated it.
+    pub fn publish_topic(
+        &self,
+        scope: Option<&str>,
+        topic: ClientTopic<'_>,
+        filter: Option<&str>,
+    ) -> String {
+        let len = self.prefix.len()
+            + topic.app.len()
+            + scope_segment(scope).len()
+            + topic.room.len()
+            + topic.topic.len()
+            + filter.map_or(0, |f| f.len() + 1)
+            + 4;
+        let mut out = String::with_capacity(len);
+        self.namespace_into(&mut out, topic.app, scope);
+        out.push_str(topic.room);
+        out.push('/');
+        out.push_str(topic.topic);
+        if let Some(f) = filter {
+            out.push('/');
+            out.push_str(f);
+        }
+        out
+    }
+
+    /// The upstream MQTT filters for one client subscription: one per sub-topic filter, or one
+    /// covering the topic and all its sub-topics when `subfilters` is empty (the reference's
+    /// `base/#`, A4). `subfilters` must come from [`super::filters::subscription_filters`].
+    /// With `share`, each filter is wrapped as `$share/<share>/<filter>`; build the name with
+    /// [`TopicLayout::share_name`].
+    pub fn subscription_filters(
+        &self,
+        scope: Option<&str>,
+        filter: &ClientFilter<'_>,
+        subfilters: &[String],
+        share: Option<&str>,
+    ) -> Result<Vec<String>, FilterError> {
+        let mut base = String::with_capacity(64);
+        if let Some(name) = share {
+            base.push_str("$share/");
+            base.push_str(name);
+            base.push('/');
+        }
+        self.namespace_into(&mut base, filter.app, scope);
+        match filter.topic {
+            TopicLevel::All => {
+                if !subfilters.is_empty() {
+                    return Err(FilterError::NeedsTopicLevel);
+                }
+                if let Level::Exact(room) = filter.room {
+                    base.push_str(room);
+                    base.push('/');
+                }
+                base.push('#');
+                return Ok(vec![base]);
+            }
+            TopicLevel::Exact(_) | TopicLevel::Any => {
+                base.push_str(filter.room.exact().unwrap_or("+"));
+                base.push('/');
+                base.push_str(filter.topic.exact().unwrap_or("+"));
+                base.push('/');
+            }
+        }
+        if subfilters.is_empty() {
+            base.push('#');
+            return Ok(vec![base]);
+        }
+        Ok(subfilters
+            .iter()
+            .map(|f| {
+                let mut s = String::with_capacity(base.len() + f.len());
+                s.push_str(&base);
+                s.push_str(f);
+                s
+            })
+            .collect())
+    }
+
+    /// The `$share` group name for a load-balanced subscription: namespaced by app and scope
+    /// so that groups of different tenants can never be one group. `group` must already be
+    /// valid ([`super::filters::check_group`] or [`super::filters::encode_group`]).
+    pub fn share_name(app: &str, scope: Option<&str>, group: &str) -> String {
+        format!("{app}_{}_{group}", scope_segment(scope))
+    }
+
+    /// Takes an upstream topic apart. `None` for anything outside the layout (another
+    /// publisher's topic on a shared broker, a `$` topic, a malformed string): such messages
+    /// are not for any client.
+    pub fn parse_upstream<'a>(&self, topic: &'a str) -> Option<UpstreamTopic<'a>> {
+        let rest = topic.strip_prefix(self.prefix.as_str())?;
+        let mut levels = rest.splitn(5, '/');
+        let app = levels.next().filter(|s| !s.is_empty())?;
+        let scope = levels.next().filter(|s| !s.is_empty())?;
+        let room = levels.next().filter(|s| !s.is_empty())?;
+        let topic = levels.next().filter(|s| !s.is_empty())?;
+        let filter = levels.next();
+        if app.starts_with('$') {
+            return None;
+        }
+        Some(UpstreamTopic {
+            app,
+            scope: (scope != UNSCOPED).then_some(scope),
+            room,
+            topic,
+            filter,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topic(s: &str) -> ClientTopic<'_> {
+        ClientTopic::parse(s).unwrap()
+    }
+
+    fn subs(layout: &TopicLayout, scope: Option<&str>, f: &str, sub: &[&str]) -> Vec<String> {
+        let sub: Vec<String> = sub.iter().map(|s| s.to_string()).collect();
+        layout
+            .subscription_filters(scope, &ClientFilter::parse(f).unwrap(), &sub, None)
+            .unwrap()
+    }
+
+    #[test]
+    fn publish_topics_inject_scope() {
+        let l = TopicLayout::new("").unwrap();
+        let t = topic("chat/general/messages");
+        assert_eq!(
+            l.publish_topic(Some("acme"), t, None),
+            "chat/acme/general/messages"
+        );
+        assert_eq!(l.publish_topic(None, t, None), "chat/_/general/messages");
+        assert_eq!(
+            l.publish_topic(None, t, Some("a|b")),
+            "chat/_/general/messages/a|b"
+        );
+        let p = TopicLayout::new("prod/eu").unwrap();
+        assert_eq!(
+            p.publish_topic(Some("acme"), t, None),
+            "prod/eu/chat/acme/general/messages"
+        );
+        assert_eq!(p.prefix(), "prod/eu");
+    }
+
+    #[test]
+    fn subscription_filters_cover_forms() {
+        let l = TopicLayout::new("").unwrap();
+        let s = Some("acme");
+        assert_eq!(
+            subs(&l, s, "chat/general/messages", &[]),
+            ["chat/acme/general/messages/#"]
+        );
+        assert_eq!(
+            subs(&l, s, "chat/+/messages", &[]),
+            ["chat/acme/+/messages/#"]
+        );
+        assert_eq!(
+            subs(&l, s, "chat/general/+", &[]),
+            ["chat/acme/general/+/#"]
+        );
+        assert_eq!(subs(&l, s, "chat/#", &[]), ["chat/acme/#"]);
+        assert_eq!(subs(&l, None, "chat/vip/#", &[]), ["chat/_/vip/#"]);
+        assert_eq!(
+            subs(&l, s, "chat/general/messages", &["Alice", "a|b"]),
+            [
+                "chat/acme/general/messages/Alice",
+                "chat/acme/general/messages/a|b"
+            ]
+        );
+        let err = l.subscription_filters(
+            s,
+            &ClientFilter::parse("chat/#").unwrap(),
+            &["x".to_string()],
+            None,
+        );
+        assert_eq!(err, Err(FilterError::NeedsTopicLevel));
+    }
+
+    #[test]
+    fn shared_subscriptions() {
+        let l = TopicLayout::new("").unwrap();
+        let name = TopicLayout::share_name("chat", Some("acme"), "workers");
+        let f = l
+            .subscription_filters(
+                Some("acme"),
+                &ClientFilter::parse("chat/general/orders").unwrap(),
+                &[],
+                Some(&name),
+            )
+            .unwrap();
+        assert_eq!(f, ["$share/chat_acme_workers/chat/acme/general/orders/#"]);
+    }
+
+    #[test]
+    fn parse_upstream_round_trips() {
+        for prefix in ["", "p", "a/b"] {
+            let l = TopicLayout::new(prefix).unwrap();
+            for scope in [None, Some("acme")] {
+                for filter in [None, Some("x"), Some("a|b")] {
+                    let t = topic("chat/general/messages");
+                    let up = l.publish_topic(scope, t, filter);
+                    let back = l.parse_upstream(&up).unwrap();
+                    assert_eq!(back.client_topic(), t);
+                    assert_eq!(back.scope, scope);
+                    assert_eq!(back.filter, filter);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn parse_upstream_rejects_foreign_topics() {
+        let l = TopicLayout::new("p").unwrap();
+        for t in [
+            "",
+            "chat/_/general/messages",
+            "p/chat/_/general",
+            "p//_/g/m",
+            "p/chat/_//m",
+            "q/chat/_/g/m",
+            "p/$SYS/_/g/m",
+        ] {
+            assert_eq!(l.parse_upstream(t), None, "{t:?}");
+        }
+    }
+
+    #[test]
+    fn bad_prefixes() {
+        for p in ["/", "a/", "/a", "a//b", "a/+", "#", "$SYS", "a\0"] {
+            assert!(TopicLayout::new(p).is_err(), "{p:?}");
+        }
+    }
+}
