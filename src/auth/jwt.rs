@@ -66,8 +66,8 @@ pub struct UserClaims {
 
 impl JwtVerifier {
     /// Builds the verifier of `spec` (at YAML `path`), reporting every problem. Returns `None`
-    /// when the settings are unusable (errors pushed) or every key is disabled because its
-    /// secret variable is unset (a warning pushed): such a project refuses all user tokens.
+    /// when the settings are unusable (errors pushed). When every key is disabled because its
+    /// secret variable is unset (a warning pushed), the verifier refuses all tokens.
     pub fn build(
         spec: &JwtSpec,
         path: &str,
@@ -176,17 +176,18 @@ impl JwtVerifier {
         if diags.errors().count() > errors_before {
             return None;
         }
-        if keys.is_empty() {
-            if disabled > 0 {
-                diags.warn(
-                    path.to_string(),
-                    "no key is available (secret variables unset): user tokens are refused for this project",
-                );
-            }
-            return None;
+        if keys.is_empty() && disabled > 0 {
+            // Keep the (keyless) verifier so that the issuer still selects this project and
+            // its tokens fail as "disabled" rather than "unknown issuer".
+            diags.warn(
+                path.to_string(),
+                "no key is available (secret variables unset): user tokens are refused for this project",
+            );
         }
-
-        let mut validation = Validation::new(algorithms[0]);
+        let Some(&first) = algorithms.first() else {
+            return None;
+        };
+        let mut validation = Validation::new(first);
         validation.algorithms = algorithms.clone();
         validation.leeway = leeway;
         validation.validate_exp = true;
@@ -205,8 +206,21 @@ impl JwtVerifier {
         })
     }
 
+    /// Clock-skew leeway on `exp`/`nbf`, in seconds.
+    pub fn leeway(&self) -> u64 {
+        self.validation.leeway
+    }
+
+    /// Whether any key is loaded (a secret variable may be unset).
+    pub fn is_enabled(&self) -> bool {
+        !self.keys.is_empty()
+    }
+
     /// Verifies a user token whose `iss` selected this project.
     pub fn verify(&self, token: &str) -> Result<UserClaims, AuthError> {
+        if !self.is_enabled() {
+            return Err(AuthError::Disabled("JWT"));
+        }
         let header =
             jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed("JWT header"))?;
         if !self.algorithms.contains(&header.alg) {

@@ -211,7 +211,10 @@ impl Authenticator {
             .ok_or(AuthError::UnknownIssuer)?;
         let verifier = project.jwt.as_ref().ok_or(AuthError::Disabled("JWT"))?;
         let claims = verifier.verify(token)?;
-        if now >= claims.exp {
+        // The token is honoured until `exp` plus the configured leeway (clock skew between
+        // the identity provider and this host), and not a second longer.
+        let expires_at = claims.exp.saturating_add(verifier.leeway());
+        if now >= expires_at {
             return Err(AuthError::Expired);
         }
         let scope = user_scope(project, &claims.sub, claims.scope.as_deref())?;
@@ -228,7 +231,7 @@ impl Authenticator {
             scope,
             roles,
             rooms: None,
-            expires_at: Some(claims.exp),
+            expires_at: Some(expires_at),
             credential_sha256: digest,
         })
     }
@@ -310,7 +313,7 @@ impl Authenticator {
                     .clone();
             }
             ActorType::User => {
-                if project.jwt.is_none() {
+                if !project.jwt.as_ref().is_some_and(|j| j.is_enabled()) {
                     return Err(AuthError::Revoked);
                 }
                 next.scope = user_scope(project, &actor.id, actor.scope.as_deref())?;

@@ -42,19 +42,22 @@ pub fn compile(
             );
             continue;
         }
+        // Checked on the spec, so that a project whose JWT settings have other errors still
+        // claims its issuer.
+        if let Some(jwt) = &p.jwt
+            && let Some(other) = issuer_owner.insert(jwt.issuer.clone(), p.id.clone())
+        {
+            diags.error(
+                format!("{path}.jwt.issuer"),
+                format!(
+                    "issuer {} is already used by project {}: the issuer selects the project",
+                    quoted(&jwt.issuer),
+                    quoted(&other)
+                ),
+            );
+        }
         let project = compile_project(p, &path, cx, diags, &mut app_owner, &mut policy);
         if let Some(jwt) = &project.jwt {
-            let iss = jwt.issuer.to_string();
-            if let Some(other) = issuer_owner.insert(iss.clone(), p.id.clone()) {
-                diags.error(
-                    format!("{path}.jwt.issuer"),
-                    format!(
-                        "issuer {} is already used by project {}: the issuer selects the project",
-                        quoted(&iss),
-                        quoted(&other)
-                    ),
-                );
-            }
             policy
                 .issuers
                 .insert(jwt.issuer.clone(), project.id.clone());
@@ -119,29 +122,33 @@ fn compile_project(
     let mut apps: HashMap<Arc<str>, App> = HashMap::new();
     for (i, a) in p.apps.iter().enumerate() {
         let ap = format!("{path}.apps[{i}]");
+        // Uniqueness is checked on the slug alone, so that an app with other errors still
+        // claims it (and a duplicate elsewhere is reported).
+        if check_slug(&a.slug).is_ok() {
+            if p.apps[..i].iter().any(|prev| prev.slug == a.slug) {
+                diags.error(
+                    format!("{ap}.slug"),
+                    format!("duplicate app {}", quoted(&a.slug)),
+                );
+                continue;
+            }
+            if let Some(owner) = app_owner.insert(a.slug.clone(), p.id.clone())
+                && owner != p.id
+            {
+                diags.error(
+                    format!("{ap}.slug"),
+                    format!(
+                        "app {} is already declared by project {}: app slugs are unique across projects because they name the upstream namespace",
+                        quoted(&a.slug),
+                        quoted(&owner)
+                    ),
+                );
+                continue;
+            }
+        }
         let Some(app) = compile_app(a, &ap, &actors, diags) else {
             continue;
         };
-        if apps.contains_key(&*app.slug) {
-            diags.error(
-                format!("{ap}.slug"),
-                format!("duplicate app {}", quoted(&a.slug)),
-            );
-            continue;
-        }
-        if let Some(owner) = app_owner.insert(a.slug.clone(), p.id.clone())
-            && owner != p.id
-        {
-            diags.error(
-                format!("{ap}.slug"),
-                format!(
-                    "app {} is already declared by project {}: app slugs are unique across projects because they name the upstream namespace",
-                    quoted(&a.slug),
-                    quoted(&owner)
-                ),
-            );
-            continue;
-        }
         apps.insert(app.slug.clone(), app);
     }
 

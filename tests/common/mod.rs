@@ -1,0 +1,181 @@
+//! Shared fixtures for the integration tests: a policy covering every actor type and key
+//! family, secrets supplied without touching the process environment, and token minting.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cuttle::auth::{AuthCacheSettings, Authenticator};
+use cuttle::diagnostics::Diagnostics;
+use cuttle::policy::spec::PolicySpec;
+use cuttle::policy::{CompileContext, Policy, compile};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+
+pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef-0123456789";
+pub const SESSION_SECRET: &str = "test-session-secret-0123456789abcdef-01234";
+pub const OTHER_SECRET: &str = "another-secret-entirely-0123456789abcdef-xyz";
+
+pub const SENSOR1_TOKEN: &str = "tok-sensor-1";
+pub const SENSOR2_TOKEN: &str = "tok-sensor-2";
+pub const BILLING_KEY: &str = "key-billing";
+pub const OPS_KEY: &str = "key-ops";
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(fixtures().join(name)).expect("fixture exists")
+}
+
+pub fn sha(token: &str) -> String {
+    hex::encode(cuttle::auth::sha256(token))
+}
+
+/// The test policy (the content under `policy:`).
+pub fn policy_yaml() -> String {
+    format!(
+        r#"
+projects:
+  - id: demo
+    jwt: {{ issuer: https://id.example.com, audience: cuttle, algorithms: [HS256, HS384], secret_env: JWT_SECRET }}
+    session: {{ secret_env: SESSION_SECRET, max_ttl_s: 3600 }}
+    scopes: [ {{ slug: acme, name: Acme }}, {{ slug: globex }} ]
+    roles:
+      moderator: {{ analytics: read }}
+      auditor: {{ chat/orders: read }}
+    apps:
+      - slug: chat
+        topics:
+          messages:  {{ device: read-write, user: read-write, session: read }}
+          orders:    {{ device: read, server: read-write }}
+          analytics: {{ user: none, server: write }}
+          telemetry: {{ device: write, server: read }}
+        rooms:
+          - slug: general
+          - slug: lobby
+          - slug: vip
+            actors: [alice, billing]
+    actors:
+      - {{ id: alice, type: user, scope: acme }}
+      - {{ id: bob, type: user }}
+      - {{ id: sensor-1, type: device, token_sha256: "{s1}", scope: acme }}
+      - {{ id: sensor-2, type: device, token_sha256: "{s2}", scope: globex }}
+      - {{ id: billing, type: server, api_key_sha256: "{billing}" }}
+  - id: rsa
+    jwt:
+      issuer: https://rsa.example.com
+      audience: cuttle
+      algorithms: [RS256]
+      keys:
+        - {{ kid: k1, public_key_file: rsa_public.pem }}
+        - {{ kid: k2, public_key_file: rsa2_public.pem }}
+    apps:
+      - slug: ops
+        topics: {{ jobs: {{ user: read }} }}
+        rooms: [ {{ slug: main }} ]
+    actors:
+      - {{ id: ops-bot, type: server, api_key_sha256: "{ops}" }}
+  - id: ec
+    jwt: {{ issuer: https://ec.example.com, audience: cuttle, algorithms: [ES256], public_key_file: ec_public.pem }}
+  - id: ed
+    jwt: {{ issuer: https://ed.example.com, audience: cuttle, algorithms: [EdDSA], public_key_file: ed_public.pem, scope_claim: tenant, roles_claim: groups }}
+"#,
+        s1 = sha(SENSOR1_TOKEN),
+        s2 = sha(SENSOR2_TOKEN),
+        billing = sha(BILLING_KEY),
+        ops = sha(OPS_KEY),
+    )
+}
+
+pub fn test_env(var: &str) -> Option<String> {
+    let vars: HashMap<&str, &str> = [
+        ("JWT_SECRET", JWT_SECRET),
+        ("SESSION_SECRET", SESSION_SECRET),
+    ]
+    .into();
+    vars.get(var).map(|v| v.to_string())
+}
+
+/// Compiles policy YAML (the content under `policy:`) with the test secrets.
+pub fn try_compile(yaml: &str) -> Result<Policy, Diagnostics> {
+    try_compile_with_env(yaml, &test_env)
+}
+
+pub fn try_compile_with_env(
+    yaml: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Policy, Diagnostics> {
+    let mut diags = Diagnostics::new();
+    let spec: PolicySpec =
+        cuttle::config::parse_yaml(yaml, "policy", &mut diags).ok_or_else(|| diags.clone())?;
+    let dir = fixtures();
+    let cx = CompileContext {
+        base_dir: &dir,
+        env,
+    };
+    compile(&spec, "policy", &cx, &mut diags).ok_or(diags)
+}
+
+pub fn policy() -> Arc<Policy> {
+    Arc::new(try_compile(&policy_yaml()).unwrap_or_else(|d| panic!("test policy invalid:\n{d}")))
+}
+
+pub fn authenticator() -> Authenticator {
+    Authenticator::new(policy(), AuthCacheSettings::default())
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Standard valid claims for the demo project, to be modified by each test.
+pub fn user_claims(sub: &str) -> Value {
+    json!({
+        "iss": "https://id.example.com",
+        "aud": "cuttle",
+        "sub": sub,
+        "iat": now(),
+        "exp": now() + 600,
+    })
+}
+
+pub fn sign(alg: Algorithm, kid: Option<&str>, key: &EncodingKey, claims: &Value) -> String {
+    let mut header = Header::new(alg);
+    header.kid = kid.map(str::to_owned);
+    jsonwebtoken::encode(&header, claims, key).expect("encode")
+}
+
+pub fn hs256(claims: &Value) -> String {
+    sign(
+        Algorithm::HS256,
+        None,
+        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+        claims,
+    )
+}
+
+pub fn rsa_key() -> EncodingKey {
+    EncodingKey::from_rsa_pem(&fixture("rsa_private.pem")).expect("rsa key")
+}
+
+pub fn rsa2_key() -> EncodingKey {
+    EncodingKey::from_rsa_pem(&fixture("rsa2_private.pem")).expect("rsa key")
+}
+
+/// Builds an unsigned token from raw header and payload JSON (for `alg: none` and friends).
+pub fn raw_token(header: &Value, payload: &Value, signature: &str) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    format!(
+        "{}.{}.{}",
+        b64.encode(header.to_string()),
+        b64.encode(payload.to_string()),
+        signature
+    )
+}
