@@ -184,9 +184,7 @@ impl JwtVerifier {
                 "no key is available (secret variables unset): user tokens are refused for this project",
             );
         }
-        let Some(&first) = algorithms.first() else {
-            return None;
-        };
+        let &first = algorithms.first()?;
         let mut validation = Validation::new(first);
         validation.algorithms = algorithms.clone();
         validation.leeway = leeway;

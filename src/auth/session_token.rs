@@ -100,7 +100,8 @@ pub enum MintError {
     Sign(String),
 }
 
-pub(crate) fn now_unix() -> u64 {
+/// Current unix time in seconds (0 if the clock is before 1970).
+pub fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
