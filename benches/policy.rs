@@ -47,7 +47,11 @@ fn authorize(c: &mut Criterion) {
         b.iter(|| {
             let f = ClientFilter::parse(black_box("chat/+/messages")).unwrap();
             policy.authorize_subscription(&device, &f).unwrap();
-            black_box(layout.subscription_filters(device.scope(), &f, &[], None).unwrap())
+            black_box(
+                layout
+                    .subscription_filters(device.scope(), &f, &[], None)
+                    .unwrap(),
+            )
         })
     });
     g.bench_function("strip upstream topic", |b| {
@@ -79,7 +83,11 @@ fn tokens(c: &mut Criterion) {
     g.bench_function("device token (sha256 lookup)", |b| {
         b.iter(|| auth.authenticate(black_box(SENSOR1_TOKEN)).unwrap())
     });
-    for (name, token) in [("jwt HS256", &hs), ("jwt RS256", &rs), ("session", &session)] {
+    for (name, token) in [
+        ("jwt HS256", &hs),
+        ("jwt RS256", &rs),
+        ("session", &session),
+    ] {
         g.bench_function(format!("{name} uncached"), |b| {
             b.iter(|| auth.verify_uncached(black_box(token), now).unwrap())
         });
