@@ -21,3 +21,4 @@ pub mod logging;
 pub mod policy;
 pub mod reload;
 pub mod topic;
+pub mod wire;

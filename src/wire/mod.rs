@@ -1,0 +1,11 @@
+//! The NoLag MessagePack wire protocol (PROTOCOL.md): frame decoding and encoding.
+//!
+//! Pure functions over bytes, no I/O: the session feeds in binary WebSocket messages and gets
+//! [`ClientFrame`]s; it builds replies with [`encode`]. Payloads (`data`) are never decoded,
+//! only measured and copied through.
+
+pub mod decode;
+pub mod encode;
+pub mod msgpack;
+
+pub use decode::{ClientFrame, FrameError, decode};

@@ -1,0 +1,303 @@
+//! Minimal MessagePack reading over a byte slice: typed reads of the scalars the protocol
+//! uses, and skipping (measuring) any value without decoding it, so that a payload can be
+//! passed through byte-exact (PROTOCOL §2: `data` is opaque).
+//!
+//! Everything here reads untrusted bytes: lengths are checked against what is left before any
+//! slicing, nesting depth is bounded, and nothing allocates in proportion to a declared length.
+
+use rmp::Marker;
+
+/// Deepest nesting accepted inside a value (arrays/maps). The SDK never comes close; a
+/// hostile frame of nested one-element arrays must not exhaust the stack.
+pub const MAX_DEPTH: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MsgpackError {
+    #[error("truncated MessagePack")]
+    Truncated,
+    #[error("reserved MessagePack marker")]
+    Reserved,
+    #[error("MessagePack nested deeper than {MAX_DEPTH}")]
+    TooDeep,
+    #[error("unexpected MessagePack type")]
+    Type,
+    #[error("invalid UTF-8 in a MessagePack string")]
+    Utf8,
+}
+
+/// A read cursor over a frame.
+#[derive(Debug, Clone, Copy)]
+pub struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        Self { buf }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    pub fn remaining(&self) -> &'a [u8] {
+        self.buf
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], MsgpackError> {
+        if n > self.buf.len() {
+            return Err(MsgpackError::Truncated);
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, MsgpackError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn be(&mut self, n: usize) -> Result<u64, MsgpackError> {
+        Ok(self
+            .take(n)?
+            .iter()
+            .fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))
+    }
+
+    pub fn peek_marker(&self) -> Result<Marker, MsgpackError> {
+        self.buf
+            .first()
+            .map(|b| Marker::from_u8(*b))
+            .ok_or(MsgpackError::Truncated)
+    }
+
+    fn marker(&mut self) -> Result<Marker, MsgpackError> {
+        Ok(Marker::from_u8(self.u8()?))
+    }
+
+    /// Reads a map header.
+    pub fn map_len(&mut self) -> Result<usize, MsgpackError> {
+        match self.marker()? {
+            Marker::FixMap(n) => Ok(n as usize),
+            Marker::Map16 => Ok(self.be(2)? as usize),
+            Marker::Map32 => Ok(self.be(4)? as usize),
+            _ => Err(MsgpackError::Type),
+        }
+    }
+
+    /// Reads an array header.
+    pub fn array_len(&mut self) -> Result<usize, MsgpackError> {
+        match self.marker()? {
+            Marker::FixArray(n) => Ok(n as usize),
+            Marker::Array16 => Ok(self.be(2)? as usize),
+            Marker::Array32 => Ok(self.be(4)? as usize),
+            _ => Err(MsgpackError::Type),
+        }
+    }
+
+    /// Reads a str.
+    pub fn str(&mut self) -> Result<&'a str, MsgpackError> {
+        let len = match self.marker()? {
+            Marker::FixStr(n) => n as usize,
+            Marker::Str8 => self.be(1)? as usize,
+            Marker::Str16 => self.be(2)? as usize,
+            Marker::Str32 => self.be(4)? as usize,
+            _ => return Err(MsgpackError::Type),
+        };
+        std::str::from_utf8(self.take(len)?).map_err(|_| MsgpackError::Utf8)
+    }
+
+    /// Reads a bool.
+    pub fn bool(&mut self) -> Result<bool, MsgpackError> {
+        match self.marker()? {
+            Marker::True => Ok(true),
+            Marker::False => Ok(false),
+            _ => Err(MsgpackError::Type),
+        }
+    }
+
+    /// Reads any number (int of any width, or float) as an `f64`; the protocol's numeric
+    /// fields (`qos`, `protocolVersion`) are small and the SDK may send either form.
+    pub fn number(&mut self) -> Result<f64, MsgpackError> {
+        Ok(match self.marker()? {
+            Marker::FixPos(n) => f64::from(n),
+            Marker::FixNeg(n) => f64::from(n),
+            Marker::U8 => self.be(1)? as f64,
+            Marker::U16 => self.be(2)? as f64,
+            Marker::U32 => self.be(4)? as f64,
+            Marker::U64 => self.be(8)? as f64,
+            Marker::I8 => f64::from(self.be(1)? as u8 as i8),
+            Marker::I16 => f64::from(self.be(2)? as u16 as i16),
+            Marker::I32 => f64::from(self.be(4)? as u32 as i32),
+            Marker::I64 => self.be(8)? as i64 as f64,
+            Marker::F32 => f64::from(f32::from_bits(self.be(4)? as u32)),
+            Marker::F64 => f64::from_bits(self.be(8)?),
+            _ => return Err(MsgpackError::Type),
+        })
+    }
+
+    /// Whether the next value is nil (without consuming it).
+    pub fn next_is_nil(&self) -> bool {
+        matches!(self.peek_marker(), Ok(Marker::Null))
+    }
+
+    /// Skips one complete value and returns its exact bytes.
+    pub fn value_bytes(&mut self) -> Result<&'a [u8], MsgpackError> {
+        let start = self.buf;
+        self.skip(0)?;
+        let used = start.len() - self.buf.len();
+        Ok(&start[..used])
+    }
+
+    /// Skips one value. Iterative over siblings, recursive over nesting (bounded).
+    pub fn skip(&mut self, depth: usize) -> Result<(), MsgpackError> {
+        if depth > MAX_DEPTH {
+            return Err(MsgpackError::TooDeep);
+        }
+        let n = match self.marker()? {
+            Marker::FixPos(_) | Marker::FixNeg(_) | Marker::Null | Marker::True | Marker::False => {
+                0
+            }
+            Marker::U8 | Marker::I8 => 1,
+            Marker::U16 | Marker::I16 => 2,
+            Marker::U32 | Marker::I32 | Marker::F32 => 4,
+            Marker::U64 | Marker::I64 | Marker::F64 => 8,
+            Marker::FixStr(n) => n as usize,
+            Marker::Str8 | Marker::Bin8 => self.be(1)? as usize,
+            Marker::Str16 | Marker::Bin16 => self.be(2)? as usize,
+            Marker::Str32 | Marker::Bin32 => self.be(4)? as usize,
+            Marker::FixExt1 => 2,
+            Marker::FixExt2 => 3,
+            Marker::FixExt4 => 5,
+            Marker::FixExt8 => 9,
+            Marker::FixExt16 => 17,
+            Marker::Ext8 => self.be(1)? as usize + 1,
+            Marker::Ext16 => self.be(2)? as usize + 1,
+            Marker::Ext32 => self.be(4)? as usize + 1,
+            Marker::FixArray(n) => return self.skip_items(n as usize, depth),
+            Marker::Array16 => {
+                let n = self.be(2)? as usize;
+                return self.skip_items(n, depth);
+            }
+            Marker::Array32 => {
+                let n = self.be(4)? as usize;
+                return self.skip_items(n, depth);
+            }
+            Marker::FixMap(n) => return self.skip_items(n as usize * 2, depth),
+            Marker::Map16 => {
+                let n = self.be(2)? as usize;
+                return self.skip_items(n.saturating_mul(2), depth);
+            }
+            Marker::Map32 => {
+                let n = self.be(4)? as usize;
+                return self.skip_items(n.saturating_mul(2), depth);
+            }
+            Marker::Reserved => return Err(MsgpackError::Reserved),
+        };
+        self.take(n).map(|_| ())
+    }
+
+    fn skip_items(&mut self, n: usize, depth: usize) -> Result<(), MsgpackError> {
+        // Each item takes at least one byte: a declared count beyond what is left is a lie,
+        // caught before looping over it.
+        if n > self.buf.len() {
+            return Err(MsgpackError::Truncated);
+        }
+        for _ in 0..n {
+            self.skip(depth + 1)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enc(v: &serde_json::Value) -> Vec<u8> {
+        // A tiny encoder for test values via rmp.
+        let mut out = Vec::new();
+        write(&mut out, v);
+        out
+    }
+
+    fn write(out: &mut Vec<u8>, v: &serde_json::Value) {
+        use serde_json::Value as V;
+        match v {
+            V::Null => rmp::encode::write_nil(out).unwrap(),
+            V::Bool(b) => rmp::encode::write_bool(out, *b).unwrap(),
+            V::Number(n) => {
+                if let Some(i) = n.as_i64() {
+                    rmp::encode::write_sint(out, i).unwrap();
+                } else {
+                    rmp::encode::write_f64(out, n.as_f64().unwrap()).unwrap();
+                }
+            }
+            V::String(s) => rmp::encode::write_str(out, s).unwrap(),
+            V::Array(a) => {
+                rmp::encode::write_array_len(out, a.len() as u32).unwrap();
+                a.iter().for_each(|x| write(out, x));
+            }
+            V::Object(m) => {
+                rmp::encode::write_map_len(out, m.len() as u32).unwrap();
+                for (k, x) in m {
+                    rmp::encode::write_str(out, k).unwrap();
+                    write(out, x);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn value_bytes_are_exact() {
+        let v = serde_json::json!({"a": [1, -2, 3.5, null, true, "x", {"b": 300, "c": -70000}]});
+        let bytes = enc(&v);
+        let mut with_tail = bytes.clone();
+        with_tail.push(0xc0);
+        let mut r = Reader::new(&with_tail);
+        assert_eq!(r.value_bytes().unwrap(), &bytes[..]);
+        assert_eq!(r.remaining(), &[0xc0]);
+    }
+
+    #[test]
+    fn bin_and_ext_are_skipped() {
+        let mut buf = Vec::new();
+        rmp::encode::write_bin(&mut buf, &[1, 2, 3]).unwrap();
+        rmp::encode::write_ext_meta(&mut buf, 8, -1).unwrap();
+        buf.extend_from_slice(&[0; 8]);
+        let mut r = Reader::new(&buf);
+        assert_eq!(r.value_bytes().unwrap().len(), 5);
+        assert_eq!(r.value_bytes().unwrap().len(), 10);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn hostile_input_errors_instead_of_panicking() {
+        // Truncated lengths, lying counts, deep nesting, reserved marker.
+        for bad in [
+            &[0xdb, 0xff, 0xff, 0xff, 0xff][..],
+            &[0xdd, 0xff, 0xff, 0xff, 0xff],
+            &[0xdf, 0x7f, 0xff, 0xff, 0xff],
+            &[0xc1],
+            &[0xd9],
+            &[0xc7, 0x05, 0x01],
+            &[],
+        ] {
+            assert!(Reader::new(bad).value_bytes().is_err(), "{bad:?}");
+        }
+        let deep = vec![0x91u8; 1000];
+        assert_eq!(Reader::new(&deep).value_bytes(), Err(MsgpackError::TooDeep));
+    }
+
+    #[test]
+    fn numbers_of_any_width() {
+        for (v, expect) in [
+            (serde_json::json!(1), 1.0),
+            (serde_json::json!(300), 300.0),
+            (serde_json::json!(-5), -5.0),
+            (serde_json::json!(1.5), 1.5),
+        ] {
+            assert_eq!(Reader::new(&enc(&v)).number().unwrap(), expect);
+        }
+    }
+}
