@@ -193,11 +193,15 @@ fn required_str<'a>(
     }
 }
 
+/// `qos`: 0, 1 or 2 in any numeric form; anything else means 1 (PROTOCOL §6).
 fn qos(raw: Option<&[u8]>) -> u8 {
-    match raw.map(|r| Reader::new(r).number()) {
-        Some(Ok(q)) if q == 0.0 => 0,
-        Some(Ok(q)) if q == 2.0 => 2,
-        _ => 1,
+    let q = raw.and_then(|r| Reader::new(r).number().ok());
+    if q == Some(0.0) {
+        0
+    } else if q == Some(2.0) {
+        2
+    } else {
+        1
     }
 }
 
