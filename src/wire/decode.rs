@@ -376,7 +376,9 @@ mod tests {
     use super::*;
     use crate::wire::encode::MapWriter;
 
-    fn frame(pairs: &[(&str, &dyn Fn(&mut Vec<u8>))]) -> Vec<u8> {
+    type ValueWriter<'a> = &'a dyn Fn(&mut Vec<u8>);
+
+    fn frame(pairs: &[(&str, ValueWriter<'_>)]) -> Vec<u8> {
         let mut out = Vec::new();
         rmp::encode::write_map_len(&mut out, pairs.len() as u32).unwrap();
         for (k, v) in pairs {
