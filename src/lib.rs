@@ -14,6 +14,7 @@
 //! - [`cli`]: the `cuttle` command line.
 
 pub mod auth;
+pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod diagnostics;
@@ -21,4 +22,5 @@ pub mod logging;
 pub mod policy;
 pub mod reload;
 pub mod topic;
+pub mod upstream;
 pub mod wire;

@@ -1,0 +1,94 @@
+//! The embedded MQTT broker: `rumqttd` in-process on a loopback port (DESIGN §1).
+//!
+//! The upstream pool connects to it over TCP exactly as it would to a remote broker, so the
+//! data path is the same code with `upstream.broker: embedded` and with EMQX or Mosquitto.
+//! It listens on 127.0.0.1 only and has no authentication: nothing but this process can reach
+//! it, and the proxy enforces the policy before anything is published.
+//!
+//! rumqttd runs its own threads and offers no shutdown; it lives as long as the process.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
+
+/// Why the embedded broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot reserve a loopback port for the embedded broker: {0}")]
+    Port(std::io::Error),
+    #[error("cannot start the embedded broker thread: {0}")]
+    Thread(std::io::Error),
+    #[error("the embedded broker did not accept connections on {0} within {1:?}")]
+    NotListening(SocketAddr, Duration),
+}
+
+/// A running embedded broker.
+#[derive(Debug, Clone, Copy)]
+pub struct EmbeddedBroker {
+    pub addr: SocketAddr,
+}
+
+/// How long to wait for the broker's listener.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Starts rumqttd on a free loopback port. `max_payload` bounds one MQTT message (the proxy's
+/// own frame limit plus envelope overhead).
+pub fn start(max_payload: usize, max_connections: usize) -> Result<EmbeddedBroker, BrokerError> {
+    // rumqttd cannot report the port it bound, so pick one first. Another process could take
+    // it in between; the readiness check below then fails loudly rather than talking to it.
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(BrokerError::Port)?;
+
+    let connections = ConnectionSettings {
+        connection_timeout_ms: 10_000,
+        max_payload_size: max_payload,
+        max_inflight_count: 500,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let server = ServerSettings {
+        name: "cuttle-embedded".into(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections,
+    };
+    let config = Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections,
+            max_outgoing_packet_count: 1000,
+            // Commit-log segments per filter: enough to hold a burst of maximum-size messages,
+            // small enough that many filters do not add up to gigabytes.
+            max_segment_size: (4 * max_payload).max(1 << 20),
+            max_segment_count: 4,
+            ..RouterConfig::default()
+        },
+        v4: Some(HashMap::from([("cuttle".to_string(), server)])),
+        ..Config::default()
+    };
+
+    let mut broker = rumqttd::Broker::new(config);
+    std::thread::Builder::new()
+        .name("embedded-broker".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded broker stopped");
+            }
+        })
+        .map_err(BrokerError::Thread)?;
+
+    let deadline = Instant::now() + START_TIMEOUT;
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if Instant::now() >= deadline {
+            return Err(BrokerError::NotListening(addr, START_TIMEOUT));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tracing::info!(%addr, "embedded MQTT broker listening");
+    Ok(EmbeddedBroker { addr })
+}

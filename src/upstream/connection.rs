@@ -1,0 +1,272 @@
+//! One upstream MQTT connection: its event loop, its subscription reconciler, and publish
+//! acknowledgement tracking.
+//!
+//! Two tasks per connection:
+//! - the **event loop** polls rumqttc (which reconnects when polled after an error), hands
+//!   incoming messages to the dispatcher, matches acknowledgements to waiting publishes, and
+//!   backs off between failed connects;
+//! - the **reconciler** makes the broker's subscriptions equal the desired set. The router
+//!   changes the desired set synchronously and pokes the reconciler; churn coalesces (a filter
+//!   added and removed before the reconciler runs costs nothing), and after a reconnect the
+//!   whole set is subscribed again. Its state is bounded by the number of distinct filters.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, Transport};
+use tokio::sync::{Notify, oneshot};
+
+use super::{Dispatch, Endpoint};
+
+/// Why a publish did not reach the broker.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("the upstream connection is shutting down")]
+    Closed,
+    #[error("the broker did not take the publish in time")]
+    Timeout,
+    #[error("invalid upstream topic")]
+    InvalidTopic,
+}
+
+type AckSender = oneshot::Sender<Result<(), PublishError>>;
+
+pub(super) struct Options {
+    pub client_id: String,
+    pub endpoint: Endpoint,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub keep_alive: Duration,
+    pub connect_timeout: Duration,
+    pub max_packet: usize,
+    pub connected: Arc<AtomicUsize>,
+    pub dispatch: Arc<dyn Dispatch>,
+}
+
+/// Publishes waiting for the broker. rumqttc assigns packet ids inside its event loop and
+/// reports them (`Outgoing::Publish(pkid)`) in request order, so waiters queue in request
+/// order and are bound to a pkid when it is reported. A reported pkid that is already bound is
+/// a retransmission after a reconnect, not a new publish.
+#[derive(Default)]
+struct Acks {
+    unassigned: VecDeque<Option<AckSender>>,
+    inflight: HashMap<u16, Option<AckSender>>,
+}
+
+struct Shared {
+    client_id: String,
+    desired: Mutex<HashMap<String, QoS>>,
+    /// Set on every (re)connect: the broker has forgotten our subscriptions (clean session).
+    resync: AtomicBool,
+    poke: Notify,
+    acks: Mutex<Acks>,
+    /// Serialises "queue a waiter + send the request" so both happen in the same order.
+    publish_order: tokio::sync::Mutex<()>,
+}
+
+pub(super) struct Connection {
+    client: AsyncClient,
+    shared: Arc<Shared>,
+}
+
+/// Requests buffered between callers and the event loop.
+const REQUEST_CAPACITY: usize = 1024;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+impl Connection {
+    pub fn start(o: Options) -> Self {
+        let mut mqtt = MqttOptions::new(&o.client_id, &o.endpoint.host, o.endpoint.port);
+        mqtt.set_keep_alive(o.keep_alive)
+            .set_clean_session(true)
+            .set_max_packet_size(o.max_packet, o.max_packet)
+            .set_request_channel_capacity(REQUEST_CAPACITY)
+            .set_inflight(100);
+        if let Some(user) = &o.username {
+            mqtt.set_credentials(user, o.password.clone().unwrap_or_default());
+        }
+        if o.endpoint.tls {
+            mqtt.set_transport(Transport::tls_with_default_config());
+        }
+        let (client, mut eventloop) = AsyncClient::new(mqtt, REQUEST_CAPACITY);
+        eventloop
+            .network_options
+            .set_connection_timeout(o.connect_timeout.as_secs().max(1));
+        let shared = Arc::new(Shared {
+            client_id: o.client_id.clone(),
+            desired: Mutex::new(HashMap::new()),
+            resync: AtomicBool::new(false),
+            poke: Notify::new(),
+            acks: Mutex::new(Acks::default()),
+            publish_order: tokio::sync::Mutex::new(()),
+        });
+        tokio::spawn(run_event_loop(
+            eventloop,
+            shared.clone(),
+            o.connected,
+            o.dispatch,
+        ));
+        tokio::spawn(reconcile(client.clone(), shared.clone()));
+        Self { client, shared }
+    }
+
+    pub fn subscribe(&self, filter: &str, qos: QoS) {
+        self.shared.desired.lock().insert(filter.to_string(), qos);
+        self.shared.poke.notify_one();
+    }
+
+    pub fn unsubscribe(&self, filter: &str) {
+        self.shared.desired.lock().remove(filter);
+        self.shared.poke.notify_one();
+    }
+
+    pub fn filter_count(&self) -> usize {
+        self.shared.desired.lock().len()
+    }
+
+    pub async fn publish(
+        &self,
+        topic: String,
+        qos: QoS,
+        retain: bool,
+        payload: Bytes,
+        ack: Option<AckSender>,
+        timeout: Duration,
+    ) -> Result<(), PublishError> {
+        if !rumqttc::valid_topic(&topic) {
+            return Err(PublishError::InvalidTopic);
+        }
+        let send = async {
+            let _order = self.shared.publish_order.lock().await;
+            self.shared.acks.lock().unassigned.push_back(ack);
+            if self
+                .client
+                .publish_bytes(topic, qos, retain, payload)
+                .await
+                .is_err()
+            {
+                // The request never reached the event loop: take our waiter back (it is the
+                // newest, and the order lock is still held).
+                if let Some(Some(tx)) = self.shared.acks.lock().unassigned.pop_back() {
+                    let _ = tx.send(Err(PublishError::Closed));
+                }
+                return Err(PublishError::Closed);
+            }
+            Ok(())
+        };
+        tokio::time::timeout(timeout, send)
+            .await
+            .unwrap_or(Err(PublishError::Timeout))
+    }
+}
+
+async fn run_event_loop(
+    mut eventloop: EventLoop,
+    shared: Arc<Shared>,
+    connected: Arc<AtomicUsize>,
+    dispatch: Arc<dyn Dispatch>,
+) {
+    let mut is_connected = false;
+    let mut backoff = BACKOFF_MIN;
+    let endpoint = format!(
+        "{}:{}",
+        eventloop.mqtt_options.broker_address().0,
+        eventloop.mqtt_options.broker_address().1
+    );
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::Publish(p))) => dispatch.dispatch(&p.topic, p.payload),
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                if !is_connected {
+                    is_connected = true;
+                    connected.fetch_add(1, Ordering::Relaxed);
+                }
+                backoff = BACKOFF_MIN;
+                tracing::info!(client_id = %shared.client_id, %endpoint, "upstream connected");
+                shared.resync.store(true, Ordering::Release);
+                shared.poke.notify_one();
+            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                let mut acks = shared.acks.lock();
+                if pkid != 0 && acks.inflight.contains_key(&pkid) {
+                    continue; // retransmission after a reconnect
+                }
+                if let Some(waiter) = acks.unassigned.pop_front() {
+                    if pkid == 0 {
+                        // QoS 0: written to the socket is all the acknowledgement there is.
+                        if let Some(tx) = waiter {
+                            let _ = tx.send(Ok(()));
+                        }
+                    } else {
+                        acks.inflight.insert(pkid, waiter);
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(a))) => resolve(&shared, a.pkid),
+            Ok(Event::Incoming(Packet::PubComp(c))) => resolve(&shared, c.pkid),
+            Ok(_) => {}
+            Err(e) => {
+                if is_connected {
+                    is_connected = false;
+                    connected.fetch_sub(1, Ordering::Relaxed);
+                    tracing::warn!(client_id = %shared.client_id, %endpoint, error = %e, "upstream connection lost");
+                } else {
+                    tracing::debug!(client_id = %shared.client_id, %endpoint, error = %e, "upstream connect failed");
+                }
+                if matches!(e, rumqttc::ConnectionError::RequestsDone) {
+                    return; // every client handle is gone: the pool was dropped
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+fn resolve(shared: &Shared, pkid: u16) {
+    if let Some(Some(tx)) = shared.acks.lock().inflight.remove(&pkid) {
+        let _ = tx.send(Ok(()));
+    }
+}
+
+/// Keeps the broker's subscriptions equal to the desired set.
+async fn reconcile(client: AsyncClient, shared: Arc<Shared>) {
+    let mut actual: HashSet<String> = HashSet::new();
+    loop {
+        shared.poke.notified().await;
+        if shared.resync.swap(false, Ordering::AcqRel) {
+            actual.clear();
+        }
+        let desired: Vec<(String, QoS)> = shared
+            .desired
+            .lock()
+            .iter()
+            .map(|(f, q)| (f.clone(), *q))
+            .collect();
+        let wanted: HashSet<&str> = desired.iter().map(|(f, _)| f.as_str()).collect();
+        let stale: Vec<String> = actual
+            .iter()
+            .filter(|f| !wanted.contains(f.as_str()))
+            .cloned()
+            .collect();
+        for f in stale {
+            if client.unsubscribe(f.clone()).await.is_err() {
+                return;
+            }
+            actual.remove(&f);
+        }
+        for (f, q) in desired {
+            if actual.contains(&f) {
+                continue;
+            }
+            if client.subscribe(f.clone(), q).await.is_err() {
+                return;
+            }
+            actual.insert(f);
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The upstream pool: `upstream.pool` MQTT connections (rumqttc) shared by every session.
+//!
+//! - **Subscriptions** are reference-counted by the router; the pool only hears "filter X is
+//!   now wanted / no longer wanted". Each filter lives on exactly one connection (chosen by
+//!   hash), so a broker message reaches the proxy once. After a reconnect the connection
+//!   re-subscribes everything assigned to it.
+//! - **Publishes** of one topic always use the same connection, so they keep their order.
+//!   A publish that asks for an acknowledgement completes when the broker acknowledged it
+//!   (PUBACK for QoS 1, PUBCOMP for QoS 2, written to the socket for QoS 0).
+//! - **Incoming messages** are handed to a [`Dispatch`] on the connection's event-loop task;
+//!   dispatching must never block (the router only does `try_send`s).
+//!
+//! Reconnects back off exponentially (100 ms → 5 s); `connected()` feeds `/readyz`.
+
+mod connection;
+
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::QoS;
+use tokio::sync::oneshot;
+
+use crate::config::{Broker, UpstreamSettings};
+
+pub use connection::PublishError;
+
+/// Receives every message the broker delivers. Called on a connection's event-loop task:
+/// must not block or await.
+pub trait Dispatch: Send + Sync + 'static {
+    fn dispatch(&self, topic: &str, payload: Bytes);
+}
+
+/// Where the pool connects.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl Endpoint {
+    /// The endpoint for `settings.broker`; `embedded` must already be resolved to its address.
+    pub fn from_settings(broker: &Broker, embedded: Option<std::net::SocketAddr>) -> Option<Self> {
+        match broker {
+            Broker::Embedded => embedded.map(|a| Endpoint {
+                host: a.ip().to_string(),
+                port: a.port(),
+                tls: false,
+            }),
+            Broker::Remote { host, port, tls } => Some(Endpoint {
+                host: host.clone(),
+                port: *port,
+                tls: *tls,
+            }),
+        }
+    }
+}
+
+/// The pool of upstream connections.
+pub struct Pool {
+    conns: Vec<connection::Connection>,
+    connected: Arc<AtomicUsize>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("size", &self.conns.len())
+            .field("connected", &self.connected())
+            .finish()
+    }
+}
+
+/// The MQTT QoS for a protocol `qos` value (0, 1, 2).
+pub fn qos(level: u8) -> QoS {
+    match level {
+        0 => QoS::AtMostOnce,
+        2 => QoS::ExactlyOnce,
+        _ => QoS::AtLeastOnce,
+    }
+}
+
+/// The QoS a client publish is sent upstream with: `qos` capped at 1. Exactly-once cannot
+/// survive the hop anyway (the proxy's acknowledgement to the client is at-least-once), and
+/// rumqttc's QoS 2 publishing stalled after the broker's in-flight window against Mosquitto
+/// 2.0 in our tests (20 messages, then nothing).
+pub fn publish_qos(level: u8) -> QoS {
+    match level {
+        0 => QoS::AtMostOnce,
+        _ => QoS::AtLeastOnce,
+    }
+}
+
+impl Pool {
+    /// Starts `settings.pool` connections to `endpoint`. Returns at once; connections come up
+    /// in the background (see [`Pool::connected`]). Must be called inside a Tokio runtime.
+    pub fn start(
+        settings: &UpstreamSettings,
+        endpoint: Endpoint,
+        max_packet: usize,
+        dispatch: Arc<dyn Dispatch>,
+    ) -> Arc<Self> {
+        let connected = Arc::new(AtomicUsize::new(0));
+        // Client ids must be unique across replicas and restarts, or the broker kicks the
+        // older session: prefix, a random instance id, and the connection index.
+        let instance = instance_id();
+        let conns = (0..settings.pool.max(1))
+            .map(|i| {
+                connection::Connection::start(connection::Options {
+                    client_id: format!("{}-{instance}-{i}", settings.client_id_prefix),
+                    endpoint: endpoint.clone(),
+                    username: settings.username.clone(),
+                    password: settings.password.clone(),
+                    keep_alive: settings.keep_alive,
+                    connect_timeout: settings.connect_timeout,
+                    max_packet,
+                    connected: connected.clone(),
+                    dispatch: dispatch.clone(),
+                })
+            })
+            .collect();
+        Arc::new(Self {
+            conns,
+            connected,
+            hasher: std::collections::hash_map::RandomState::new(),
+        })
+    }
+
+    /// Connections currently connected to the broker.
+    pub fn connected(&self) -> usize {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    pub fn size(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether every connection is up.
+    pub fn is_ready(&self) -> bool {
+        self.connected() == self.conns.len()
+    }
+
+    fn pick(&self, key: &str) -> &connection::Connection {
+        let h = self.hasher.hash_one(key);
+        // `conns` is never empty (pool >= 1 by validation); modulo keeps the index in range.
+        &self.conns[(h % self.conns.len() as u64) as usize]
+    }
+
+    /// Subscribes `filter` (called by the router when its first local subscriber arrives).
+    pub fn subscribe(&self, filter: &str, qos: QoS) {
+        self.pick(filter).subscribe(filter, qos);
+    }
+
+    /// Unsubscribes `filter` (called when its last local subscriber leaves).
+    pub fn unsubscribe(&self, filter: &str) {
+        self.pick(filter).unsubscribe(filter);
+    }
+
+    /// Number of distinct upstream filters wanted.
+    pub fn filter_count(&self) -> usize {
+        self.conns.iter().map(|c| c.filter_count()).sum()
+    }
+
+    /// Publishes. With `ack`, the returned receiver completes once the broker acknowledged.
+    pub async fn publish(
+        &self,
+        topic: String,
+        qos: QoS,
+        retain: bool,
+        payload: Bytes,
+        ack: Option<oneshot::Sender<Result<(), PublishError>>>,
+        timeout: Duration,
+    ) -> Result<(), PublishError> {
+        let conn = self.pick(&topic);
+        conn.publish(topic, qos, retain, payload, ack, timeout)
+            .await
+    }
+}
+
+fn instance_id() -> String {
+    let mut b = [0u8; 4];
+    if getrandom::fill(&mut b).is_err() {
+        // No entropy source: fall back to the pid, which is unique per host at least.
+        return format!("p{}", std::process::id());
+    }
+    hex::encode(b)
+}
