@@ -68,7 +68,8 @@ pub fn start(max_payload: usize, max_connections: usize) -> Result<EmbeddedBroke
             max_segment_count: 4,
             ..RouterConfig::default()
         },
-        v4: Some(HashMap::from([("cuttle".to_string(), server)])),
+        // MQTT 5: the pool relies on subscription identifiers.
+        v5: Some(HashMap::from([("cuttle".to_string(), server)])),
         ..Config::default()
     };
 

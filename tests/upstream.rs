@@ -11,11 +11,11 @@ use cuttle::topic::upstream::TopicLayout;
 use cuttle::upstream::{Dispatch, Endpoint, Pool, publish_qos, qos};
 use tokio::sync::{mpsc, oneshot};
 
-struct Collect(mpsc::UnboundedSender<(String, Bytes)>);
+struct Collect(mpsc::UnboundedSender<(String, Vec<usize>, Bytes)>);
 
 impl Dispatch for Collect {
-    fn dispatch(&self, topic: &str, payload: Bytes) {
-        let _ = self.0.send((topic.to_string(), payload));
+    fn dispatch(&self, topic: &str, ids: &[usize], payload: Bytes) {
+        let _ = self.0.send((topic.to_string(), ids.to_vec(), payload));
     }
 }
 
@@ -84,7 +84,10 @@ async fn roundtrip(endpoint: Endpoint) {
     assert_eq!(pool.connected(), 3);
 
     let base = unique("rt");
-    pool.subscribe(&format!("{base}/#"), qos(1));
+    pool.subscribe(&format!("{base}/#"), qos(1), 7);
+    // Overlapping filters: one message carries both subscription ids, whichever connection
+    // each filter lives on, and whether the broker sends one copy or two.
+    pool.subscribe(&format!("{base}/+"), qos(1), 8);
     // Subscriptions are applied asynchronously: publish until the first one arrives.
     let payload = Bytes::from_static(b"\x92\x01\xc4\x02\x00\xff"); // msgpack with a bin inside
     let got = tokio::time::timeout(Duration::from_secs(10), async {
@@ -101,15 +104,29 @@ async fn roundtrip(endpoint: Endpoint) {
             .await
             .unwrap();
             ack_rx.await.unwrap().unwrap();
-            if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
-                break m;
+            // Gather every copy of this one publish (a broker may send one copy naming both
+            // subscriptions, or one copy per subscription).
+            let mut copies = Vec::new();
+            while let Ok(Some(m)) =
+                tokio::time::timeout(Duration::from_millis(200), rx.recv()).await
+            {
+                copies.push(m);
+            }
+            let mut ids: Vec<usize> = copies.iter().flat_map(|(_, ids, _)| ids.clone()).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            if ids == [7, 8] {
+                break copies;
             }
         }
     })
     .await
-    .expect("message delivered");
-    assert_eq!(got.0, format!("{base}/a"));
-    assert_eq!(got.1, payload, "payload byte-exact");
+    .expect("both subscriptions deliver, each message naming the subscriptions it matched");
+    for (topic, _, p) in &got {
+        assert_eq!(topic, &format!("{base}/a"));
+        assert_eq!(p, &payload, "payload byte-exact");
+    }
+    pool.unsubscribe(&format!("{base}/+"));
 
     // Order is kept for one topic, at every QoS.
     while rx.try_recv().is_ok() {}
@@ -129,11 +146,13 @@ async fn roundtrip(endpoint: Endpoint) {
     }
     let mut seen = Vec::new();
     while seen.len() < 150 {
-        let Ok(Some((_, p))) = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await
+        let Ok(Some((_, ids, p))) = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await
         else {
             panic!("only {} of 150 delivered: {seen:?}", seen.len());
         };
-        if p.len() == 2 {
+        // Only copies routed through subscription 7 count: until the broker has processed the
+        // unsubscribe of 8, copies through 8 may still arrive, and are told apart by their id.
+        if p.len() == 2 && ids.contains(&7) {
             seen.push((p[0], p[1]));
         }
     }

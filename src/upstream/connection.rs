@@ -1,5 +1,11 @@
-//! One upstream MQTT connection: its event loop, its subscription reconciler, and publish
+//! One upstream MQTT 5 connection: its event loop, its subscription reconciler, and publish
 //! acknowledgement tracking.
+//!
+//! MQTT 5 because of *subscription identifiers*: every upstream filter is subscribed with its
+//! router id, and the broker tags each message with the ids of the subscriptions it matched.
+//! With MQTT 3.1.1 a proxy cannot tell which of several overlapping subscriptions a message
+//! came through, and brokers differ on whether overlapping subscriptions yield one copy or
+//! several — either duplicate or lost deliveries. With ids, routing is exact on every broker.
 //!
 //! Two tasks per connection:
 //! - the **event loop** polls rumqttc (which reconnects when polled after an error), hands
@@ -17,7 +23,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, Transport};
+use rumqttc::Outgoing;
+use rumqttc::Transport;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeProperties};
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use tokio::sync::{Notify, oneshot};
 
 use super::{Dispatch, Endpoint};
@@ -59,7 +69,8 @@ struct Acks {
 
 struct Shared {
     client_id: String,
-    desired: Mutex<HashMap<String, QoS>>,
+    /// Filter → (QoS, subscription id).
+    desired: Mutex<HashMap<String, (QoS, usize)>>,
     /// Set on every (re)connect: the broker has forgotten our subscriptions (clean session).
     resync: AtomicBool,
     poke: Notify,
@@ -82,20 +93,17 @@ impl Connection {
     pub fn start(o: Options) -> Self {
         let mut mqtt = MqttOptions::new(&o.client_id, &o.endpoint.host, o.endpoint.port);
         mqtt.set_keep_alive(o.keep_alive)
-            .set_clean_session(true)
-            .set_max_packet_size(o.max_packet, o.max_packet)
+            .set_clean_start(true)
+            .set_max_packet_size(Some(u32::try_from(o.max_packet).unwrap_or(u32::MAX)))
             .set_request_channel_capacity(REQUEST_CAPACITY)
-            .set_inflight(100);
+            .set_connection_timeout(o.connect_timeout.as_secs().max(1));
         if let Some(user) = &o.username {
             mqtt.set_credentials(user, o.password.clone().unwrap_or_default());
         }
         if o.endpoint.tls {
             mqtt.set_transport(Transport::tls_with_default_config());
         }
-        let (client, mut eventloop) = AsyncClient::new(mqtt, REQUEST_CAPACITY);
-        eventloop
-            .network_options
-            .set_connection_timeout(o.connect_timeout.as_secs().max(1));
+        let (client, eventloop) = AsyncClient::new(mqtt, REQUEST_CAPACITY);
         let shared = Arc::new(Shared {
             client_id: o.client_id.clone(),
             desired: Mutex::new(HashMap::new()),
@@ -114,8 +122,11 @@ impl Connection {
         Self { client, shared }
     }
 
-    pub fn subscribe(&self, filter: &str, qos: QoS) {
-        self.shared.desired.lock().insert(filter.to_string(), qos);
+    pub fn subscribe(&self, filter: &str, qos: QoS, id: usize) {
+        self.shared
+            .desired
+            .lock()
+            .insert(filter.to_string(), (qos, id));
         self.shared.poke.notify_one();
     }
 
@@ -137,7 +148,7 @@ impl Connection {
         ack: Option<AckSender>,
         timeout: Duration,
     ) -> Result<(), PublishError> {
-        if !rumqttc::valid_topic(&topic) {
+        if !rumqttc::v5::mqttbytes::valid_topic(&topic) {
             return Err(PublishError::InvalidTopic);
         }
         let send = async {
@@ -174,12 +185,22 @@ async fn run_event_loop(
     let mut backoff = BACKOFF_MIN;
     let endpoint = format!(
         "{}:{}",
-        eventloop.mqtt_options.broker_address().0,
-        eventloop.mqtt_options.broker_address().1
+        eventloop.options.broker_address().0,
+        eventloop.options.broker_address().1
     );
     loop {
         match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::Publish(p))) => dispatch.dispatch(&p.topic, p.payload),
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let ids = p
+                    .properties
+                    .as_ref()
+                    .map(|props| props.subscription_identifiers.as_slice())
+                    .unwrap_or_default();
+                match std::str::from_utf8(&p.topic) {
+                    Ok(topic) => dispatch.dispatch(topic, ids, p.payload),
+                    Err(_) => tracing::debug!("upstream message with a non-UTF-8 topic dropped"),
+                }
+            }
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 if !is_connected {
                     is_connected = true;
@@ -217,7 +238,7 @@ async fn run_event_loop(
                 } else {
                     tracing::debug!(client_id = %shared.client_id, %endpoint, error = %e, "upstream connect failed");
                 }
-                if matches!(e, rumqttc::ConnectionError::RequestsDone) {
+                if matches!(e, rumqttc::v5::ConnectionError::RequestsDone) {
                     return; // every client handle is gone: the pool was dropped
                 }
                 tokio::time::sleep(backoff).await;
@@ -241,13 +262,13 @@ async fn reconcile(client: AsyncClient, shared: Arc<Shared>) {
         if shared.resync.swap(false, Ordering::AcqRel) {
             actual.clear();
         }
-        let desired: Vec<(String, QoS)> = shared
+        let desired: Vec<(String, QoS, usize)> = shared
             .desired
             .lock()
             .iter()
-            .map(|(f, q)| (f.clone(), *q))
+            .map(|(f, (q, id))| (f.clone(), *q, *id))
             .collect();
-        let wanted: HashSet<&str> = desired.iter().map(|(f, _)| f.as_str()).collect();
+        let wanted: HashSet<&str> = desired.iter().map(|(f, _, _)| f.as_str()).collect();
         let stale: Vec<String> = actual
             .iter()
             .filter(|f| !wanted.contains(f.as_str()))
@@ -259,11 +280,19 @@ async fn reconcile(client: AsyncClient, shared: Arc<Shared>) {
             }
             actual.remove(&f);
         }
-        for (f, q) in desired {
+        for (f, q, id) in desired {
             if actual.contains(&f) {
                 continue;
             }
-            if client.subscribe(f.clone(), q).await.is_err() {
+            let props = SubscribeProperties {
+                id: Some(id),
+                user_properties: Vec::new(),
+            };
+            if client
+                .subscribe_with_properties(f.clone(), q, props)
+                .await
+                .is_err()
+            {
                 return;
             }
             actual.insert(f);

@@ -1,4 +1,4 @@
-//! The upstream pool: `upstream.pool` MQTT connections (rumqttc) shared by every session.
+//! The upstream pool: `upstream.pool` MQTT 5 connections (rumqttc) shared by every session.
 //!
 //! - **Subscriptions** are reference-counted by the router; the pool only hears "filter X is
 //!   now wanted / no longer wanted". Each filter lives on exactly one connection (chosen by
@@ -20,18 +20,21 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::QoS;
+use rumqttc::v5::mqttbytes::QoS;
 use tokio::sync::oneshot;
 
 use crate::config::{Broker, UpstreamSettings};
 
 pub use connection::PublishError;
 
-/// Receives every message the broker delivers. Called on a connection's event-loop task:
-/// must not block or await.
+/// Receives every message the broker delivers, with the identifiers of the subscriptions it
+/// matched. Called on a connection's event-loop task: must not block or await.
 pub trait Dispatch: Send + Sync + 'static {
-    fn dispatch(&self, topic: &str, payload: Bytes);
+    fn dispatch(&self, topic: &str, subscription_ids: &[usize], payload: Bytes);
 }
+
+/// Largest MQTT 5 subscription identifier.
+pub const MAX_SUBSCRIPTION_ID: usize = 268_435_455;
 
 /// Where the pool connects.
 #[derive(Debug, Clone)]
@@ -150,9 +153,10 @@ impl Pool {
         &self.conns[(h % self.conns.len() as u64) as usize]
     }
 
-    /// Subscribes `filter` (called by the router when its first local subscriber arrives).
-    pub fn subscribe(&self, filter: &str, qos: QoS) {
-        self.pick(filter).subscribe(filter, qos);
+    /// Subscribes `filter` with subscription identifier `id` (1..=[`MAX_SUBSCRIPTION_ID`];
+    /// called by the router when its first local subscriber arrives).
+    pub fn subscribe(&self, filter: &str, qos: QoS, id: usize) {
+        self.pick(filter).subscribe(filter, qos, id);
     }
 
     /// Unsubscribes `filter` (called when its last local subscriber leaves).
