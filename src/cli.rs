@@ -19,7 +19,7 @@ use clap::{Parser, Subcommand};
 use crate::auth::session_token::{self, MintRequest};
 use crate::config::{self, DEFAULT_CONFIG_PATH, Loaded};
 use crate::diagnostics::Diagnostics;
-use crate::reload::{self, PolicyStore};
+use crate::reload;
 
 #[derive(Debug, Parser)]
 #[command(name = "cuttle", version, about = "A stateless realtime edge proxy", long_about = None)]
@@ -174,24 +174,55 @@ fn run(path: &Path) -> ExitCode {
 }
 
 async fn serve(loaded: Loaded) -> ExitCode {
-    let store = PolicyStore::new(loaded);
+    let settings = loaded.settings.clone();
+    let (listener, admin) = match crate::server::bind(&settings).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            return ExitCode::from(2);
+        }
+    };
+    let proxy = match crate::server::Proxy::start(loaded) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            return ExitCode::from(2);
+        }
+    };
     tracing::info!(
-        config = %store.sources().config.display(),
-        summary = %store.load().policy.summary(),
+        config = %proxy.store.sources().config.display(),
+        summary = %proxy.store.load().policy.summary(),
         "policy loaded"
     );
-    let watcher = match reload::watch(Arc::clone(&store)) {
+    let watcher = match reload::watch(Arc::clone(&proxy.store)) {
         Ok(w) => w,
         Err(e) => {
             tracing::error!(error = %e, "cannot watch the policy for changes");
             return ExitCode::from(2);
         }
     };
-    tracing::warn!(
-        "the WebSocket data path is not built yet: this build loads and hot-reloads the policy only"
+    tracing::info!(
+        listen = %settings.listen,
+        admin = %settings.admin,
+        "serving WebSocket clients at ws://{}/ws",
+        settings.listen
     );
+    let serving = {
+        let proxy = proxy.clone();
+        tokio::spawn(async move { proxy.serve(listener, admin).await })
+    };
     wait_for_shutdown(&watcher).await;
-    tracing::info!("shutting down");
+
+    // Drain: stop accepting, close every session (they send a close frame), wait for them to
+    // finish within the grace period.
+    tracing::info!(open = proxy.open_connections(), "shutting down");
+    proxy.begin_shutdown();
+    let deadline = tokio::time::Instant::now() + settings.shutdown_grace;
+    while proxy.open_connections() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    serving.abort();
+    tracing::info!(still_open = proxy.open_connections(), "stopped");
     ExitCode::SUCCESS
 }
 

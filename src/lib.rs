@@ -21,6 +21,8 @@ pub mod diagnostics;
 pub mod logging;
 pub mod policy;
 pub mod reload;
+pub mod router;
+pub mod server;
 pub mod topic;
 pub mod upstream;
 pub mod wire;

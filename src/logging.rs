@@ -14,8 +14,15 @@ pub fn init(settings: &LogSettings) {
         Ok("pretty") => LogFormat::Pretty,
         _ => settings.format,
     };
+    // The embedded broker logs every client connect at info; the proxy's own logs say what
+    // matters, so rumqttd is quieted unless the level names it.
+    let level = if settings.level.contains("rumqttd") {
+        settings.level.clone()
+    } else {
+        format!("{},rumqttd=warn", settings.level)
+    };
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&settings.level))
+        .or_else(|_| EnvFilter::try_new(&level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

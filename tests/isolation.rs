@@ -6,7 +6,10 @@
 //! stripping round-trip; and a wildcard subscription never delivers from a private room the
 //! actor is not in, or from a room its session token does not allow.
 //!
-//! Matching uses rumqttc's MQTT matcher as an independent oracle, not the proxy's own code.
+//! Matching uses a small MQTT 3.1.1 §4.7 matcher written here, independent of the proxy (which
+//! never matches topics itself: the broker does, and names the subscription by its id).
+//! rumqttc's `mqttbytes::matches` would be the obvious oracle, but it panics on a topic whose
+//! first character is multi-byte UTF-8 (it slices `topic[..1]`), which random topics hit.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,7 +25,49 @@ use cuttle::topic::upstream::TopicLayout;
 use cuttle::topic::{ClientFilter, ClientTopic};
 use proptest::prelude::*;
 use proptest::sample::select;
-use rumqttc::mqttbytes::{matches, valid_filter, valid_topic};
+use rumqttc::mqttbytes::{valid_filter, valid_topic};
+
+/// MQTT topic matching per MQTT 3.1.1 §4.7: `+` matches one level, a trailing `#` matches
+/// the rest including the parent level, and wildcards at the first level never match a topic
+/// starting with `$`.
+fn matches(topic: &str, filter: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut t = topic.split('/');
+    let mut f = filter.split('/').peekable();
+    while let Some(fl) = f.next() {
+        if fl == "#" && f.peek().is_none() {
+            return true;
+        }
+        match t.next() {
+            Some(tl) if fl == "+" || fl == tl => continue,
+            _ => return false,
+        }
+    }
+    t.next().is_none()
+}
+
+#[test]
+fn the_oracle_matches_like_mqtt() {
+    for (t, f, m) in [
+        ("a/b/c", "a/b/c", true),
+        ("a/b/c", "a/+/c", true),
+        ("a/b/c", "a/#", true),
+        ("a", "a/#", true),
+        ("a/b", "a/b/#", true),
+        ("a/b/c", "a/b", false),
+        ("a/b", "a/b/c", false),
+        ("a/b/c", "+/+", false),
+        ("$SYS/x", "#", false),
+        ("$SYS/x", "+/x", false),
+        ("$SYS/x", "$SYS/#", true),
+        ("é/x", "é/+", true),
+        ("a//b", "a/+/b", true),
+    ] {
+        assert_eq!(matches(t, f), m, "{t} vs {f}");
+    }
+}
 
 /// Names deliberately shared between apps, scopes, rooms and topics, plus the reserved and
 /// hostile strings a client might try.

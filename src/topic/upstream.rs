@@ -21,7 +21,7 @@ pub const UNSCOPED: &str = "_";
 /// Why a configured `topic_prefix` is unusable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "topic prefix must be '/'-separated non-empty levels without '+', '#', NUL or a leading '$'"
+    "topic prefix must be '/'-separated non-empty levels of printable ASCII without '+', '#' or a leading '$'"
 )]
 pub struct PrefixError;
 
@@ -66,6 +66,13 @@ impl TopicLayout {
         }
         for level in prefix.split('/') {
             super::check_literal_level(level).map_err(|_| PrefixError)?;
+            // Printable ASCII only: rumqttd (the embedded broker) and rumqttc slice
+            // `topic[..1]` when matching, which panics on a multi-byte first character. App
+            // slugs are ASCII by validation, so with an ASCII prefix no upstream topic the
+            // proxy produces can start with one.
+            if !level.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(PrefixError);
+            }
         }
         Ok(Self {
             prefix: format!("{prefix}/"),
@@ -316,7 +323,9 @@ mod tests {
 
     #[test]
     fn bad_prefixes() {
-        for p in ["/", "a/", "/a", "a//b", "a/+", "#", "$SYS", "a\0"] {
+        for p in [
+            "/", "a/", "/a", "a//b", "a/+", "#", "$SYS", "a\0", "é", "a b",
+        ] {
             assert!(TopicLayout::new(p).is_err(), "{p:?}");
         }
     }

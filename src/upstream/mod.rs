@@ -23,7 +23,7 @@ use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS;
 use tokio::sync::oneshot;
 
-use crate::config::{Broker, UpstreamSettings};
+use crate::config::UpstreamSettings;
 
 pub use connection::PublishError;
 
@@ -42,24 +42,6 @@ pub struct Endpoint {
     pub host: String,
     pub port: u16,
     pub tls: bool,
-}
-
-impl Endpoint {
-    /// The endpoint for `settings.broker`; `embedded` must already be resolved to its address.
-    pub fn from_settings(broker: &Broker, embedded: Option<std::net::SocketAddr>) -> Option<Self> {
-        match broker {
-            Broker::Embedded => embedded.map(|a| Endpoint {
-                host: a.ip().to_string(),
-                port: a.port(),
-                tls: false,
-            }),
-            Broker::Remote { host, port, tls } => Some(Endpoint {
-                host: host.clone(),
-                port: *port,
-                tls: *tls,
-            }),
-        }
-    }
 }
 
 /// The pool of upstream connections.

@@ -6,6 +6,7 @@
 
 pub mod decode;
 pub mod encode;
+pub mod envelope;
 pub mod msgpack;
 
 pub use decode::{ClientFrame, FrameError, decode};

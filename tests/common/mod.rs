@@ -2,6 +2,8 @@
 //! family, secrets supplied without touching the process environment, and token minting.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod server;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

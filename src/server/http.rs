@@ -1,0 +1,179 @@
+//! HTTP on both listeners: the accept loop, the WebSocket upgrade at `GET /ws`, and the admin
+//! endpoints.
+//!
+//! The accept loop takes a connection permit *before* accepting (so the listen backlog, not
+//! memory, absorbs a connection flood), backs off on accept errors such as EMFILE, and does
+//! everything else — HTTP parsing, the upgrade, authentication — inside the spawned task under
+//! timeouts.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{CONNECTION, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
+
+use super::Proxy;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Role {
+    Client,
+    Admin,
+}
+
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+pub(super) async fn accept_loop(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    permits: Arc<Semaphore>,
+    role: Role,
+) {
+    let mut shutdown = proxy.shutdown_signal();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = super::shutting_down(&mut shutdown) => return,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    // EMFILE and friends: shed load for a moment instead of spinning.
+                    tracing::warn!(error = %e, "accept failed; backing off {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                    continue;
+                }
+            },
+            _ = super::shutting_down(&mut shutdown) => return,
+        };
+        backoff = Duration::from_millis(5);
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            // The permit bounds *connections*, so an upgrade takes it along into the session;
+            // otherwise it is released when this HTTP connection ends.
+            let permit = Arc::new(Mutex::new(Some(permit)));
+            let io = TokioIo::new(stream);
+            let handshake = proxy.settings.limits.handshake_timeout;
+            let svc = hyper::service::service_fn(move |req| {
+                let proxy = proxy.clone();
+                let permit = permit.clone();
+                async move { Ok::<_, Infallible>(route(proxy, role, req, &permit)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .header_read_timeout(handshake)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .max_buf_size(16 * 1024)
+                .serve_connection(io, svc)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "http connection ended with an error");
+            }
+        });
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r
+}
+
+type PermitSlot = Mutex<Option<OwnedSemaphorePermit>>;
+
+fn route(
+    proxy: Arc<Proxy>,
+    role: Role,
+    req: Request<Incoming>,
+    permit: &PermitSlot,
+) -> Response<Full<Bytes>> {
+    match (role, req.method(), req.uri().path()) {
+        (Role::Admin, &Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (Role::Admin, &Method::GET, "/readyz") => {
+            if proxy.is_ready() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+        // The query string is ignored (PROTOCOL §1).
+        (Role::Client, &Method::GET, "/ws") => upgrade(proxy, req, permit),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Answers a WebSocket upgrade and hands the upgraded connection to a session task.
+fn upgrade(
+    proxy: Arc<Proxy>,
+    mut req: Request<Incoming>,
+    permit: &PermitSlot,
+) -> Response<Full<Bytes>> {
+    let is_upgrade = req
+        .headers()
+        .get(UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let version_ok = req
+        .headers()
+        .get("sec-websocket-version")
+        .is_some_and(|v| v == "13");
+    let Some(key) = req.headers().get(SEC_WEBSOCKET_KEY).cloned() else {
+        return text(StatusCode::BAD_REQUEST, "websocket upgrade expected\n");
+    };
+    if !is_upgrade || !version_ok {
+        return text(StatusCode::BAD_REQUEST, "websocket upgrade expected\n");
+    }
+    let accept = derive_accept_key(key.as_bytes());
+    let limits = proxy.settings.limits;
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let permit = permit.lock().take();
+    tokio::spawn(async move {
+        let _permit = permit;
+        let upgraded = match tokio::time::timeout(limits.handshake_timeout, on_upgrade).await {
+            Ok(Ok(u)) => u,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "websocket upgrade failed");
+                return;
+            }
+            Err(_) => return,
+        };
+        // Buffers sized for thousands of mostly idle clients: the defaults (128 KiB read
+        // buffer per connection) would cost more than the rest of the session together.
+        let config = WebSocketConfig::default()
+            .read_buffer_size(4 * 1024)
+            .write_buffer_size(0)
+            .max_write_buffer_size(limits.max_frame_bytes + 64 * 1024)
+            .max_message_size(Some(limits.max_frame_bytes))
+            .max_frame_size(Some(limits.max_frame_bytes));
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), WsRole::Server, Some(config))
+                .await;
+        super::session::run(proxy, ws).await;
+    });
+    // No subprotocol and no permessage-deflate are negotiated (PROTOCOL §1).
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert(SEC_WEBSOCKET_ACCEPT, v);
+    }
+    r
+}

@@ -1,0 +1,202 @@
+//! The network edge: the client listener (WebSocket at `/ws`), the admin listener
+//! (`/healthz`, `/readyz`), and the per-connection session.
+//!
+//! [`Proxy::start`] wires the process together — embedded broker (if configured), upstream
+//! pool, router — and [`Proxy::serve`] runs the listeners on already-bound sockets, so tests
+//! bind port 0 and run the real server in-process.
+
+mod http;
+mod session;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+use crate::config::{Broker, Loaded, Settings};
+use crate::reload::PolicyStore;
+use crate::router::Router;
+use crate::upstream::{Endpoint, Pool};
+
+pub use session::CloseReason;
+
+/// Bytes of MQTT packet allowed beyond the payload limit (topic, envelope, properties).
+const PACKET_OVERHEAD: usize = 64 * 1024;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
+    #[error("cannot bind {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+}
+
+/// Live connection counts per actor, for `limits.connections_per_actor`.
+/// (project, actor id).
+type ActorKey = (Arc<str>, Arc<str>);
+
+#[derive(Debug, Default)]
+pub(crate) struct ActorConnections(Mutex<HashMap<ActorKey, u32>>);
+
+impl ActorConnections {
+    /// Takes a slot for (project, actor) if fewer than `max` are in use.
+    pub(crate) fn acquire(&self, project: &Arc<str>, actor: &Arc<str>, max: u32) -> bool {
+        let mut m = self.0.lock();
+        let n = m.entry((project.clone(), actor.clone())).or_insert(0);
+        if *n >= max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    pub(crate) fn release(&self, project: &Arc<str>, actor: &Arc<str>) {
+        let mut m = self.0.lock();
+        let key = (project.clone(), actor.clone());
+        if let Some(n) = m.get_mut(&key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&key);
+            }
+        }
+    }
+}
+
+/// Everything a connection needs, shared by all of them.
+pub struct Proxy {
+    pub store: Arc<PolicyStore>,
+    pub router: Arc<Router>,
+    pub pool: Arc<Pool>,
+    pub settings: Settings,
+    connections: Arc<Semaphore>,
+    pub(crate) actors: ActorConnections,
+    next_session: AtomicU64,
+    /// WebSocket sessions currently running.
+    sessions: AtomicUsize,
+    /// Random per process: socket ids (echo suppression) must be unique across replicas.
+    instance: String,
+    shutdown: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("instance", &self.instance)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// Starts the embedded broker (if configured), the upstream pool and the router. Must be
+    /// called inside a Tokio runtime.
+    pub fn start(loaded: Loaded) -> Result<Arc<Self>, StartError> {
+        let settings = loaded.settings.clone();
+        let max_packet = settings.limits.max_frame_bytes + PACKET_OVERHEAD;
+        let endpoint = match &settings.upstream.broker {
+            Broker::Embedded => {
+                let b = crate::broker::start(max_packet, settings.upstream.pool * 4 + 64)?;
+                Endpoint {
+                    host: b.addr.ip().to_string(),
+                    port: b.addr.port(),
+                    tls: false,
+                }
+            }
+            Broker::Remote { host, port, tls } => Endpoint {
+                host: host.clone(),
+                port: *port,
+                tls: *tls,
+            },
+        };
+        let store = PolicyStore::new(loaded);
+        let router = Router::new(store.clone());
+        let pool = Pool::start(&settings.upstream, endpoint, max_packet, router.clone());
+        router.attach(pool.clone());
+        let (shutdown, _) = watch::channel(false);
+        let mut instance = [0u8; 4];
+        let _ = getrandom::fill(&mut instance);
+        Ok(Arc::new(Self {
+            store,
+            router,
+            pool,
+            connections: Arc::new(Semaphore::new(settings.limits.max_connections as usize)),
+            actors: ActorConnections::default(),
+            next_session: AtomicU64::new(1),
+            sessions: AtomicUsize::new(0),
+            instance: hex::encode(instance),
+            settings,
+            shutdown,
+        }))
+    }
+
+    /// Ready: policy loaded (always, once constructed), upstream connected, not draining.
+    pub fn is_ready(&self) -> bool {
+        self.pool.is_ready() && !*self.shutdown.borrow()
+    }
+
+    pub(crate) fn new_session_id(&self) -> (u64, Arc<str>) {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        (id, format!("{}-{id}", self.instance).into())
+    }
+
+    /// Tells every session to close and the listeners to stop accepting.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    pub(crate) fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Serves clients on `listener` and the admin endpoints on `admin` until shutdown.
+    pub async fn serve(self: &Arc<Self>, listener: TcpListener, admin: TcpListener) {
+        let clients = tokio::spawn(http::accept_loop(
+            self.clone(),
+            listener,
+            self.connections.clone(),
+            http::Role::Client,
+        ));
+        let admin = tokio::spawn(http::accept_loop(
+            self.clone(),
+            admin,
+            Arc::new(Semaphore::new(64)),
+            http::Role::Admin,
+        ));
+        let _ = clients.await;
+        admin.abort();
+    }
+
+    /// WebSocket sessions currently open.
+    pub fn open_connections(&self) -> usize {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn session_started(&self) {
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn session_ended(&self) {
+        self.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Completes when `rx` reports shutdown (or its sender is gone).
+pub(crate) async fn shutting_down(rx: &mut watch::Receiver<bool>) {
+    // The `Ref` guard is dropped here, never held across another await.
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Binds the client and admin listeners of `settings`.
+pub async fn bind(settings: &Settings) -> Result<(TcpListener, TcpListener), StartError> {
+    let l = TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| StartError::Bind(settings.listen, e))?;
+    let a = TcpListener::bind(settings.admin)
+        .await
+        .map_err(|e| StartError::Bind(settings.admin, e))?;
+    Ok((l, a))
+}

@@ -1,0 +1,260 @@
+//! Runs the real proxy in-process on port 0 against a chosen broker, and a WebSocket test
+//! client that speaks the wire protocol with rmpv (an encoder independent of the proxy's).
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use rmpv::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use super::*;
+
+/// Which broker the proxy under test uses.
+#[derive(Debug, Clone, Copy)]
+pub enum TestBroker {
+    Embedded,
+    Mosquitto,
+}
+
+/// The Mosquitto URL for tests: `CUTTLE_TEST_MQTT_URL`, default `mqtt://127.0.0.1:1883`.
+/// Fails (never skips) when unreachable.
+pub fn mosquitto_url() -> String {
+    let url =
+        std::env::var("CUTTLE_TEST_MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".into());
+    let hostport = url.trim_start_matches("mqtt://").to_string();
+    assert!(
+        std::net::TcpStream::connect(&hostport).is_ok(),
+        "the test broker at {url} is unreachable; start it (mosquitto -d -c /etc/mosquitto/mosquitto.conf) or set CUTTLE_TEST_MQTT_URL"
+    );
+    url
+}
+
+pub struct TestProxy {
+    pub proxy: Arc<cuttle::server::Proxy>,
+    pub url: String,
+    pub admin: std::net::SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+/// Starts a proxy with the test policy, `extra` top-level YAML (e.g. limits), on `broker`.
+pub async fn start_proxy(broker: TestBroker, extra: &str) -> TestProxy {
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "rsa_public.pem",
+        "rsa2_public.pem",
+        "ec_public.pem",
+        "ed_public.pem",
+    ] {
+        std::fs::copy(fixtures().join(f), dir.path().join(f)).unwrap();
+    }
+    let broker_line = match broker {
+        TestBroker::Embedded => "embedded".to_string(),
+        TestBroker::Mosquitto => mosquitto_url(),
+    };
+    // A unique prefix per proxy keeps tests sharing one Mosquitto apart.
+    let mut b = [0u8; 6];
+    getrandom::fill(&mut b).unwrap();
+    let prefix = format!("t{}", hex::encode(b));
+    let indented: String = policy_yaml().lines().map(|l| format!("  {l}\n")).collect();
+    let text = format!(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nupstream: {{ broker: \"{broker_line}\", pool: 2, topic_prefix: {prefix} }}\n{extra}\npolicy:\n{indented}"
+    );
+    let path = dir.path().join("proxy.yaml");
+    std::fs::write(&path, text).unwrap();
+    let loaded = cuttle::config::load_with_env(&path, &test_env).unwrap_or_else(|d| panic!("{d}"));
+    let proxy = cuttle::server::Proxy::start(loaded).expect("proxy starts");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+    let admin_addr = admin.local_addr().unwrap();
+    {
+        let proxy = proxy.clone();
+        tokio::spawn(async move { proxy.serve(listener, admin).await });
+    }
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !proxy.is_ready() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("proxy ready (upstream connected)");
+    TestProxy {
+        proxy,
+        url,
+        admin: admin_addr,
+        dir,
+    }
+}
+
+pub fn map(pairs: &[(&str, Value)]) -> Value {
+    Value::Map(
+        pairs
+            .iter()
+            .map(|(k, v)| (Value::from(*k), v.clone()))
+            .collect(),
+    )
+}
+
+pub fn encode(v: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    rmpv::encode::write_value(&mut out, v).unwrap();
+    out
+}
+
+pub fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+    v.as_map()?
+        .iter()
+        .find(|(k, _)| k.as_str() == Some(key))
+        .map(|(_, v)| v)
+}
+
+pub fn get_str<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    get(v, key)?.as_str()
+}
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// Anything the client can receive.
+#[derive(Debug)]
+pub enum Received {
+    Frame(Value),
+    Empty,
+    Closed(Option<(u16, String)>),
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Self {
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("websocket connects");
+        Self { ws }
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.ws
+            .send(Message::Binary(encode(&v).into()))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send_raw(&mut self, bytes: Vec<u8>) {
+        self.ws.send(Message::Binary(bytes.into())).await.unwrap();
+    }
+
+    /// Next message within `ms` milliseconds, if any.
+    pub async fn recv_within(&mut self, ms: u64) -> Option<Received> {
+        loop {
+            let msg = tokio::time::timeout(Duration::from_millis(ms), self.ws.next())
+                .await
+                .ok()?;
+            return Some(match msg {
+                None | Some(Err(_)) => Received::Closed(None),
+                Some(Ok(Message::Binary(b))) if b.is_empty() => Received::Empty,
+                Some(Ok(Message::Binary(b))) => {
+                    let mut slice = &b[..];
+                    let v =
+                        rmpv::decode::read_value(&mut slice).expect("server frames are msgpack");
+                    assert!(slice.is_empty(), "exactly one value per frame");
+                    Received::Frame(v)
+                }
+                Some(Ok(Message::Text(t))) => panic!("server sent a text frame: {t}"),
+                Some(Ok(Message::Close(c))) => {
+                    Received::Closed(c.map(|c| (u16::from(c.code), c.reason.to_string())))
+                }
+                Some(Ok(_)) => continue,
+            });
+        }
+    }
+
+    /// The next map frame (skipping heartbeats), within 5 s.
+    pub async fn frame(&mut self) -> Value {
+        loop {
+            match self.recv_within(5000).await {
+                Some(Received::Frame(v)) => return v,
+                Some(Received::Empty) => continue,
+                other => panic!("expected a frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next frame of `kind`, skipping others, within 5 s.
+    pub async fn frame_of(&mut self, kind: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.recv_within(left.as_millis() as u64).await {
+                Some(Received::Frame(v)) if get_str(&v, "type") == Some(kind) => return v,
+                Some(Received::Frame(_)) | Some(Received::Empty) => continue,
+                other => panic!("expected a {kind} frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Asserts that no `message` frame arrives within `ms`.
+    pub async fn no_message_within(&mut self, ms: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            match self.recv_within(left.as_millis() as u64).await {
+                Some(Received::Frame(v)) if get_str(&v, "type") == Some("message") => {
+                    panic!("unexpected delivery: {v}")
+                }
+                None => return,
+                _ => continue,
+            }
+        }
+    }
+
+    /// Connects and authenticates; returns the client and the auth reply.
+    pub async fn auth(url: &str, token: &str) -> (Self, Value) {
+        let mut c = Self::connect(url).await;
+        c.send(map(&[("type", "auth".into()), ("token", token.into())]))
+            .await;
+        let reply = c.frame_of("auth").await;
+        (c, reply)
+    }
+
+    /// Connects and authenticates, asserting success.
+    pub async fn login(url: &str, token: &str) -> Self {
+        let (c, reply) = Self::auth(url, token).await;
+        assert_eq!(
+            get(&reply, "success"),
+            Some(&Value::Boolean(true)),
+            "{reply}"
+        );
+        c
+    }
+
+    pub async fn subscribe(&mut self, topic: &str) -> Value {
+        self.send(map(&[
+            ("type", "subscribe".into()),
+            ("topic", topic.into()),
+            ("qos", 1.into()),
+        ]))
+        .await;
+        let reply = self.frame().await;
+        // Give the upstream subscription time to become live (PROTOCOL §14: ~200 ms).
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        reply
+    }
+
+    pub async fn publish(&mut self, topic: &str, data: Value) {
+        self.send(map(&[
+            ("type", "publish".into()),
+            ("topic", topic.into()),
+            ("data", data),
+            ("qos", 1.into()),
+            ("echo", true.into()),
+        ]))
+        .await;
+    }
+}
