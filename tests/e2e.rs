@@ -370,3 +370,353 @@ async fn publish_limits(b: TestBroker) {
     assert_eq!(get_str(&ack, "msgRef"), Some("m-1"));
     assert_eq!(get_str(&ack, "topic"), Some("chat/general/messages"));
 }
+
+on_both_brokers_more!(
+    filters_select_sub_topics,
+    load_balanced_delivery_reaches_exactly_one_member,
+    session_allow_list_and_expiry_close,
+    slow_consumer_is_disconnected_and_others_are_unaffected,
+    hot_reload_removes_actors_and_revokes_topics,
+    readiness_follows_the_upstream,
+);
+
+macro_rules! on_both_brokers_more {
+    ($($name:ident),* $(,)?) => {
+        mod embedded_more {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name(super::TestBroker::Embedded).await }
+            )*
+        }
+        mod mosquitto_more {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name(super::TestBroker::Mosquitto).await }
+            )*
+        }
+    };
+}
+use on_both_brokers_more;
+
+fn subscribe_frame(topic: &str, extra: &[(&str, Value)]) -> Value {
+    let mut pairs = vec![
+        ("type", Value::from("subscribe")),
+        ("topic", topic.into()),
+        ("qos", 1.into()),
+    ];
+    pairs.extend(extra.iter().cloned());
+    map(&pairs)
+}
+
+async fn filters_select_sub_topics(b: TestBroker) {
+    let p = start_proxy(b, "").await;
+    let mut all = Client::login(&p.url, SENSOR1_TOKEN).await;
+    let mut only_a = Client::login(&p.url, SENSOR1_TOKEN).await;
+    let mut pub_ = Client::login(&p.url, SENSOR1_TOKEN).await;
+    all.subscribe("chat/general/messages").await;
+    only_a
+        .send(subscribe_frame(
+            "chat/general/messages",
+            &[("filters", Value::Array(vec!["a".into()]))],
+        ))
+        .await;
+    assert_eq!(get_str(&only_a.frame().await, "type"), Some("subscribed"));
+    tokio::time::sleep(Duration::from_millis(250)).await;
+
+    pub_.send(map(&[
+        ("type", "publish".into()),
+        ("topic", "chat/general/messages".into()),
+        ("data", "for a".into()),
+        ("filter", "a".into()),
+    ]))
+    .await;
+    let m = only_a.frame_of("message").await;
+    assert_eq!(get_str(&m, "filter"), Some("a"));
+    assert_eq!(get(&m, "data"), Some(&Value::from("for a")));
+    // Unfiltered subscribers receive filtered publishes too, tagged with the filter (A4).
+    assert_eq!(get_str(&all.frame_of("message").await, "filter"), Some("a"));
+
+    pub_.send(map(&[
+        ("type", "publish".into()),
+        ("topic", "chat/general/messages".into()),
+        ("data", "for b".into()),
+        ("filter", "b".into()),
+    ]))
+    .await;
+    assert_eq!(
+        get(&all.frame_of("message").await, "data"),
+        Some(&Value::from("for b"))
+    );
+    only_a.no_message_within(500).await;
+
+    // setFilters switches to b; [] would restore everything.
+    only_a
+        .send(map(&[
+            ("type", "setFilters".into()),
+            ("topic", "chat/general/messages".into()),
+            ("filters", Value::Array(vec!["b".into()])),
+        ]))
+        .await;
+    let up = only_a.frame_of("filtersUpdated").await;
+    assert_eq!(get(&up, "filters"), Some(&Value::Array(vec!["b".into()])));
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    pub_.send(map(&[
+        ("type", "publish".into()),
+        ("topic", "chat/general/messages".into()),
+        ("data", "b again".into()),
+        ("filter", "b".into()),
+    ]))
+    .await;
+    assert_eq!(
+        get(&only_a.frame_of("message").await, "data"),
+        Some(&Value::from("b again"))
+    );
+
+    // setFilters on a topic not subscribed.
+    only_a
+        .send(map(&[
+            ("type", "setFilters".into()),
+            ("topic", "chat/lobby/messages".into()),
+            ("filters", Value::Array(vec![])),
+        ]))
+        .await;
+    assert_eq!(
+        get_str(&only_a.frame_of("error").await, "error"),
+        Some("not_subscribed")
+    );
+}
+
+async fn load_balanced_delivery_reaches_exactly_one_member(b: TestBroker) {
+    let p = start_proxy(b, "").await;
+    let mut members = Vec::new();
+    for _ in 0..3 {
+        let mut c = Client::login(&p.url, SENSOR1_TOKEN).await;
+        c.send(subscribe_frame(
+            "chat/general/messages",
+            &[
+                ("loadBalance", true.into()),
+                ("loadBalanceGroup", "workers".into()),
+            ],
+        ))
+        .await;
+        let r = c.frame().await;
+        assert_eq!(get(&r, "loadBalance"), Some(&Value::Boolean(true)));
+        members.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut publ = Client::login(&p.url, BILLING_KEY).await;
+    // billing is unscoped: use an acme publisher instead, the group is acme's.
+    let mut acme_pub = Client::login(&p.url, &hs256(&user_claims("alice"))).await;
+    for i in 0..30 {
+        acme_pub
+            .publish("chat/general/messages", Value::from(i))
+            .await;
+    }
+    let mut got = Vec::new();
+    for c in members.iter_mut() {
+        while let Some(Received::Frame(f)) = c.recv_within(600).await {
+            if get_str(&f, "type") == Some("message") {
+                got.push(get(&f, "data").and_then(Value::as_i64).unwrap());
+            }
+        }
+    }
+    got.sort_unstable();
+    assert_eq!(
+        got,
+        (0..30).collect::<Vec<_>>(),
+        "each message exactly once across the group"
+    );
+    publ.no_message_within(100).await;
+}
+
+async fn session_allow_list_and_expiry_close(b: TestBroker) {
+    let p = start_proxy(b, "").await;
+    let mint = |ttl_s: u64, rooms: Vec<String>| {
+        cuttle::auth::session_token::mint(
+            &p.proxy.store.load().policy,
+            &cuttle::auth::session_token::MintRequest {
+                project: "demo".into(),
+                ttl_s,
+                scope: None,
+                rooms,
+            },
+            now(),
+        )
+        .unwrap()
+    };
+    let mut guest = Client::login(&p.url, &mint(60, vec!["chat/general".into()])).await;
+    assert_eq!(
+        get_str(&guest.subscribe("chat/general/messages").await, "type"),
+        Some("subscribed")
+    );
+    assert_eq!(
+        get_str(&guest.subscribe("chat/lobby/messages").await, "error"),
+        Some("not_authorized")
+    );
+    // Sessions may read messages but not write them.
+    guest.publish("chat/general/messages", "x".into()).await;
+    assert_eq!(
+        get_str(&guest.frame_of("error").await, "error"),
+        Some("not_authorized")
+    );
+
+    // A token that expires in 2 s: the connection is closed then, with a reason.
+    let mut short = Client::login(&p.url, &mint(2, vec![])).await;
+    let started = std::time::Instant::now();
+    loop {
+        match short.recv_within(4000).await {
+            Some(Received::Closed(Some((code, reason)))) => {
+                assert_eq!((code, reason.as_str()), (4001, "token_expired"));
+                break;
+            }
+            Some(Received::Empty) | Some(Received::Frame(_)) => continue,
+            other => panic!("expected an expiry close, got {other:?}"),
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(4));
+}
+
+async fn slow_consumer_is_disconnected_and_others_are_unaffected(b: TestBroker) {
+    let p = start_proxy(b, "limits: { send_queue: 64, publish_per_second: 100000 }").await;
+    // The slow client subscribes and then stops reading.
+    let mut slow = Client::login(&p.url, SENSOR1_TOKEN).await;
+    slow.subscribe("chat/general/messages").await;
+    let mut healthy = Client::login(&p.url, SENSOR1_TOKEN).await;
+    healthy.subscribe("chat/general/messages").await;
+    let mut publ = Client::login(&p.url, &hs256(&user_claims("alice"))).await;
+    const N: usize = 400;
+    let healthy_reader = tokio::spawn(async move {
+        let mut n = 0;
+        loop {
+            match healthy.recv_within(5000).await {
+                Some(Received::Frame(f)) if get_str(&f, "type") == Some("message") => {
+                    n += 1;
+                    if n == N {
+                        break;
+                    }
+                }
+                Some(Received::Frame(_)) | Some(Received::Empty) => continue,
+                _ => break,
+            }
+        }
+        n
+    });
+    // 400 x 100 KB: far more than the slow client's socket buffers and queue can hold. Paced
+    // so that a reading client keeps up on a loaded machine.
+    let blob = Value::Binary(vec![7; 100_000]);
+    for i in 0..N {
+        publ.publish("chat/general/messages", blob.clone()).await;
+        if i % 20 == 19 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(
+        healthy_reader.await.unwrap(),
+        N,
+        "the healthy subscriber got everything"
+    );
+    // The slow one was closed; if its close frame got through, it says why.
+    if let Some((code, reason)) = slow.closed_within(10_000).await {
+        assert_eq!(code, 1013);
+        assert!(reason.contains("slow consumer"), "{reason}");
+    }
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while p.proxy.open_connections() > 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the slow session ended");
+}
+
+async fn hot_reload_removes_actors_and_revokes_topics(b: TestBroker) {
+    let p = start_proxy(b, "").await;
+    let mut sensor2 = Client::login(&p.url, SENSOR2_TOKEN).await;
+    let mut sensor1 = Client::login(&p.url, SENSOR1_TOKEN).await;
+    sensor1.subscribe("chat/general/messages").await;
+    sensor1.subscribe("chat/general/orders").await;
+
+    // New policy: sensor-2 removed, devices lose `orders`, a new device appears.
+    let path = p.dir.path().join("proxy.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let new = text
+        .replace(
+            &format!(
+                "{{ id: sensor-2, type: device, token_sha256: \"{}\", scope: globex }}",
+                sha(SENSOR2_TOKEN)
+            ),
+            &format!(
+                "{{ id: sensor-3, type: device, token_sha256: \"{}\", scope: globex }}",
+                sha("tok-sensor-3")
+            ),
+        )
+        .replace(
+            "orders:    { device: read, server: read-write }",
+            "orders:    { device: none, server: read-write }",
+        );
+    assert_ne!(new, text);
+    std::fs::write(&path, new).unwrap();
+    assert!(matches!(
+        p.proxy.store.reload_blocking(&test_env),
+        cuttle::reload::ReloadOutcome::Applied { .. }
+    ));
+
+    // The removed actor is disconnected with a reason it can log.
+    let reason = sensor2.closed_within(3000).await;
+    assert_eq!(reason, Some((4001, "access_revoked".to_string())));
+    // The revoked topic is unsubscribed with an error frame; the other stays.
+    let e = sensor1.frame_of("error").await;
+    assert_eq!(get_str(&e, "topic"), Some("chat/general/orders"));
+    let mut billing = Client::login(&p.url, BILLING_KEY).await;
+    billing.publish("chat/general/orders", "o".into()).await;
+    sensor1.no_message_within(500).await;
+    // New actors connect at once.
+    let (_c, r) = Client::auth(&p.url, "tok-sensor-3").await;
+    assert_eq!(get(&r, "success"), Some(&Value::Boolean(true)));
+}
+
+async fn readiness_follows_the_upstream(b: TestBroker) {
+    let p = start_proxy(b, "").await;
+    let get_status = |path: &'static str| {
+        let addr = p.admin;
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+            let mut buf = String::new();
+            s.read_to_string(&mut buf).await.unwrap();
+            buf.split_whitespace().nth(1).unwrap_or("").to_string()
+        }
+    };
+    assert_eq!(get_status("/healthz").await, "200");
+    assert_eq!(get_status("/readyz").await, "200");
+    assert_eq!(get_status("/nope").await, "404");
+    p.proxy.begin_shutdown();
+    // Draining: not ready (the admin listener stops too; a refused connection also means
+    // not ready to a load balancer).
+    let addr = p.admin;
+    let status = tokio::time::timeout(Duration::from_secs(2), async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        match tokio::net::TcpStream::connect(addr).await {
+            Err(_) => "refused".to_string(),
+            Ok(mut s) => {
+                let _ = s
+                    .write_all(b"GET /readyz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                    .await;
+                let mut buf = String::new();
+                let _ = s.read_to_string(&mut buf).await;
+                buf.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("closed")
+                    .to_string()
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| "timeout".into());
+    assert_ne!(status, "200");
+}

@@ -170,6 +170,10 @@ where
     }
 }
 
+/// How long a close frame may take to go out: a slow consumer's socket may be full, and it
+/// is then dropped without one.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 async fn close<S>(ws: &mut Ws<S>, reason: CloseReason)
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -178,7 +182,7 @@ where
         code: CloseCode::from(reason.code()),
         reason: reason.reason().into(),
     };
-    let _ = tokio::time::timeout(WRITE_TIMEOUT, ws.close(Some(frame))).await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(Some(frame))).await;
 }
 
 fn error(e: &str) -> Bytes {
@@ -318,8 +322,16 @@ impl Session {
                 }
                 frame = rx.recv() => {
                     let frame = frame?;
-                    if let Err(r) = self.write_batch(ws, frame, &mut rx).await {
-                        return Some(r);
+                    // A client that stops reading blocks this write; its queue then overflows,
+                    // which must end the session at once, not after the write timeout.
+                    tokio::select! {
+                        biased;
+                        _ = overflow.wait() => return Some(CloseReason::SlowConsumer),
+                        r = self.write_batch(ws, frame, &mut rx) => {
+                            if let Err(r) = r {
+                                return Some(r);
+                            }
+                        }
                     }
                 }
                 msg = ws.next() => {

@@ -196,6 +196,20 @@ impl Client {
         }
     }
 
+    /// Reads until the connection closes (within `ms`); returns the close code and reason
+    /// if a close frame arrived.
+    pub async fn closed_within(&mut self, ms: u64) -> Option<(u16, String)> {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.recv_within(left.as_millis() as u64).await {
+                Some(Received::Closed(c)) => return c,
+                Some(_) => continue,
+                None => panic!("not closed within {ms} ms"),
+            }
+        }
+    }
+
     /// Asserts that no `message` frame arrives within `ms`.
     pub async fn no_message_within(&mut self, ms: u64) {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
@@ -208,7 +222,7 @@ impl Client {
                 Some(Received::Frame(v)) if get_str(&v, "type") == Some("message") => {
                     panic!("unexpected delivery: {v}")
                 }
-                None => return,
+                None | Some(Received::Closed(_)) => return,
                 _ => continue,
             }
         }
