@@ -282,6 +282,24 @@ async fn adversarial_frames_then_a_healthy_session(b: TestBroker) {
             ("data", 1.into()),
             ("filter", "x/#".into()),
         ])),
+        // Characters Mosquitto answers by dropping the (shared, pooled) connection.
+        encode(&map(&[
+            ("type", "publish".into()),
+            ("topic", "chat/general/messages".into()),
+            ("data", 1.into()),
+            ("filter", "x\u{1}".into()),
+        ])),
+        encode(&map(&[
+            ("type", "subscribe".into()),
+            ("topic", "chat/general/messages".into()),
+            ("filters", Value::Array(vec!["\u{7f}".into()])),
+        ])),
+        encode(&map(&[
+            ("type", "subscribe".into()),
+            ("topic", "chat/general/messages".into()),
+            ("loadBalance", true.into()),
+            ("loadBalanceGroup", "g\u{85}".into()),
+        ])),
     ];
     for frame in hostile {
         bad.send_raw(frame).await;

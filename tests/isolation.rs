@@ -87,7 +87,7 @@ const NAMES: &[&str] = &[
 ];
 const HOSTILE: &[&str] = &[
     "_", "+", "#", "$share", "$SYS", "a/b", "", "x y", "Chat", "\0", "a+b", "a#", "|", "%2F", "..",
-    "/",
+    "/", "\u{1}", "x\u{7f}", "\u{85}", "\u{fdd0}", "\u{fffe}", "é",
 ];
 const SCOPES: &[&str] = &["acme", "globex", "chat", "general", "_x", "sess_1", "vip"];
 const ROOMS: &[&str] = &["general", "vip", "acme", "lobby", "globex"];
@@ -366,6 +366,7 @@ proptest! {
         if let Some(sub) = &sub {
             for f in &sub.filters {
                 prop_assert!(valid_filter(without_share(f)), "invalid MQTT filter {f:?}");
+                prop_assert!(!f.chars().any(cuttle::topic::is_mqtt_unsafe), "unsafe character in {f:?}");
                 if let Some(rest) = f.strip_prefix("$share/") {
                     let (name, _) = rest.split_once('/').unwrap();
                     prop_assert!(!name.is_empty() && !name.contains(['+', '#']), "bad share name {name:?}");
@@ -374,7 +375,7 @@ proptest! {
         }
         if let Some((t, topic)) = &publish {
             prop_assert!(valid_topic(topic) && !topic.starts_with('$'), "invalid MQTT topic {topic:?}");
-            prop_assert!(!topic.contains('\0'));
+            prop_assert!(!topic.chars().any(cuttle::topic::is_mqtt_unsafe), "unsafe character in {topic:?}");
             // Round trip.
             let back = layout.parse_upstream(topic).expect("own topics parse");
             prop_assert_eq!(back.client_topic(), *t);

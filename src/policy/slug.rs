@@ -43,8 +43,10 @@ pub fn check_actor_id(s: &str) -> Result<(), String> {
     if s.len() > MAX_ACTOR_ID_BYTES {
         return Err(format!("longer than {MAX_ACTOR_ID_BYTES} bytes"));
     }
-    if s.chars().any(char::is_control) {
-        return Err("control characters (NUL, newline, …) are not allowed".into());
+    if s.chars().any(crate::topic::is_mqtt_unsafe) {
+        return Err(
+            "control characters (NUL, newline, …) and Unicode noncharacters are not allowed".into(),
+        );
     }
     Ok(())
 }
@@ -84,6 +86,7 @@ mod tests {
         assert!(check_actor_id("auth0|5f3c").is_ok());
         assert!(check_actor_id("").is_err());
         assert!(check_actor_id("a\nb").is_err());
+        assert!(check_actor_id("a\u{fffe}").is_err());
         assert!(check_actor_id(&"a".repeat(257)).is_err());
     }
 }

@@ -46,8 +46,10 @@ fn check_value(v: &str, allow_pipe: bool) -> Result<(), FilterError> {
     if v.is_empty() || v.len() > MAX_FILTER_BYTES || v.starts_with('$') {
         return Err(FilterError::InvalidChars);
     }
-    let bad = |b: u8| matches!(b, b'/' | b'#' | b'+' | 0) || (b == b'|' && !allow_pipe);
-    if v.bytes().any(bad) {
+    let bad = |c: char| {
+        matches!(c, '/' | '#' | '+') || (c == '|' && !allow_pipe) || super::is_mqtt_unsafe(c)
+    };
+    if v.chars().any(bad) {
         return Err(FilterError::InvalidChars);
     }
     Ok(())
@@ -109,16 +111,18 @@ pub fn check_group(group: &str) -> Result<(), GroupError> {
     let ok = !group.is_empty()
         && group.len() <= MAX_FILTER_BYTES
         && !group.starts_with('$')
-        && !group.bytes().any(|b| matches!(b, b'/' | b'#' | b'+' | 0));
+        && !group
+            .chars()
+            .any(|c| matches!(c, '/' | '#' | '+') || super::is_mqtt_unsafe(c));
     if ok { Ok(()) } else { Err(GroupError) }
 }
 
 /// Makes an arbitrary identifier (the default group is the actor id, which a JWT `sub` can
-/// fill with anything) safe as part of a share name by percent-encoding the bytes MQTT
-/// reserves there, plus `%` itself so that the encoding stays injective.
+/// fill with anything) safe as a group name by percent-encoding what MQTT reserves or a
+/// broker may refuse (as UTF-8 bytes), plus `%` itself so that the encoding stays injective.
 pub fn encode_group(raw: &str) -> Cow<'_, str> {
-    let reserved = |b: u8| matches!(b, b'/' | b'#' | b'+' | b'%' | b'$' | 0);
-    if !raw.bytes().any(reserved) && !raw.is_empty() {
+    let reserved = |c: char| matches!(c, '/' | '#' | '+' | '%' | '$') || super::is_mqtt_unsafe(c);
+    if !raw.chars().any(reserved) && !raw.is_empty() {
         return Cow::Borrowed(raw);
     }
     let mut out = String::with_capacity(raw.len() + 8);
@@ -126,8 +130,11 @@ pub fn encode_group(raw: &str) -> Cow<'_, str> {
         out.push_str("%00");
     }
     for c in raw.chars() {
-        if c.is_ascii() && reserved(c as u8) {
-            out.push_str(&format!("%{:02X}", c as u8));
+        if reserved(c) {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("%{b:02X}"));
+            }
         } else {
             out.push(c);
         }
@@ -159,7 +166,9 @@ mod tests {
     fn subscription_filter_limits() {
         let many: Vec<_> = (0..101).map(|i| one(&i.to_string())).collect();
         assert_eq!(subscription_filters(&many), Err(FilterError::TooMany));
-        for bad in ["a/b", "a#", "+", "a|b", "", "$x", "a\0"] {
+        for bad in [
+            "a/b", "a#", "+", "a|b", "", "$x", "a\0", "x\u{1}", "\u{7f}", "\u{85}", "\u{fffe}",
+        ] {
             assert_eq!(
                 subscription_filters(&[one(bad)]),
                 Err(FilterError::InvalidChars),
@@ -201,12 +210,14 @@ mod tests {
     #[test]
     fn groups() {
         assert!(check_group("workers").is_ok());
-        for bad in ["", "a/b", "a+", "#", "$share", "a\0"] {
+        for bad in ["", "a/b", "a+", "#", "$share", "a\0", "g\u{85}", "\u{fdd0}"] {
             assert!(check_group(bad).is_err(), "{bad:?}");
         }
         assert_eq!(encode_group("alice"), "alice");
         assert_eq!(encode_group("a/b+c#%"), "a%2Fb%2Bc%23%25");
         assert_eq!(encode_group(""), "%00");
         assert!(check_group(&encode_group("x/$y#")).is_ok());
+        assert_eq!(encode_group("a\u{1}\u{85}"), "a%01%C2%85");
+        assert!(check_group(&encode_group("\u{fdd0}\u{7f}")).is_ok());
     }
 }

@@ -27,6 +27,8 @@ pub enum TopicError {
     EmptyLevel,
     #[error("topic contains a NUL character")]
     Nul,
+    #[error("topic contains a control character or a Unicode noncharacter")]
+    ControlCharacter,
     #[error("a topic level may not start with '$'")]
     Dollar,
     #[error("'+' and '#' must fill a whole level")]
@@ -216,8 +218,17 @@ fn classify(level: &str) -> Result<Lvl<'_>, TopicError> {
     }
 }
 
-/// Validates one literal level a client sent (topic level, filter value, group name): no NUL,
-/// no wildcard characters, no leading `$` (broker-reserved topics such as `$SYS`).
+/// Characters a broker may refuse in a topic: control characters (C0, DEL, C1) and Unicode
+/// noncharacters. MQTT says strings SHOULD NOT contain them, and Mosquitto drops the whole
+/// connection on a packet that does — for the proxy, a pooled connection every tenant shares.
+pub fn is_mqtt_unsafe(c: char) -> bool {
+    let cp = c as u32;
+    c.is_control() || (0xFDD0..=0xFDEF).contains(&cp) || (cp & 0xFFFE) == 0xFFFE
+}
+
+/// Validates one literal level a client sent (topic level, filter value, group name): no NUL
+/// or other control character, no Unicode noncharacter, no wildcard characters, no leading
+/// `$` (broker-reserved topics such as `$SYS`).
 pub fn check_literal_level(level: &str) -> Result<(), TopicError> {
     if level.is_empty() {
         return Err(TopicError::EmptyLevel);
@@ -225,10 +236,11 @@ pub fn check_literal_level(level: &str) -> Result<(), TopicError> {
     if level.starts_with('$') {
         return Err(TopicError::Dollar);
     }
-    for b in level.bytes() {
-        match b {
-            0 => return Err(TopicError::Nul),
-            b'+' | b'#' => return Err(TopicError::PartialWildcard),
+    for c in level.chars() {
+        match c {
+            '\0' => return Err(TopicError::Nul),
+            '+' | '#' => return Err(TopicError::PartialWildcard),
+            c if is_mqtt_unsafe(c) => return Err(TopicError::ControlCharacter),
             _ => {}
         }
     }
@@ -265,6 +277,11 @@ mod tests {
             ("chat/gen+/messages", PartialWildcard),
             ("chat/general/mess#", PartialWildcard),
             ("chat/\0/messages", Nul),
+            ("chat/a\u{1}/messages", ControlCharacter),
+            ("chat/general/m\u{7f}", ControlCharacter),
+            ("chat/\u{85}/messages", ControlCharacter),
+            ("chat/\u{fdd0}/messages", ControlCharacter),
+            ("chat/\u{1fffe}/messages", ControlCharacter),
             ("$SYS/general/messages", Dollar),
             ("chat/$share/messages", Dollar),
         ] {
