@@ -320,13 +320,9 @@ fn subscribe(
         None => None,
         Some(Some(g)) => {
             check_group(g).ok()?;
-            Some(TopicLayout::share_name(f.app, scope, g))
+            Some(g.clone())
         }
-        Some(None) => Some(TopicLayout::share_name(
-            f.app,
-            scope,
-            &encode_group(actor_id),
-        )),
+        Some(None) => Some(encode_group(actor_id).into_owned()),
     };
     let filters = layout
         .subscription_filters(scope, &f, &sub, share.as_deref())

@@ -28,7 +28,6 @@ use crate::policy::authorize::{DENIAL_CODE_V2, DENIAL_ERROR_V1, DENIAL_ERROR_V2}
 use crate::policy::{Access, Denial, SubscriptionGrant};
 use crate::router::{Outbox, SessionId, Subscriber};
 use crate::topic::filters::{self, FilterItem};
-use crate::topic::upstream::TopicLayout;
 use crate::topic::{ClientFilter, ClientTopic};
 use crate::wire::decode::{PublishFrame, SubscribeFrame};
 use crate::wire::encode::{self, ErrorFrame};
@@ -602,13 +601,10 @@ impl Session {
                     })?;
                     g.to_string()
                 }
+                // PROTOCOL §10: the group defaults to the actor id.
                 None => filters::encode_group(&self.actor.id).into_owned(),
             };
-            Some(TopicLayout::share_name(
-                filter.app,
-                self.actor.scope(),
-                &group,
-            ))
+            Some(group)
         } else {
             None
         };

@@ -122,21 +122,35 @@ impl TopicLayout {
     /// The upstream MQTT filters for one client subscription: one per sub-topic filter, or one
     /// covering the topic and all its sub-topics when `subfilters` is empty (the reference's
     /// `base/#`, A4). `subfilters` must come from [`super::filters::subscription_filters`].
-    /// With `share`, each filter is wrapped as `$share/<share>/<filter>`; build the name with
-    /// [`TopicLayout::share_name`].
+    /// With a load-balance `group` (valid per [`super::filters::check_group`]), each filter is
+    /// wrapped as `$share/<name>/<filter>` with the name from [`TopicLayout::share_name`].
     pub fn subscription_filters(
         &self,
         scope: Option<&str>,
         filter: &ClientFilter<'_>,
         subfilters: &[String],
-        share: Option<&str>,
+        group: Option<&str>,
+    ) -> Result<Vec<String>, FilterError> {
+        let plain = self.plain_filters(scope, filter, subfilters)?;
+        Ok(match group {
+            None => plain,
+            Some(group) => plain
+                .into_iter()
+                .map(|f| {
+                    let name = Self::share_name(filter.app, scope, group, &f);
+                    format!("$share/{name}/{f}")
+                })
+                .collect(),
+        })
+    }
+
+    fn plain_filters(
+        &self,
+        scope: Option<&str>,
+        filter: &ClientFilter<'_>,
+        subfilters: &[String],
     ) -> Result<Vec<String>, FilterError> {
         let mut base = String::with_capacity(64);
-        if let Some(name) = share {
-            base.push_str("$share/");
-            base.push_str(name);
-            base.push('/');
-        }
         self.namespace_into(&mut base, filter.app, scope);
         match filter.topic {
             TopicLevel::All => {
@@ -172,11 +186,22 @@ impl TopicLayout {
             .collect())
     }
 
-    /// The `$share` group name for a load-balanced subscription: namespaced by app and scope
-    /// so that groups of different tenants can never be one group. `group` must already be
-    /// valid ([`super::filters::check_group`] or [`super::filters::encode_group`]).
-    pub fn share_name(app: &str, scope: Option<&str>, group: &str) -> String {
-        format!("{app}_{}_{group}", scope_segment(scope))
+    /// The `$share` name for one load-balanced upstream filter: a digest of (app, scope,
+    /// group, filter), length-prefixed so that no two different tuples collide.
+    ///
+    /// Per *filter*, not just per group, because brokers differ: MQTT 5 identifies a shared
+    /// subscription by (name, filter), but rumqttd keys share groups by name alone, so one name
+    /// on two filters starves one of them. Deterministic, so every replica joins the same
+    /// group; opaque, but the filter beside it in `$share/<name>/<filter>` stays readable.
+    pub fn share_name(app: &str, scope: Option<&str>, group: &str, filter: &str) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for part in [app, scope_segment(scope), group, filter] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+        let digest = h.finalize();
+        format!("c{}", hex::encode(&digest[..16]))
     }
 
     /// Takes an upstream topic apart. `None` for anything outside the layout (another
@@ -276,16 +301,32 @@ mod tests {
     #[test]
     fn shared_subscriptions() {
         let l = TopicLayout::new("").unwrap();
-        let name = TopicLayout::share_name("chat", Some("acme"), "workers");
         let f = l
             .subscription_filters(
                 Some("acme"),
                 &ClientFilter::parse("chat/general/orders").unwrap(),
                 &[],
-                Some(&name),
+                Some("workers"),
             )
             .unwrap();
-        assert_eq!(f, ["$share/chat_acme_workers/chat/acme/general/orders/#"]);
+        let name = TopicLayout::share_name(
+            "chat",
+            Some("acme"),
+            "workers",
+            "chat/acme/general/orders/#",
+        );
+        assert_eq!(f, [format!("$share/{name}/chat/acme/general/orders/#")]);
+        assert!(name.starts_with('c') && name.len() == 33);
+        // Names that a plain join would make equal stay apart.
+        let a = TopicLayout::share_name("chat", Some("a_b"), "x", "f");
+        let b = TopicLayout::share_name("chat", Some("a"), "b_x", "f");
+        let c = TopicLayout::share_name("chat_a", Some("b"), "x", "f");
+        assert!(a != b && b != c && a != c);
+        // One group on two filters: two names.
+        assert_ne!(
+            TopicLayout::share_name("chat", None, "g", "f1"),
+            TopicLayout::share_name("chat", None, "g", "f2")
+        );
     }
 
     #[test]
