@@ -611,6 +611,48 @@ fn revalidation_after_policy_change() {
         Err(AuthError::Expired)
     );
 
+    // alice removed from the policy: a removed listed actor is disconnected (not kept with the
+    // scope its listing gave).
+    let unlisted = policy_yaml().replace("      - { id: alice, type: user, scope: acme }\n", "");
+    assert_ne!(unlisted, policy_yaml());
+    let vip_fixed = unlisted.replace("actors: [alice, billing]", "actors: [billing]");
+    let auth_u = Authenticator::new(
+        Arc::new(try_compile(&vip_fixed).unwrap()),
+        AuthCacheSettings::default(),
+    );
+    assert_eq!(auth_u.revalidate(&alice, now()), Err(AuthError::Revoked));
+    assert!(auth_u.revalidate(&carol, now()).is_ok());
+
+    // The JWT secret rotated: tokens verified by the old key end; sessions are unaffected.
+    let rotated_jwt = try_compile_with_env(&policy_yaml(), &|v| match v {
+        "JWT_SECRET" => Some(OTHER_SECRET.into()),
+        other => test_env(other),
+    })
+    .unwrap();
+    let auth_j = Authenticator::new(Arc::new(rotated_jwt), AuthCacheSettings::default());
+    assert_eq!(auth_j.revalidate(&carol, now()), Err(AuthError::Revoked));
+    assert!(auth_j.revalidate(&session, now()).is_ok());
+
+    // The session secret rotated: sessions signed with the old one end.
+    let rotated_session = try_compile_with_env(&policy_yaml(), &|v| match v {
+        "SESSION_SECRET" => Some(OTHER_SECRET.into()),
+        other => test_env(other),
+    })
+    .unwrap();
+    let auth_s = Authenticator::new(Arc::new(rotated_session), AuthCacheSettings::default());
+    assert_eq!(auth_s.revalidate(&session, now()), Err(AuthError::Revoked));
+
+    // max_ttl_s lowered below the session's lifetime: it ends too.
+    let lowered = policy_yaml().replace("max_ttl_s: 3600", "max_ttl_s: 60");
+    let auth_l = Authenticator::new(
+        Arc::new(try_compile(&lowered).unwrap()),
+        AuthCacheSettings::default(),
+    );
+    assert_eq!(
+        auth_l.revalidate(&session, now()),
+        Err(AuthError::TtlTooLong)
+    );
+
     // Session secret removed: sessions end.
     let no_sessions = try_compile_with_env(&policy_yaml(), &|v| {
         (v == "JWT_SECRET").then(|| JWT_SECRET.to_string())

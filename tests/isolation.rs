@@ -288,6 +288,7 @@ fn actor(
         rooms: rooms.map(Vec::into_boxed_slice),
         expires_at: None,
         credential_sha256: [0; 32],
+        verified_by: cuttle::auth::Verification::Listed,
     }
 }
 

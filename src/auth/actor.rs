@@ -35,6 +35,32 @@ pub struct Actor {
     /// SHA-256 of the presented credential: the cache key, and how a device or server actor is
     /// found again after a reload without keeping its secret.
     pub credential_sha256: [u8; 32],
+    /// What verified the credential, for revalidation after a reload (the token itself is not
+    /// kept).
+    pub verified_by: Verification,
+}
+
+/// How an actor's credential was verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verification {
+    /// Device token or server key: found by its hash in the policy.
+    Listed,
+    /// User JWT.
+    Jwt {
+        /// Fingerprint of (issuer, kid, key) that verified the signature: a reload that
+        /// removes the key or changes the issuer ends the connection.
+        key: [u8; 32],
+        /// Whether `sub` named a listed user (whose scope the policy gives).
+        listed: bool,
+        /// The token's scope claim, as sent.
+        scope_claim: Option<Arc<str>>,
+    },
+    /// Session token.
+    Session {
+        /// Fingerprint of the session secret that signed it.
+        key: [u8; 32],
+        issued_at: u64,
+    },
 }
 
 impl Actor {

@@ -33,6 +33,18 @@ pub const MAX_ROLES: usize = 32;
 struct JwtKey {
     kid: Option<String>,
     key: DecodingKey,
+    /// SHA-256 over (issuer, kid, key material): identifies this key across reloads.
+    fingerprint: [u8; 32],
+}
+
+fn fingerprint(issuer: &str, kid: Option<&str>, material: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for part in [issuer.as_bytes(), kid.unwrap_or("").as_bytes(), material] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    h.finalize().into()
 }
 
 /// The compiled JWT settings of one project.
@@ -159,9 +171,10 @@ impl JwtVerifier {
                 }
             }
             match load_key(k, key_path, family, cx, diags) {
-                KeyLoad::Loaded(key) => keys.push(JwtKey {
+                KeyLoad::Loaded(key, material) => keys.push(JwtKey {
                     kid: k.kid.clone(),
                     key,
+                    fingerprint: fingerprint(&spec.issuer, k.kid.as_deref(), &material),
                 }),
                 KeyLoad::Disabled => disabled += 1,
                 KeyLoad::Failed => {}
@@ -214,8 +227,14 @@ impl JwtVerifier {
         !self.keys.is_empty()
     }
 
-    /// Verifies a user token whose `iss` selected this project.
-    pub fn verify(&self, token: &str) -> Result<UserClaims, AuthError> {
+    /// Whether the key with this fingerprint (see [`crate::auth::Verification`]) is configured.
+    pub fn has_key(&self, fingerprint: &[u8; 32]) -> bool {
+        self.keys.iter().any(|k| k.fingerprint == *fingerprint)
+    }
+
+    /// Verifies a user token whose `iss` selected this project. Returns its claims and the
+    /// fingerprint of the key that verified it.
+    pub fn verify(&self, token: &str) -> Result<(UserClaims, [u8; 32]), AuthError> {
         if !self.is_enabled() {
             return Err(AuthError::Disabled("JWT"));
         }
@@ -262,17 +281,21 @@ impl JwtVerifier {
                 .collect(),
             Some(_) => return Err(AuthError::InvalidClaim(self.roles_claim.clone())),
         };
-        Ok(UserClaims {
-            sub,
-            exp,
-            scope,
-            roles,
-        })
+        Ok((
+            UserClaims {
+                sub,
+                exp,
+                scope,
+                roles,
+            },
+            key.fingerprint,
+        ))
     }
 }
 
 enum KeyLoad {
-    Loaded(DecodingKey),
+    /// The key, and the bytes it came from (for its fingerprint).
+    Loaded(DecodingKey, Vec<u8>),
     Disabled,
     Failed,
 }
@@ -308,7 +331,9 @@ fn load_key(
                 return KeyLoad::Failed;
             }
             match cx.secret(var, &format!("{path}.secret_env"), diags) {
-                Some(secret) => KeyLoad::Loaded(DecodingKey::from_secret(secret.as_bytes())),
+                Some(secret) => {
+                    KeyLoad::Loaded(DecodingKey::from_secret(secret.as_bytes()), secret.into())
+                }
                 None => KeyLoad::Disabled,
             }
         }
@@ -339,7 +364,7 @@ fn load_key(
                 AlgorithmFamily::Hmac => return KeyLoad::Failed, // reported above
             };
             match key {
-                Ok(key) => KeyLoad::Loaded(key),
+                Ok(key) => KeyLoad::Loaded(key, pem),
                 Err(e) => {
                     diags.error(
                         field,

@@ -23,7 +23,7 @@ use std::time::Duration;
 use moka::sync::Cache;
 use sha2::{Digest, Sha256};
 
-pub use actor::{Actor, RoomRef};
+pub use actor::{Actor, RoomRef, Verification};
 use session_token::{SESSION_TOKEN_PREFIX, now_unix};
 
 use crate::policy::{ActorType, Policy, Project};
@@ -176,6 +176,7 @@ impl Authenticator {
                 rooms: None,
                 expires_at: None,
                 credential_sha256: digest,
+                verified_by: Verification::Listed,
             }));
         }
         if let Some(actor) = self.cache.get(&digest) {
@@ -223,7 +224,7 @@ impl Authenticator {
             .project_for_issuer(&iss)
             .ok_or(AuthError::UnknownIssuer)?;
         let verifier = project.jwt.as_ref().ok_or(AuthError::Disabled("JWT"))?;
-        let claims = verifier.verify(token)?;
+        let (claims, key) = verifier.verify(token)?;
         // The token is honoured until `exp` plus the configured leeway (clock skew between
         // the identity provider and this host), and not a second longer.
         let expires_at = claims.exp.saturating_add(verifier.leeway());
@@ -246,6 +247,14 @@ impl Authenticator {
             rooms: None,
             expires_at: Some(expires_at),
             credential_sha256: digest,
+            verified_by: Verification::Jwt {
+                key,
+                listed: project
+                    .actors
+                    .get(claims.sub.as_str())
+                    .is_some_and(|a| a.kind == ActorType::User),
+                scope_claim: claims.scope.as_deref().map(Arc::from),
+            },
         })
     }
 
@@ -286,6 +295,10 @@ impl Authenticator {
             rooms,
             expires_at: Some(claims.exp),
             credential_sha256: digest,
+            verified_by: Verification::Session {
+                key: settings_fingerprint(project),
+                issued_at: claims.iat,
+            },
         })
     }
 
@@ -294,9 +307,10 @@ impl Authenticator {
     /// `Err` means the connection must be closed.
     ///
     /// Device and server actors are found again by the hash of their credential, so a rotated
-    /// or removed token ends the connection. Users and sessions cannot be re-verified without
-    /// their token (which is not kept); they survive as long as their project, and for a
-    /// user its listed entry (if any), still accept them.
+    /// or removed token ends the connection. JWTs and session tokens are not kept, so they are
+    /// re-checked by what verified them: the key (and issuer) must still be configured, a
+    /// listed user must still be listed, and a session's lifetime must fit the current
+    /// `max_ttl_s`.
     pub fn revalidate(&self, actor: &Actor, now: u64) -> Result<Arc<Actor>, AuthError> {
         if actor.is_expired_at(now) {
             return Err(AuthError::Expired);
@@ -326,10 +340,23 @@ impl Authenticator {
                     .clone();
             }
             ActorType::User => {
-                if !project.jwt.as_ref().is_some_and(|j| j.is_enabled()) {
+                let Verification::Jwt {
+                    key,
+                    listed,
+                    scope_claim,
+                } = &actor.verified_by
+                else {
+                    return Err(AuthError::Revoked);
+                };
+                // The key (and issuer) that verified the token must still be configured.
+                if !project.jwt.as_ref().is_some_and(|j| j.has_key(key)) {
                     return Err(AuthError::Revoked);
                 }
-                next.scope = user_scope(project, &actor.id, actor.scope.as_deref())?;
+                // A listed user removed from the policy is a removed actor.
+                if *listed && !project.actors.contains_key(&*actor.id) {
+                    return Err(AuthError::Revoked);
+                }
+                next.scope = user_scope(project, &actor.id, scope_claim.as_deref())?;
                 next.roles = actor
                     .roles
                     .iter()
@@ -338,13 +365,19 @@ impl Authenticator {
                     .collect();
             }
             ActorType::Session => {
-                if project
-                    .session
-                    .as_ref()
-                    .and_then(|s| s.secret.as_ref())
-                    .is_none()
-                {
+                let Verification::Session { key, issued_at } = &actor.verified_by else {
                     return Err(AuthError::Revoked);
+                };
+                let settings = project.session.as_ref().ok_or(AuthError::Revoked)?;
+                // Signed with a secret that is no longer the project's: rotated out.
+                if settings_fingerprint(project) != *key || settings.secret.is_none() {
+                    return Err(AuthError::Revoked);
+                }
+                if actor
+                    .expires_at
+                    .is_some_and(|exp| exp.saturating_sub(*issued_at) > settings.max_ttl_s)
+                {
+                    return Err(AuthError::TtlTooLong);
                 }
                 if let Some(scope) = &actor.scope
                     && !project.scopes.contains_key(&**scope)
@@ -355,6 +388,15 @@ impl Authenticator {
         }
         Ok(Arc::new(next))
     }
+}
+
+/// Fingerprint of a project's session secret (zeros when there is none).
+fn settings_fingerprint(project: &Project) -> [u8; 32] {
+    project
+        .session
+        .as_ref()
+        .and_then(|s| s.secret.as_ref())
+        .map_or([0; 32], |s| s.fingerprint())
 }
 
 /// The scope of a user: a listed user's scope is authoritative and the token must agree with

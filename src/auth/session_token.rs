@@ -31,14 +31,25 @@ pub const MAX_SESSION_ROOMS: usize = 64;
 pub struct SessionSecret {
     encoding: EncodingKey,
     decoding: DecodingKey,
+    fingerprint: [u8; 32],
 }
 
 impl SessionSecret {
     pub fn new(secret: &[u8]) -> Self {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"cuttle-session-secret\0");
+        h.update(secret);
         Self {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
+            fingerprint: h.finalize().into(),
         }
+    }
+
+    /// A one-way fingerprint: tells secrets apart without keeping them comparable.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        self.fingerprint
     }
 }
 

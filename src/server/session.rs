@@ -113,7 +113,7 @@ where
     async move {
         let _guard = guard;
         let mut ws = ws;
-        let (actor, version) = match authenticate(&proxy, &mut ws).await {
+        let authenticated = match authenticate(&proxy, &mut ws).await {
             Ok(a) => a,
             Err(reason) => {
                 if let Some(reason) = reason {
@@ -123,6 +123,12 @@ where
                 return;
             }
         };
+        let Authenticated {
+            actor,
+            version,
+            generation,
+            slot: _slot,
+        } = authenticated;
         tracing::debug!(actor = %actor.id, kind = %actor.kind, project = %actor.project, "authenticated");
         let (outbox, rx, overflow) = Outbox::channel(proxy.settings.limits.send_queue);
         let mut session = Session {
@@ -136,9 +142,8 @@ where
             rate_second: 0,
             rate_count: 0,
         };
-        let reason = session.main_loop(&mut ws, rx, &overflow).await;
+        let reason = session.main_loop(&mut ws, rx, &overflow, generation).await;
         proxy.router.remove(id, None);
-        proxy.actors.release(&actor.project, &actor.id);
         if let Some(reason) = reason {
             tracing::debug!(reason = reason.reason(), "closing");
             close(&mut ws, reason).await;
@@ -193,10 +198,28 @@ fn error(e: &str) -> Bytes {
 }
 
 /// The auth handshake (PROTOCOL §4). `Err(None)`: the client went away.
+/// A successful handshake: the actor, the negotiated version, and the policy generation the
+/// actor was authenticated under.
+struct Authenticated {
+    actor: Arc<Actor>,
+    version: u32,
+    generation: u64,
+    slot: ActorSlot,
+}
+
+/// One of an actor's `connections_per_actor` slots, released however the session ends.
+struct ActorSlot(Arc<Proxy>, Arc<Actor>);
+
+impl Drop for ActorSlot {
+    fn drop(&mut self) {
+        self.0.actors.release(&self.1.project, &self.1.id);
+    }
+}
+
 async fn authenticate<S>(
-    proxy: &Proxy,
+    proxy: &Arc<Proxy>,
     ws: &mut Ws<S>,
-) -> Result<(Arc<Actor>, u32), Option<CloseReason>>
+) -> Result<Authenticated, Option<CloseReason>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -250,13 +273,16 @@ where
             send(ws, encode::auth_failed(wire)).await.map_err(Some)?;
             return Err(Some(CloseReason::AuthFailed(wire)));
         }
+        let slot = ActorSlot(proxy.clone(), actor.clone());
         let version = auth.protocol_version.clamp(1, 2);
         let ok = encode::auth_ok(&actor.id, &actor.project, actor.kind.as_str(), version, &[]);
-        if let Err(e) = send(ws, ok).await {
-            proxy.actors.release(&actor.project, &actor.id);
-            return Err(Some(e));
-        }
-        return Ok((actor, version));
+        send(ws, ok).await.map_err(Some)?;
+        return Ok(Authenticated {
+            actor,
+            version,
+            generation: snapshot.generation,
+            slot,
+        });
     }
 }
 
@@ -276,10 +302,14 @@ fn frame_error(e: &FrameError) -> Bytes {
     }
 }
 
-/// Instant at which a unix time (seconds) is reached, from now.
+/// Longest wait a timer is set for: a token can claim any `exp`, and `Instant` arithmetic
+/// panics on overflow.
+const MAX_TIMER: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Instant at which a unix time (seconds) is reached, from now (at most [`MAX_TIMER`] away).
 fn instant_at(unix: u64) -> tokio::time::Instant {
-    let now = now_unix();
-    tokio::time::Instant::now() + Duration::from_secs(unix.saturating_sub(now))
+    let wait = Duration::from_secs(unix.saturating_sub(now_unix())).min(MAX_TIMER);
+    tokio::time::Instant::now() + wait
 }
 
 impl Session {
@@ -288,6 +318,7 @@ impl Session {
         ws: &mut Ws<S>,
         mut rx: tokio::sync::mpsc::Receiver<Bytes>,
         overflow: &crate::router::Overflow,
+        authenticated_under: u64,
     ) -> Option<CloseReason>
     where
         S: AsyncRead + AsyncWrite + Unpin,
@@ -297,13 +328,17 @@ impl Session {
         tokio::pin!(idle);
         let expiry = tokio::time::sleep_until(match self.actor.expires_at {
             Some(t) => instant_at(t),
-            // Far enough to never fire, small enough not to overflow `Instant`.
-            None => tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600),
+            None => tokio::time::Instant::now() + MAX_TIMER,
         });
         tokio::pin!(expiry);
         let mut shutdown = self.proxy.shutdown_signal();
         let mut policy = self.proxy.store.subscribe();
-        policy.borrow_and_update();
+        // A reload may have landed between authentication and here: catch up before serving.
+        if *policy.borrow_and_update() != authenticated_under
+            && let Err(reason) = self.reevaluate(ws).await
+        {
+            return Some(reason);
+        }
 
         loop {
             tokio::select! {
