@@ -136,7 +136,9 @@ impl PolicyStore {
             }
             Ok(loaded) => {
                 let restart_needed = self.settings.restart_needed(&loaded.settings);
-                if loaded.sources != self.sources {
+                if loaded.sources.config != self.sources.config
+                    || loaded.sources.policy_file != self.sources.policy_file
+                {
                     // Switching between inline and policy_file (or to another file) changes
                     // what is watched; apply the policy, but the watch set needs a restart.
                     let mut r = restart_needed;
@@ -212,12 +214,14 @@ pub fn watch(store: Arc<PolicyStore>) -> Result<PolicyWatcher, notify::Error> {
     // Capacity 1 is enough: one pending trigger already means "re-read soon".
     let (tx, rx) = mpsc::channel(1);
     let event_tx = tx.clone();
+    let names = relevant_names(store.sources());
     let mut watcher =
         notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
             Ok(e) if e.kind.is_access() => {}
-            Ok(_) => {
+            Ok(e) if e.paths.iter().any(|p| is_relevant(&names, p)) => {
                 let _ = event_tx.try_send(Trigger::FileEvent);
             }
+            Ok(_) => {} // another file in the same directory
             Err(e) => tracing::warn!(error = %e, "policy watcher error"),
         })?;
     for dir in watch_dirs(store.sources()) {
@@ -231,6 +235,24 @@ pub fn watch(store: Arc<PolicyStore>) -> Result<PolicyWatcher, notify::Error> {
         triggers: tx,
         task,
     })
+}
+
+/// File names whose changes matter: the sources themselves.
+fn relevant_names(sources: &Sources) -> Vec<std::ffi::OsString> {
+    sources
+        .files()
+        .filter_map(|f| f.file_name().map(|n| n.to_os_string()))
+        .collect()
+}
+
+/// Whether an event path is a source file, or Kubernetes' ConfigMap machinery (`..data`,
+/// `..2026_01_01_…`, `..data_tmp`), through which a mounted source changes without its own
+/// name ever appearing in an event.
+fn is_relevant(names: &[std::ffi::OsString], path: &Path) -> bool {
+    match path.file_name() {
+        Some(name) => names.iter().any(|n| n == name) || name.to_string_lossy().starts_with(".."),
+        None => false,
+    }
 }
 
 fn watch_dirs(sources: &Sources) -> Vec<PathBuf> {
@@ -247,13 +269,21 @@ fn watch_dirs(sources: &Sources) -> Vec<PathBuf> {
     dirs
 }
 
+/// Longest a reload waits for its sources to go quiet: a file rewritten in a loop must not
+/// postpone a policy change (a revoked token) indefinitely.
+const MAX_DEBOUNCE_EXTRA: Duration = Duration::from_secs(2);
+
 async fn run(store: Arc<PolicyStore>, mut rx: mpsc::Receiver<Trigger>, debounce: Duration) {
     while let Some(first) = rx.recv().await {
-        // Debounce: wait until the directory has been quiet for `debounce`, so that an editor's
-        // write-rename-chmod or a ConfigMap's several symlink swaps become one reload.
+        // Debounce: wait until the sources have been quiet for `debounce`, so that an editor's
+        // write-rename-chmod or a ConfigMap's several symlink swaps become one reload — but no
+        // longer than `debounce + MAX_DEBOUNCE_EXTRA` in all.
+        let give_up = tokio::time::Instant::now() + debounce + MAX_DEBOUNCE_EXTRA;
         loop {
-            match tokio::time::timeout(debounce, rx.recv()).await {
-                Ok(Some(_)) => continue,
+            let quiet_until = (tokio::time::Instant::now() + debounce).min(give_up);
+            match tokio::time::timeout_at(quiet_until, rx.recv()).await {
+                Ok(Some(_)) if tokio::time::Instant::now() < give_up => continue,
+                Ok(Some(_)) => break,
                 Ok(None) => return,
                 Err(_) => break,
             }

@@ -230,10 +230,7 @@ fn policy_spec() -> impl Strategy<Value = PolicySpec> {
 
 fn compile_spec(spec: &PolicySpec) -> Policy {
     let mut diags = Diagnostics::new();
-    let cx = CompileContext {
-        base_dir: std::path::Path::new("."),
-        env: &|_| None,
-    };
+    let cx = CompileContext::new(std::path::Path::new("."), &|_| None);
     compile(spec, "policy", &cx, &mut diags)
         .unwrap_or_else(|| panic!("generated policy invalid:\n{diags}"))
 }

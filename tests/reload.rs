@@ -300,3 +300,57 @@ async fn explicit_trigger_reloads() {
     .expect("trigger re-read the sources");
     assert_eq!(store.generation(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_neighbouring_file_does_not_hold_back_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.yaml");
+    std::fs::write(&path, config_text(&["d1"], "")).unwrap();
+    let store = store_for(&path);
+    let _watcher = reload::watch(store.clone()).unwrap();
+    // Another process appends to a log in the same directory every 20 ms, for 5 s.
+    let log = dir.path().join("app.log");
+    let writer = tokio::spawn(async move {
+        for i in 0..250 {
+            std::fs::write(&log, format!("line {i}\n")).unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    write_atomically(&path, &config_text(&["d2"], ""));
+    let started = std::time::Instant::now();
+    wait_for_generation(&store, 2).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "reload waited {:?} for an unrelated file",
+        started.elapsed()
+    );
+    writer.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_public_key_file_is_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    std::fs::copy(fixtures.join("rsa_public.pem"), dir.path().join("idp.pem")).unwrap();
+    let jwt = "      jwt: { issuer: https://idp, audience: c, algorithms: [RS256], public_key_file: idp.pem }\n";
+    let text =
+        config_text(&["d1"], "").replace("    - id: demo\n", &format!("    - id: demo\n{jwt}"));
+    let path = dir.path().join("proxy.yaml");
+    std::fs::write(&path, text).unwrap();
+    let store = store_for(&path);
+    assert!(
+        store
+            .sources()
+            .key_files
+            .iter()
+            .any(|f| f.ends_with("idp.pem"))
+    );
+    let _watcher = reload::watch(store.clone()).unwrap();
+    // The identity provider rotates its key: only the PEM file changes.
+    write_atomically(
+        &dir.path().join("idp.pem"),
+        &std::fs::read_to_string(fixtures.join("rsa2_public.pem")).unwrap(),
+    );
+    wait_for_generation(&store, 2).await;
+}

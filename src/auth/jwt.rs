@@ -350,7 +350,7 @@ fn load_key(
                 return KeyLoad::Failed;
             }
             let resolved = cx.resolve(file);
-            let pem = match std::fs::read(&resolved) {
+            let pem = match cx.read_file(&resolved) {
                 Ok(pem) => pem,
                 Err(e) => {
                     diags.error(field, format!("cannot read {}: {e}", resolved.display()));

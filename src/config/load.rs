@@ -25,11 +25,15 @@ pub const MAX_CONFIG_BYTES: u64 = 32 << 20;
 pub struct Sources {
     pub config: PathBuf,
     pub policy_file: Option<PathBuf>,
+    /// Files the policy refers to (JWT public keys).
+    pub key_files: Vec<PathBuf>,
 }
 
 impl Sources {
     pub fn files(&self) -> impl Iterator<Item = &Path> {
-        std::iter::once(self.config.as_path()).chain(self.policy_file.as_deref())
+        std::iter::once(self.config.as_path())
+            .chain(self.policy_file.as_deref())
+            .chain(self.key_files.iter().map(PathBuf::as_path))
     }
 }
 
@@ -41,7 +45,8 @@ pub struct Loaded {
     /// Non-fatal findings (unset secret variables, …), to be logged.
     pub warnings: Diagnostics,
     pub sources: Sources,
-    /// SHA-256 over the bytes read; equal digests mean nothing changed on disk.
+    /// SHA-256 over the bytes read (config, policy file, key files); equal digests mean
+    /// nothing changed on disk.
     pub digest: [u8; 32],
 }
 
@@ -62,10 +67,11 @@ pub fn load_with_env(
     let spec: SettingsSpec = parse_yaml(&text, "", &mut diags).ok_or_else(|| diags.clone())?;
 
     let base_dir = path.parent().unwrap_or(Path::new("."));
-    let cx = CompileContext { base_dir, env };
+    let cx = CompileContext::new(base_dir, env);
     let mut sources = Sources {
         config: path.to_path_buf(),
         policy_file: None,
+        key_files: Vec::new(),
     };
     let policy_spec = match (&spec.policy, &spec.policy_file) {
         (Some(p), None) => Some(p.clone()),
@@ -94,6 +100,11 @@ pub fn load_with_env(
     };
     let settings = settings::validate(&spec, &cx, &mut diags);
     let policy = policy_spec.and_then(|p| compile(&p, "policy", &cx, &mut diags));
+    // Key files are part of what "changed on disk" means: a rotated public key is a reload.
+    for (file, hash) in cx.files_read() {
+        hasher.update(hash);
+        sources.key_files.push(file);
+    }
     match (settings, policy) {
         (Some(settings), Some(policy)) if !diags.has_errors() => Ok(Loaded {
             settings,

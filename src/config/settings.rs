@@ -604,10 +604,7 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let mut d = Diagnostics::new();
-        let cx = CompileContext {
-            base_dir: std::path::Path::new("."),
-            env: &|_| None,
-        };
+        let cx = CompileContext::new(std::path::Path::new("."), &|_| None);
         let s = validate(&SettingsSpec::default(), &cx, &mut d).expect("defaults are valid");
         assert!(d.is_empty(), "{d}");
         assert_eq!(s.listen.to_string(), "127.0.0.1:8080");

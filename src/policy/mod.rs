@@ -30,14 +30,38 @@ use crate::diagnostics::{Diagnostics, quoted};
 pub const MIN_SECRET_BYTES: usize = 32;
 
 /// Where compile-time inputs outside the YAML come from: files relative to the config file,
-/// secrets from environment variables. A trait object so that tests can supply secrets
-/// without touching the process environment.
+/// secrets from environment variables (a function, so that tests can supply secrets without
+/// touching the process environment). It records every file it reads, so that hot reload can
+/// notice a rotated key file.
 pub struct CompileContext<'a> {
     pub base_dir: &'a Path,
     pub env: &'a dyn Fn(&str) -> Option<String>,
+    read: std::cell::RefCell<Vec<(PathBuf, [u8; 32])>>,
 }
 
-impl CompileContext<'_> {
+impl<'a> CompileContext<'a> {
+    pub fn new(base_dir: &'a Path, env: &'a dyn Fn(&str) -> Option<String>) -> Self {
+        Self {
+            base_dir,
+            env,
+            read: std::cell::RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Reads a file the policy refers to, recording its path and content hash.
+    pub fn read_file(&self, path: &Path) -> std::io::Result<Vec<u8>> {
+        use sha2::{Digest, Sha256};
+        let bytes = std::fs::read(path)?;
+        self.read
+            .borrow_mut()
+            .push((path.to_path_buf(), Sha256::digest(&bytes).into()));
+        Ok(bytes)
+    }
+
+    /// Every file read through [`Self::read_file`], with the SHA-256 of what was read.
+    pub fn files_read(&self) -> Vec<(PathBuf, [u8; 32])> {
+        self.read.borrow().clone()
+    }
     /// Reads the environment variable `var` named at YAML `path`. Unset: a warning (the
     /// credential kind is disabled, failing closed). Too short: an error.
     pub fn secret(&self, var: &str, path: &str, diags: &mut Diagnostics) -> Option<String> {

@@ -114,10 +114,7 @@ pub fn try_compile_with_env(
     let spec: PolicySpec =
         cuttle::config::parse_yaml(yaml, "policy", &mut diags).ok_or_else(|| diags.clone())?;
     let dir = fixtures();
-    let cx = CompileContext {
-        base_dir: &dir,
-        env,
-    };
+    let cx = CompileContext::new(&dir, env);
     compile(&spec, "policy", &cx, &mut diags).ok_or(diags)
 }
 
