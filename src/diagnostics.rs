@@ -109,3 +109,35 @@ impl fmt::Display for Diagnostics {
 pub fn quoted(value: &str) -> String {
     format!("'{}'", value.escape_debug())
 }
+
+/// Appends a mapping key to a YAML path: `parent.key` for plain keys, `parent["k.e/y"]`
+/// (escaped) for anything else, so that a key containing `.`, a newline or other control
+/// characters can neither make a path ambiguous nor forge a line of `cuttle check` output.
+pub fn key_path(parent: &str, key: &str) -> String {
+    let plain = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    match (parent.is_empty(), plain) {
+        (true, true) => key.to_string(),
+        (false, true) => format!("{parent}.{key}"),
+        (_, false) => format!("{parent}[\"{}\"]", key.escape_debug()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_paths() {
+        assert_eq!(key_path("", "listen"), "listen");
+        assert_eq!(key_path("a.topics", "messages"), "a.topics.messages");
+        assert_eq!(key_path("a.topics", "v1.2"), "a.topics[\"v1.2\"]");
+        assert_eq!(
+            key_path("a", "x\nerror: forged"),
+            "a[\"x\\nerror: forged\"]"
+        );
+        assert_eq!(quoted("a\nb"), "'a\\nb'");
+    }
+}

@@ -200,7 +200,11 @@ policy:
         "policy.projects[0].scopes[0].slug",
         &["'_'", "reserved"],
     );
-    assert_has(&all, "policy.projects[0].apps[0].topics.a/b", &["'a/b'"]);
+    assert_has(
+        &all,
+        "policy.projects[0].apps[0].topics[\"a/b\"]",
+        &["'a/b'"],
+    );
     assert_has(&all, "policy.projects[0].apps[0].rooms[0].slug", &["'#'"]);
 }
 
@@ -541,4 +545,31 @@ fn cli_hash_token_and_session_token() {
 
 fn indent(s: &str) -> String {
     s.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+#[test]
+fn reserved_issuer_duplicate_project_bodies_and_hostile_keys() {
+    let all = errors(
+        r#"
+policy:
+  projects:
+    - id: a
+      jwt: { issuer: cuttle-session, audience: a, algorithms: [HS256], secret_env: JWT_SECRET }
+    - id: a
+      apps: [ { slug: Bad } ]
+    - id: b
+      apps:
+        - slug: chat
+          topics: { "x\nerror: policy.fake: forged": { user: read } }
+"#,
+    );
+    assert_has(&all, "policy.projects[0].jwt.issuer", &["reserved"]);
+    assert_has(&all, "policy.projects[1].id", &["duplicate project id"]);
+    // The duplicate's body is still checked.
+    assert_has(&all, "policy.projects[1].apps[0].slug", &["'Bad'"]);
+    // A key with a newline cannot forge a line of output.
+    assert!(
+        !all.lines().any(|l| l.starts_with("error: policy.fake")),
+        "{all}"
+    );
 }

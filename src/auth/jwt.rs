@@ -90,6 +90,16 @@ impl JwtVerifier {
         if spec.issuer.is_empty() {
             diags.error(format!("{path}.issuer"), "must not be empty");
         }
+        if spec.issuer == crate::auth::session_token::SESSION_ISSUER {
+            // Otherwise a session token stripped of its prefix could pass as a user JWT.
+            diags.error(
+                format!("{path}.issuer"),
+                format!(
+                    "{} is reserved for cuttle's session tokens",
+                    quoted(&spec.issuer)
+                ),
+            );
+        }
         if spec.audience.is_empty() {
             diags.error(format!("{path}.audience"), "must not be empty");
         }

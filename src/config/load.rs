@@ -198,10 +198,7 @@ fn ignored_path(root: &str, path: &serde_ignored::Path<'_>) -> String {
             }
             P::Map { parent, key } => {
                 walk(parent, out);
-                if !out.is_empty() {
-                    out.push('.');
-                }
-                out.push_str(key);
+                *out = crate::diagnostics::key_path(out, key);
             }
             P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
                 walk(parent, out)

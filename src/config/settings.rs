@@ -351,6 +351,15 @@ fn parse_broker(value: &str, diags: &mut Diagnostics) -> Option<Broker> {
     if host.is_empty() {
         return bad(diags, "missing host");
     }
+    let host_ok = if rest.starts_with('[') {
+        host.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        host.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    };
+    if !host_ok {
+        return bad(diags, "invalid host");
+    }
     let port = match port {
         None => default_port,
         Some(p) => match p.parse::<u16>() {
@@ -642,6 +651,9 @@ mod tests {
             "mqtt://h:x",
             "mqtt://u:p@h",
             "mqtt://[::1",
+            "mqtt://::1",
+            "mqtt://ho st:1",
+            "mqtt://[nothex]:1",
         ] {
             let mut d = Diagnostics::new();
             assert_eq!(parse_broker(bad, &mut d), None, "{bad}");

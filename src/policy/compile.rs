@@ -11,7 +11,7 @@ use super::spec::{ActorSpec, AppSpec, PolicySpec, ProjectSpec};
 use super::{CompileContext, check_actor_id, check_slug};
 use crate::auth::jwt::JwtVerifier;
 use crate::auth::session_token::SessionSecret;
-use crate::diagnostics::{Diagnostics, quoted};
+use crate::diagnostics::{Diagnostics, key_path, quoted};
 
 /// Compiles a policy spec found at YAML path `root` (normally `policy`).
 pub fn compile(
@@ -35,12 +35,13 @@ pub fn compile(
                 format!("invalid id {}: {why}", quoted(&p.id)),
             );
         }
-        if policy.projects.contains_key(p.id.as_str()) {
+        let duplicate = policy.projects.contains_key(p.id.as_str());
+        if duplicate {
             diags.error(
                 format!("{path}.id"),
                 format!("duplicate project id {}", quoted(&p.id)),
             );
-            continue;
+            // Still compiled below, so that errors inside it are listed too.
         }
         // Checked on the spec, so that a project whose JWT settings have other errors still
         // claims its issuer.
@@ -154,7 +155,7 @@ fn compile_project(
 
     let mut roles = HashSet::new();
     for (role, grants) in &p.roles {
-        let rp = format!("{path}.roles.{role}");
+        let rp = key_path(&format!("{path}.roles"), role);
         if let Err(why) = check_slug(role) {
             diags.error(&rp, format!("invalid role name {}: {why}", quoted(role)));
             continue;
@@ -162,7 +163,7 @@ fn compile_project(
         let role: Arc<str> = role.as_str().into();
         roles.insert(role.clone());
         for (target, perm) in grants {
-            let gp = format!("{rp}.{target}");
+            let gp = key_path(&rp, target);
             let Some(perm) = Permission::parse(perm) else {
                 diags.error(&gp, unknown_permission(perm));
                 continue;
@@ -396,7 +397,7 @@ fn compile_app(
     }
     let mut topics = HashMap::new();
     for (name, perms) in &a.topics {
-        let tp = format!("{path}.topics.{name}");
+        let tp = key_path(&format!("{path}.topics"), name);
         if let Err(why) = check_slug(name) {
             diags.error(&tp, format!("invalid topic name {}: {why}", quoted(name)));
             ok = false;
@@ -408,7 +409,7 @@ fn compile_app(
         for (kind, perm) in perms {
             let Some(kind) = ActorType::parse(kind) else {
                 diags.error(
-                    format!("{tp}.{kind}"),
+                    key_path(&tp, kind),
                     format!(
                         "unknown actor type {} (expected device, user, server or session)",
                         quoted(kind)
@@ -420,7 +421,7 @@ fn compile_app(
             match Permission::parse(perm) {
                 Some(p) => by_type[kind as usize] = p,
                 None => {
-                    diags.error(format!("{tp}.{kind}"), unknown_permission(perm));
+                    diags.error(key_path(&tp, kind.as_str()), unknown_permission(perm));
                     ok = false;
                 }
             }
