@@ -6,8 +6,8 @@
 //! - `cuttle session-token --project P --ttl 15m [--scope S] [--room app/room]…` mints a
 //!   session token from the project's session secret.
 //!
-//! Exit codes: 0 success, 1 invalid input (a config with errors, a refused mint), 2 usage or
-//! I/O problems.
+//! Exit codes: 0 success; 1 a configuration that is invalid or cannot be read, or a refused
+//! mint; 2 usage errors and failures to start (bind, runtime, watcher).
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
