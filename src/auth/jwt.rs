@@ -103,6 +103,23 @@ impl JwtVerifier {
         if spec.audience.is_empty() {
             diags.error(format!("{path}.audience"), "must not be empty");
         }
+        for (field, claim) in [
+            ("scope_claim", &spec.scope_claim),
+            ("roles_claim", &spec.roles_claim),
+        ] {
+            if let Some(c) = claim
+                && (c.is_empty()
+                    || ["iss", "aud", "sub", "exp", "nbf", "iat", "jti"].contains(&c.as_str()))
+            {
+                diags.error(
+                    format!("{path}.{field}"),
+                    format!(
+                        "{} cannot be used: empty or a registered JWT claim",
+                        quoted(c)
+                    ),
+                );
+            }
+        }
         let leeway = spec.leeway_s.unwrap_or(DEFAULT_LEEWAY_S);
         if leeway > MAX_LEEWAY_S {
             diags.error(

@@ -179,7 +179,10 @@ pub fn parse_yaml<T: DeserializeOwned>(
                 (r, p) if p.starts_with('[') => format!("{r}{p}"),
                 (r, p) => format!("{r}.{p}"),
             };
-            diags.error(path, e.to_string());
+            let message = e.to_string();
+            // serde-saphyr's messages start with their own "error: " label.
+            let message = message.strip_prefix("error: ").unwrap_or(&message);
+            diags.error(path, message);
             None
         }
     }

@@ -18,10 +18,13 @@ use super::{ClientFilter, ClientTopic, Level, TopicLevel};
 /// The scope segment of unscoped actors. Slug validation rejects `_`, so no tenant can own it.
 pub const UNSCOPED: &str = "_";
 
+/// Longest `topic_prefix` accepted, in bytes.
+pub const MAX_PREFIX_BYTES: usize = 128;
+
 /// Why a configured `topic_prefix` is unusable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "topic prefix must be '/'-separated non-empty levels of printable ASCII without '+', '#' or a leading '$'"
+    "topic prefix must be at most 128 bytes of '/'-separated non-empty levels of printable ASCII without '+', '#' or a leading '$'"
 )]
 pub struct PrefixError;
 
@@ -63,6 +66,10 @@ impl TopicLayout {
     pub fn new(prefix: &str) -> Result<Self, PrefixError> {
         if prefix.is_empty() {
             return Ok(Self::default());
+        }
+        // Topics are limited to 65,535 bytes by MQTT; the prefix is repeated in every one.
+        if prefix.len() > MAX_PREFIX_BYTES {
+            return Err(PrefixError);
         }
         for level in prefix.split('/') {
             super::check_literal_level(level).map_err(|_| PrefixError)?;
