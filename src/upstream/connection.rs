@@ -201,7 +201,22 @@ async fn run_event_loop(
                     Err(_) => tracing::debug!("upstream message with a non-UTF-8 topic dropped"),
                 }
             }
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                let ids = ack
+                    .properties
+                    .as_ref()
+                    .and_then(|p| p.subscription_identifiers_available);
+                if ids == Some(0) {
+                    // Without ids every message would reach the router unroutable: refuse to
+                    // count this connection as up, so /readyz says why nothing works.
+                    tracing::error!(
+                        client_id = %shared.client_id,
+                        %endpoint,
+                        "the broker does not support MQTT 5 subscription identifiers, which cuttle requires"
+                    );
+                    tokio::time::sleep(BACKOFF_MAX).await;
+                    continue;
+                }
                 if !is_connected {
                     is_connected = true;
                     connected.fetch_add(1, Ordering::Relaxed);
