@@ -499,14 +499,7 @@ fn cli_hash_token_and_session_token() {
         &format!("policy:\n{}", indent(&policy_yaml())),
     );
     // The fixture keys are referenced relative to the config file.
-    for f in [
-        "rsa_public.pem",
-        "rsa2_public.pem",
-        "ec_public.pem",
-        "ed_public.pem",
-    ] {
-        std::fs::copy(fixtures().join(f), dir.path().join(f)).unwrap();
-    }
+    copy_key_fixtures(dir.path());
     let mint = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_cuttle"))
             .env("JWT_SECRET", JWT_SECRET)

@@ -35,6 +35,12 @@ on_both_brokers!(
     private_rooms_and_topic_acls,
     adversarial_frames_then_a_healthy_session,
     publish_limits,
+    filters_select_sub_topics,
+    load_balanced_delivery_reaches_exactly_one_member,
+    session_allow_list_and_expiry_close,
+    slow_consumer_is_disconnected_and_others_are_unaffected,
+    hot_reload_removes_actors_and_revokes_topics,
+    readiness_follows_the_upstream,
 );
 
 async fn each_actor_type_connects_and_bad_credentials_are_refused(b: TestBroker) {
@@ -388,33 +394,6 @@ async fn publish_limits(b: TestBroker) {
     assert_eq!(get_str(&ack, "msgRef"), Some("m-1"));
     assert_eq!(get_str(&ack, "topic"), Some("chat/general/messages"));
 }
-
-on_both_brokers_more!(
-    filters_select_sub_topics,
-    load_balanced_delivery_reaches_exactly_one_member,
-    session_allow_list_and_expiry_close,
-    slow_consumer_is_disconnected_and_others_are_unaffected,
-    hot_reload_removes_actors_and_revokes_topics,
-    readiness_follows_the_upstream,
-);
-
-macro_rules! on_both_brokers_more {
-    ($($name:ident),* $(,)?) => {
-        mod embedded_more {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() { super::$name(super::TestBroker::Embedded).await }
-            )*
-        }
-        mod mosquitto_more {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() { super::$name(super::TestBroker::Mosquitto).await }
-            )*
-        }
-    };
-}
-use on_both_brokers_more;
 
 fn subscribe_frame(topic: &str, extra: &[(&str, Value)]) -> Value {
     let mut pairs = vec![

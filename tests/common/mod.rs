@@ -32,6 +32,18 @@ pub fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(fixtures().join(name)).expect("fixture exists")
 }
 
+/// Copies the public-key fixtures the test policy names into `dir` (next to a config file).
+pub fn copy_key_fixtures(dir: &Path) {
+    for f in [
+        "rsa_public.pem",
+        "rsa2_public.pem",
+        "ec_public.pem",
+        "ed_public.pem",
+    ] {
+        std::fs::copy(fixtures().join(f), dir.join(f)).expect("fixture copies");
+    }
+}
+
 pub fn sha(token: &str) -> String {
     hex::encode(cuttle::auth::sha256(token))
 }

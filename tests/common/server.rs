@@ -43,14 +43,7 @@ pub struct TestProxy {
 /// Starts a proxy with the test policy, `extra` top-level YAML (e.g. limits), on `broker`.
 pub async fn start_proxy(broker: TestBroker, extra: &str) -> TestProxy {
     let dir = tempfile::tempdir().unwrap();
-    for f in [
-        "rsa_public.pem",
-        "rsa2_public.pem",
-        "ec_public.pem",
-        "ed_public.pem",
-    ] {
-        std::fs::copy(fixtures().join(f), dir.path().join(f)).unwrap();
-    }
+    copy_key_fixtures(dir.path());
     let broker_line = match broker {
         TestBroker::Embedded => "embedded".to_string(),
         TestBroker::Mosquitto => mosquitto_url(),
