@@ -42,12 +42,17 @@ pub struct TestProxy {
 
 /// Starts a proxy with the test policy, `extra` top-level YAML (e.g. limits), on `broker`.
 pub async fn start_proxy(broker: TestBroker, extra: &str) -> TestProxy {
-    let dir = tempfile::tempdir().unwrap();
-    copy_key_fixtures(dir.path());
     let broker_line = match broker {
         TestBroker::Embedded => "embedded".to_string(),
         TestBroker::Mosquitto => mosquitto_url(),
     };
+    start_proxy_on(&broker_line, extra).await
+}
+
+/// Starts a proxy with the test policy on the broker `broker_line` (`embedded` or a URL).
+pub async fn start_proxy_on(broker_line: &str, extra: &str) -> TestProxy {
+    let dir = tempfile::tempdir().unwrap();
+    copy_key_fixtures(dir.path());
     // A unique prefix per proxy keeps tests sharing one Mosquitto apart.
     let mut b = [0u8; 6];
     getrandom::fill(&mut b).unwrap();
