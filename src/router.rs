@@ -20,7 +20,7 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use parking_lot::RwLock;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::auth::Actor;
 use crate::reload::PolicyStore;
@@ -117,10 +117,18 @@ struct Entry {
     next: AtomicUsize,
 }
 
+/// A one-shot read of a retained message: subscribed until the first message arrives.
+struct Fetch {
+    filter: String,
+    waiters: Vec<oneshot::Sender<Bytes>>,
+}
+
 #[derive(Default)]
 struct Table {
     by_filter: HashMap<String, usize>,
     entries: HashMap<usize, Entry>,
+    fetch_by_filter: HashMap<String, usize>,
+    fetches: HashMap<usize, Fetch>,
     next_id: usize,
 }
 
@@ -130,7 +138,9 @@ impl Table {
         // always terminates; the bound is what MQTT 5 allows.
         for _ in 0..MAX_SUBSCRIPTION_ID {
             self.next_id = self.next_id % MAX_SUBSCRIPTION_ID + 1;
-            if !self.entries.contains_key(&self.next_id) {
+            if !self.entries.contains_key(&self.next_id)
+                && !self.fetches.contains_key(&self.next_id)
+            {
                 return Some(self.next_id);
             }
         }
@@ -268,7 +278,88 @@ impl Router {
         self.drop_entries(&mut t, emptied);
     }
 
+    /// Reads the retained message of `filter` (an exact topic): subscribes, waits up to
+    /// `timeout` for the broker to send it, unsubscribes. `None` when there is none (a broker
+    /// sends nothing for a topic without a retained message) or it did not come in time.
+    pub async fn fetch_retained(
+        &self,
+        filter: &str,
+        timeout: std::time::Duration,
+    ) -> Option<Bytes> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut t = self.table.write();
+            match t.fetch_by_filter.get(filter).copied() {
+                Some(id) => {
+                    if let Some(f) = t.fetches.get_mut(&id) {
+                        f.waiters.push(tx);
+                    }
+                }
+                None => {
+                    let id = t.allocate_id()?;
+                    t.fetch_by_filter.insert(filter.to_string(), id);
+                    t.fetches.insert(
+                        id,
+                        Fetch {
+                            filter: filter.to_string(),
+                            waiters: vec![tx],
+                        },
+                    );
+                    if let Some(pool) = self.pool.get() {
+                        pool.subscribe(filter, crate::upstream::qos(1), id);
+                    }
+                }
+            }
+        }
+        let got = tokio::time::timeout(timeout, rx)
+            .await
+            .ok()
+            .and_then(Result::ok);
+        if got.is_none() {
+            // Leave the fetch if nobody else is still waiting on it.
+            let mut t = self.table.write();
+            if let Some(id) = t.fetch_by_filter.get(filter).copied()
+                && let Some(f) = t.fetches.get_mut(&id)
+            {
+                f.waiters.retain(|w| !w.is_closed());
+                if f.waiters.is_empty() {
+                    t.fetches.remove(&id);
+                    t.fetch_by_filter.remove(filter);
+                    if let Some(pool) = self.pool.get() {
+                        pool.unsubscribe(filter);
+                    }
+                }
+            }
+        }
+        got
+    }
+
+    /// Completes the fetches a message is for; returns whether it was for one.
+    fn complete_fetches(&self, ids: &[usize], payload: &Bytes) -> bool {
+        if self.table.read().fetches.is_empty() {
+            return false;
+        }
+        let mut t = self.table.write();
+        let mut any = false;
+        for id in ids {
+            if let Some(f) = t.fetches.remove(id) {
+                any = true;
+                t.fetch_by_filter.remove(&f.filter);
+                if let Some(pool) = self.pool.get() {
+                    pool.unsubscribe(&f.filter);
+                }
+                for w in f.waiters {
+                    let _ = w.send(payload.clone());
+                }
+            }
+        }
+        any
+    }
+
     fn deliver(&self, topic: &str, ids: &[usize], payload: Bytes) {
+        if self.complete_fetches(ids, &payload) {
+            return;
+        }
         let Some(up) = self.layout.parse_upstream(topic) else {
             return;
         };

@@ -41,6 +41,7 @@ on_both_brokers!(
     slow_consumer_is_disconnected_and_others_are_unaffected,
     hot_reload_removes_actors_and_revokes_topics,
     readiness_follows_the_upstream,
+    reconnect_restores_subscriptions,
 );
 
 async fn each_actor_type_connects_and_bad_credentials_are_refused(b: TestBroker) {
@@ -716,4 +717,78 @@ async fn readiness_follows_the_upstream(b: TestBroker) {
     .await
     .unwrap_or_else(|_| "timeout".into());
     assert_ne!(status, "200");
+}
+
+async fn reconnect_restores_subscriptions(b: TestBroker) {
+    let p = start_proxy(b, "").await;
+    let mut first = Client::login(&p.url, SENSOR1_TOKEN).await;
+    first.subscribe("chat/general/messages").await;
+    first
+        .send(subscribe_frame(
+            "chat/+/messages",
+            &[("filters", Value::Array(vec!["a".into()]))],
+        ))
+        .await;
+    first.frame_of("subscribed").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(first); // the connection drops, as on a network change
+
+    // A plain connect restores nothing.
+    let (_plain, reply) = Client::auth(&p.url, SENSOR1_TOKEN).await;
+    assert_eq!(
+        get(&reply, "restoredSubscriptions"),
+        Some(&Value::Array(vec![]))
+    );
+
+    // The SDK's automatic reconnect: `reconnect: true`, and it never re-subscribes.
+    let mut again = Client::connect(&p.url).await;
+    again
+        .send(map(&[
+            ("type", "auth".into()),
+            ("token", SENSOR1_TOKEN.into()),
+            ("reconnect", true.into()),
+        ]))
+        .await;
+    let reply = again.frame_of("auth").await;
+    assert_eq!(get(&reply, "success"), Some(&Value::Boolean(true)));
+    let restored = get(&reply, "restoredSubscriptions")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut names: Vec<&str> = restored.iter().filter_map(|e| get_str(e, "name")).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["chat/+/messages", "chat/general/messages"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut publ = Client::login(&p.url, &hs256(&user_claims("alice"))).await;
+    publ.publish("chat/general/messages", "back".into()).await;
+    let m = again.frame_of("message").await;
+    assert_eq!(get_str(&m, "topic"), Some("chat/general/messages"));
+    assert_eq!(get(&m, "data"), Some(&Value::from("back")));
+    // The restored filter still applies: only the `a` sub-topic reaches the wildcard.
+    publ.send(map(&[
+        ("type", "publish".into()),
+        ("topic", "chat/lobby/messages".into()),
+        ("data", "for a".into()),
+        ("filter", "a".into()),
+    ]))
+    .await;
+    let m = again.frame_of("message").await;
+    assert_eq!(get_str(&m, "topic"), Some("chat/+/messages"));
+    assert_eq!(get_str(&m, "filter"), Some("a"));
+
+    // Another actor has its own (empty) set.
+    let mut other = Client::connect(&p.url).await;
+    other
+        .send(map(&[
+            ("type", "auth".into()),
+            ("token", SENSOR2_TOKEN.into()),
+            ("reconnect", true.into()),
+        ]))
+        .await;
+    let reply = other.frame_of("auth").await;
+    assert_eq!(
+        get(&reply, "restoredSubscriptions"),
+        Some(&Value::Array(vec![]))
+    );
 }

@@ -31,12 +31,16 @@ use crate::topic::filters::{self, FilterItem};
 use crate::topic::{ClientFilter, ClientTopic};
 use crate::wire::decode::{PublishFrame, SubscribeFrame};
 use crate::wire::encode::{self, ErrorFrame};
-use crate::wire::{ClientFrame, FrameError, decode};
+use crate::wire::{ClientFrame, FrameError, decode, restore};
 
 /// How long one write to the client may take before the client counts as gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the broker may take to acknowledge a publish that asked for it (`msgRef`).
 const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a reconnecting client's handshake waits for its stored subscription set. A broker
+/// sends nothing when there is no retained message, so this is also the cost of restoring
+/// an empty set.
+const RESTORE_TIMEOUT: Duration = Duration::from_millis(500);
 /// Frames written per wake-up before flushing: batches fan-out bursts into few syscalls.
 const WRITE_BATCH: usize = 64;
 
@@ -128,6 +132,7 @@ where
             version,
             generation,
             slot: _slot,
+            reconnect,
         } = authenticated;
         tracing::debug!(actor = %actor.id, kind = %actor.kind, project = %actor.project, "authenticated");
         let (outbox, rx, overflow) = Outbox::channel(proxy.settings.limits.send_queue);
@@ -142,6 +147,19 @@ where
             rate_second: 0,
             rate_count: 0,
         };
+        // PROTOCOL §13: on an automatic reconnect the SDK never re-subscribes; the server
+        // restores what the actor had, re-checked against the current policy.
+        let restored = if reconnect {
+            session.restore().await
+        } else {
+            Vec::new()
+        };
+        let ok = encode::auth_ok(&actor.id, &actor.project, actor.kind.as_str(), version, &restored);
+        if let Err(reason) = send(&mut ws, ok).await {
+            proxy.router.remove(id, None);
+            close(&mut ws, reason).await;
+            return;
+        }
         let reason = session.main_loop(&mut ws, rx, &overflow, generation).await;
         proxy.router.remove(id, None);
         if let Some(reason) = reason {
@@ -205,6 +223,8 @@ struct Authenticated {
     version: u32,
     generation: u64,
     slot: ActorSlot,
+    /// The auth frame had `reconnect: true`: restore the actor's subscriptions.
+    reconnect: bool,
 }
 
 /// One of an actor's `connections_per_actor` slots, released however the session ends.
@@ -274,14 +294,12 @@ where
             return Err(Some(CloseReason::AuthFailed(wire)));
         }
         let slot = ActorSlot(proxy.clone(), actor.clone());
-        let version = auth.protocol_version.clamp(1, 2);
-        let ok = encode::auth_ok(&actor.id, &actor.project, actor.kind.as_str(), version, &[]);
-        send(ws, ok).await.map_err(Some)?;
         return Ok(Authenticated {
             actor,
-            version,
+            version: auth.protocol_version.clamp(1, 2),
             generation: snapshot.generation,
             slot,
+            reconnect: auth.reconnect,
         });
     }
 }
@@ -434,14 +452,22 @@ impl Session {
             Ok(frame) => match frame {
                 ClientFrame::Heartbeat => Some(encode::heartbeat()),
                 ClientFrame::Publish(p) => self.publish(p).await,
-                ClientFrame::Subscribe(s) => Some(self.subscribe(s)),
+                ClientFrame::Subscribe(s) => {
+                    let reply = self.subscribe(s);
+                    self.persist().await;
+                    Some(reply)
+                }
                 ClientFrame::Unsubscribe { topic } => {
                     self.proxy.router.remove(self.id, Some(topic));
-                    self.subs.remove(topic);
+                    if self.subs.remove(topic).is_some() {
+                        self.persist().await;
+                    }
                     Some(encode::unsubscribed(topic))
                 }
                 ClientFrame::SetFilters { topic, filters } => {
-                    Some(self.set_filters(topic, filters))
+                    let reply = self.set_filters(topic, filters);
+                    self.persist().await;
+                    Some(reply)
                 }
                 // Presence and lobbies (PROTOCOL §11–12) are not served by this build; acks
                 // only matter with message recording, which is off. All are ignored, as the
@@ -720,6 +746,97 @@ impl Session {
             state.qos = 1;
         }
         encode::filters_updated(topic, echoed)
+    }
+
+    /// The actor's subscription set as stored for reconnect restore.
+    fn entries(&self) -> Vec<restore::Entry> {
+        let mut entries: Vec<restore::Entry> = self
+            .subs
+            .iter()
+            .map(|(topic, st)| restore::Entry {
+                name: topic.to_string(),
+                load_balance: st.load_balance,
+                group: st.group.clone(),
+                filters: st.items.clone(),
+            })
+            .collect();
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        entries
+    }
+
+    /// Stores the subscription set where any replica can read it: a retained message on the
+    /// actor's reserved topic (an empty payload clears it). Keyed by actor, like the
+    /// reference: the actor's last socket to change its subscriptions wins.
+    async fn persist(&self) {
+        let entries = self.entries();
+        let payload = if entries.is_empty() {
+            Bytes::new()
+        } else {
+            restore::encode(&entries)
+        };
+        let topic = self
+            .proxy
+            .router
+            .layout()
+            .restore_topic(&self.actor.project, &self.actor.id);
+        let qos = crate::upstream::publish_qos(1);
+        if let Err(e) = self
+            .proxy
+            .pool
+            .publish(topic, qos, true, payload, None, PUBLISH_ACK_TIMEOUT)
+            .await
+        {
+            tracing::warn!(error = %e, "cannot store the subscription set for reconnect restore");
+        }
+    }
+
+    /// Restores the stored subscription set (QoS 1, re-checked against the current policy) and
+    /// returns the entries restored, for `restoredSubscriptions`.
+    async fn restore(&mut self) -> Vec<Bytes> {
+        let topic = self
+            .proxy
+            .router
+            .layout()
+            .restore_topic(&self.actor.project, &self.actor.id);
+        let Some(payload) = self
+            .proxy
+            .router
+            .fetch_retained(&topic, RESTORE_TIMEOUT)
+            .await
+        else {
+            return Vec::new();
+        };
+        let entries = match restore::decode(&payload) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "stored subscription set unreadable; nothing restored");
+                return Vec::new();
+            }
+        };
+        let max = self.proxy.settings.limits.subscriptions_per_connection as usize;
+        let mut restored = Vec::new();
+        for e in entries.into_iter().take(max) {
+            let Ok((upstream, grant)) =
+                self.plan(&e.name, &e.filters, e.load_balance, e.group.as_deref())
+            else {
+                continue; // no longer allowed: not restored
+            };
+            let sub = self.subscriber(&e.name, grant);
+            if !self.proxy.router.replace(&upstream, 1, &sub) {
+                continue;
+            }
+            restored.push(e.encode());
+            self.subs.insert(
+                e.name.as_str().into(),
+                SubState {
+                    load_balance: e.load_balance,
+                    group: e.group,
+                    items: e.filters,
+                    qos: 1,
+                },
+            );
+        }
+        restored
     }
 
     /// After a policy reload: re-check the actor, then every subscription.

@@ -211,6 +211,17 @@ impl TopicLayout {
         format!("c{}", hex::encode(&digest[..16]))
     }
 
+    /// Where an actor's subscription set is kept (PROTOCOL §13), as a retained message:
+    /// `[prefix/]_/restore/<project>/<actor>`. The app level `_` can never be an app slug, so no
+    /// client topic or filter can address it.
+    pub fn restore_topic(&self, project: &str, actor: &str) -> String {
+        format!(
+            "{}{UNSCOPED}/restore/{project}/{}",
+            self.prefix,
+            super::filters::encode_group(actor)
+        )
+    }
+
     /// Takes an upstream topic apart. `None` for anything outside the layout (another
     /// publisher's topic on a shared broker, a `$` topic, a malformed string): such messages
     /// are not for any client.

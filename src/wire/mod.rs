@@ -8,5 +8,6 @@ pub mod decode;
 pub mod encode;
 pub mod envelope;
 pub mod msgpack;
+pub mod restore;
 
 pub use decode::{ClientFrame, FrameError, decode};
