@@ -42,6 +42,7 @@ on_both_brokers!(
     hot_reload_removes_actors_and_revokes_topics,
     readiness_follows_the_upstream,
     reconnect_restores_subscriptions,
+    connection_limits,
 );
 
 async fn each_actor_type_connects_and_bad_credentials_are_refused(b: TestBroker) {
@@ -790,5 +791,71 @@ async fn reconnect_restores_subscriptions(b: TestBroker) {
     assert_eq!(
         get(&reply, "restoredSubscriptions"),
         Some(&Value::Array(vec![]))
+    );
+}
+
+async fn connection_limits(b: TestBroker) {
+    let p = start_proxy(
+        b,
+        "limits: { auth_timeout_ms: 500, connections_per_actor: 2, max_frame_bytes: 1048576 }",
+    )
+    .await;
+    // No auth frame in time: closed with a reason.
+    let mut silent = Client::connect(&p.url).await;
+    assert_eq!(
+        silent.closed_within(3000).await,
+        Some((1008, "auth timeout".to_string()))
+    );
+
+    // At most two connections per actor.
+    let _a = Client::login(&p.url, SENSOR1_TOKEN).await;
+    let _b = Client::login(&p.url, SENSOR1_TOKEN).await;
+    let (mut c, reply) = Client::auth(&p.url, SENSOR1_TOKEN).await;
+    assert_eq!(get(&reply, "success"), Some(&Value::Boolean(false)));
+    assert_eq!(get_str(&reply, "error"), Some("connection_limit_reached"));
+    c.closed_within(3000).await;
+    // Another actor is not affected.
+    let _other = Client::login(&p.url, BILLING_KEY).await;
+
+    // A message over the frame limit closes with 1009.
+    let mut big = Client::login(&p.url, SENSOR2_TOKEN).await;
+    big.send_raw(vec![0x80; 1_100_000]).await;
+    assert_eq!(
+        big.closed_within(3000).await.map(|(code, _)| code),
+        Some(1009)
+    );
+}
+
+/// PROTOCOL §3: an idle client is closed with 1000 after 60 s without any inbound frame, never
+/// sooner; heartbeats keep a client alive. (Embedded broker only: the broker plays no part.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clients_are_closed_after_60_s_and_heartbeats_keep_them() {
+    let p = start_proxy(TestBroker::Embedded, "").await;
+    let mut idle = Client::login(&p.url, SENSOR1_TOKEN).await;
+    let mut alive = Client::login(&p.url, SENSOR1_TOKEN).await;
+    let started = std::time::Instant::now();
+    let keepalive = tokio::spawn(async move {
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            alive.send_raw(vec![]).await;
+            assert!(matches!(
+                alive.recv_within(2000).await,
+                Some(Received::Empty)
+            ));
+        }
+        alive
+    });
+    let closed = idle.closed_within(70_000).await;
+    let elapsed = started.elapsed();
+    assert_eq!(closed, Some((1000, "idle timeout".to_string())));
+    assert!(
+        elapsed >= Duration::from_secs(59),
+        "closed after {elapsed:?}"
+    );
+    let mut alive = keepalive.await.unwrap();
+    alive.send_raw(vec![]).await;
+    assert!(
+        matches!(alive.recv_within(2000).await, Some(Received::Empty)),
+        "the heartbeating client is still connected after 80 s"
     );
 }

@@ -56,6 +56,7 @@ pub enum CloseReason {
     ScopeChanged,
     ShuttingDown,
     WriteTimeout,
+    TooBig,
 }
 
 impl CloseReason {
@@ -65,6 +66,7 @@ impl CloseReason {
             CloseReason::ShuttingDown => 1001,
             CloseReason::AuthTimeout | CloseReason::AuthFailed(_) => 1008,
             CloseReason::SlowConsumer | CloseReason::WriteTimeout => 1013,
+            CloseReason::TooBig => 1009,
             CloseReason::TokenExpired | CloseReason::Revoked | CloseReason::ScopeChanged => 4001,
         }
     }
@@ -80,6 +82,7 @@ impl CloseReason {
             CloseReason::ScopeChanged => "scope_changed",
             CloseReason::ShuttingDown => "server shutting down",
             CloseReason::WriteTimeout => "write timeout",
+            CloseReason::TooBig => "message too big",
         }
     }
 }
@@ -388,6 +391,10 @@ impl Session {
                 }
                 msg = ws.next() => {
                     let msg = match msg {
+                        // PROTOCOL §1: a message over the frame limit closes with 1009.
+                        Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
+                            return Some(CloseReason::TooBig);
+                        }
                         None | Some(Err(_)) => return None,
                         Some(Ok(m)) => m,
                     };
