@@ -897,19 +897,6 @@ impl Session {
 /// Re-encodes a `filters` array for the `filtersUpdated` echo.
 fn encode_filter_items(items: &[FilterItem]) -> Bytes {
     let mut out = Vec::new();
-    let _ = rmp::encode::write_array_len(&mut out, items.len() as u32);
-    for item in items {
-        match item {
-            FilterItem::One(s) => {
-                let _ = rmp::encode::write_str(&mut out, s);
-            }
-            FilterItem::All(group) => {
-                let _ = rmp::encode::write_array_len(&mut out, group.len() as u32);
-                for s in group {
-                    let _ = rmp::encode::write_str(&mut out, s);
-                }
-            }
-        }
-    }
+    encode::write_filter_items(&mut out, items);
     out.into()
 }

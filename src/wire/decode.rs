@@ -226,7 +226,7 @@ fn string_array(raw: &[u8], name: &'static str) -> Result<Vec<String>, FrameErro
 }
 
 /// `filters` of a subscribe or setFilters: strings and arrays of strings.
-fn filter_items(raw: &[u8]) -> Result<Vec<FilterItem>, FrameError> {
+pub(crate) fn filter_items(raw: &[u8]) -> Result<Vec<FilterItem>, FrameError> {
     let wrong = |_| FrameError::WrongType("filters");
     let mut r = Reader::new(raw);
     let n = r.array_len().map_err(wrong)?;

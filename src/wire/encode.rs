@@ -76,6 +76,25 @@ impl MapWriter {
     }
 }
 
+/// Writes a `filters` array (strings and AND groups), as clients send it.
+pub fn write_filter_items(out: &mut Vec<u8>, items: &[crate::topic::filters::FilterItem]) {
+    use crate::topic::filters::FilterItem;
+    let _ = rmp::encode::write_array_len(out, items.len() as u32);
+    for item in items {
+        match item {
+            FilterItem::One(s) => {
+                let _ = rmp::encode::write_str(out, s);
+            }
+            FilterItem::All(group) => {
+                let _ = rmp::encode::write_array_len(out, group.len() as u32);
+                for s in group {
+                    let _ = rmp::encode::write_str(out, s);
+                }
+            }
+        }
+    }
+}
+
 /// The empty binary frame: a heartbeat reply.
 pub fn heartbeat() -> Bytes {
     Bytes::new()

@@ -5,7 +5,7 @@
 use bytes::Bytes;
 
 use super::msgpack::{MsgpackError, Reader};
-use crate::topic::filters::{FilterItem, MAX_FILTERS};
+use crate::topic::filters::FilterItem;
 
 /// At most this many entries are read back (a session's own limit bounds what is written).
 pub const MAX_ENTRIES: usize = 10_000;
@@ -37,20 +37,7 @@ impl Entry {
             }
         }
         let _ = rmp::encode::write_str(out, "filters");
-        let _ = rmp::encode::write_array_len(out, self.filters.len() as u32);
-        for f in &self.filters {
-            match f {
-                FilterItem::One(s) => {
-                    let _ = rmp::encode::write_str(out, s);
-                }
-                FilterItem::All(g) => {
-                    let _ = rmp::encode::write_array_len(out, g.len() as u32);
-                    for s in g {
-                        let _ = rmp::encode::write_str(out, s);
-                    }
-                }
-            }
-        }
+        super::encode::write_filter_items(out, &self.filters);
     }
 
     pub fn encode(&self) -> Bytes {
@@ -96,28 +83,10 @@ pub fn decode(buf: &[u8]) -> Result<Vec<Entry>, MsgpackError> {
                 "loadBalance" => e.load_balance = r.bool()?,
                 "loadBalanceGroup" if r.next_is_nil() => r.skip(0)?,
                 "loadBalanceGroup" => e.group = Some(r.str()?.to_owned()),
+                // The same shape and limits as a client's `filters`.
                 "filters" => {
-                    let m = r.array_len()?;
-                    if m > MAX_FILTERS {
-                        return Err(MsgpackError::Type);
-                    }
-                    for _ in 0..m {
-                        if matches!(
-                            r.peek_marker()?,
-                            rmp::Marker::FixArray(_) | rmp::Marker::Array16 | rmp::Marker::Array32
-                        ) {
-                            let k = r.array_len()?;
-                            if k > MAX_FILTERS {
-                                return Err(MsgpackError::Type);
-                            }
-                            let g = (0..k)
-                                .map(|_| r.str().map(str::to_owned))
-                                .collect::<Result<_, _>>()?;
-                            e.filters.push(FilterItem::All(g));
-                        } else {
-                            e.filters.push(FilterItem::One(r.str()?.to_owned()));
-                        }
-                    }
+                    e.filters = super::decode::filter_items(r.value_bytes()?)
+                        .map_err(|_| MsgpackError::Type)?;
                 }
                 _ => r.skip(0)?,
             }
