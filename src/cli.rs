@@ -61,7 +61,20 @@ pub enum Command {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    main_with_args(std::env::args_os())
+}
+
+/// The command line with explicit arguments (the first is the program name). The load tool
+/// runs the proxy through this so that what it measures is exactly the `cuttle` binary.
+pub fn main_with_args<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(&cli.config),
         Command::Check => check(&cli.config),
@@ -201,10 +214,19 @@ async fn serve(loaded: Loaded) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let (Some(tls), Some(files)) = (proxy.store.tls(), &settings.tls) {
+        tracing::info!(
+            cert = %files.cert.display(),
+            fingerprint = %tls.fingerprint,
+            chain = tls.chain_len,
+            "TLS certificate loaded"
+        );
+    }
+    let scheme = if settings.tls.is_some() { "wss" } else { "ws" };
     tracing::info!(
         listen = %settings.listen,
         admin = %settings.admin,
-        "serving WebSocket clients at ws://{}/ws",
+        "serving WebSocket clients at {scheme}://{}/ws",
         settings.listen
     );
     let serving = {

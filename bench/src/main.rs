@@ -1,0 +1,331 @@
+//! `cuttle-bench`: end-to-end load for cuttle and the systems a team would deploy instead,
+//! measured side by side in one run on the same machine, payloads and client counts.
+//!
+//! ```text
+//! cargo run --release -p cuttle-bench -- run                # the full run (≈ 25 min)
+//! cargo run --release -p cuttle-bench -- run --smoke        # seconds; what CI runs
+//! cargo run --release -p cuttle-bench -- report --input bench/results/full.json
+//! ```
+//!
+//! Layout: [`wire`] speaks each protocol as a client; [`targets`] starts and stops the
+//! servers; [`scenario`] drives fan-out, fan-in, idle and connect; [`report`] writes the
+//! tables, ratios and plots; [`broadcast`] is the ceiling baseline server; [`sys`] reads /proc.
+//! The proxy itself runs as a child process of this binary (`serve-proxy`, exactly the
+//! `cuttle` command line) so its memory and CPU are measured apart from the load generator.
+
+mod broadcast;
+mod report;
+mod scenario;
+mod sys;
+mod targets;
+mod tls;
+mod wire;
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::report::Results;
+use crate::scenario::{Plan, Record};
+use crate::targets::Target;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cuttle-bench",
+    about = "End-to-end benchmarks of cuttle against baselines"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run scenarios against targets; write results JSON, plots and (optionally) the report.
+    Run(RunArgs),
+    /// Rewrite the plots and the report from a results JSON.
+    Report {
+        #[arg(long, default_value = "bench/results/full.json")]
+        input: PathBuf,
+        #[arg(long, default_value = "docs/benchmarks")]
+        plots: PathBuf,
+        /// Markdown file whose `<!-- results:begin/end -->` block is replaced.
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        report: PathBuf,
+    },
+    /// Run the proxy (internal: the tool's child process; arguments as for `cuttle`).
+    #[command(hide = true)]
+    ServeProxy {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Run the minimal broadcast server (internal).
+    #[command(hide = true)]
+    ServeBroadcast {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Systems to measure.
+    #[arg(long, value_delimiter = ',', default_values_t = Target::ALL.to_vec())]
+    targets: Vec<Target>,
+    /// Scenarios to run, in order.
+    #[arg(long, value_delimiter = ',', default_values_t = ["fanout".to_string(), "fanin".into(), "connect".into(), "idle".into()])]
+    scenarios: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_values_t = [100, 1000, 5000])]
+    fanout_n: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_values_t = [100, 1000, 5000])]
+    fanin_n: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_values_t = [1000, 5000, 10000, 20000])]
+    idle_n: Vec<usize>,
+    /// Payload sizes in bytes (at least 12: phase and timestamp).
+    #[arg(long, value_delimiter = ',', default_values_t = [64, 1024])]
+    payloads: Vec<usize>,
+    /// Length of each measured phase.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Total deliveries per second in the fixed-rate mode.
+    #[arg(long, default_value_t = 10_000)]
+    fixed_rate: u64,
+    /// Outstanding deliveries per subscriber in the max-rate fan-out.
+    #[arg(long, default_value_t = 128)]
+    window: u32,
+    /// Concurrent clients in the connect scenario.
+    #[arg(long, default_value_t = 32)]
+    connect_concurrency: usize,
+    /// Skip the TLS connect measurement.
+    #[arg(long)]
+    no_tls: bool,
+    /// Small N and short phases: proves the tool works end to end in seconds (CI). Fails
+    /// unless every target produced every figure without errors.
+    #[arg(long)]
+    smoke: bool,
+    /// Give up after this long in total.
+    #[arg(long, default_value = "60m", value_parser = humantime::parse_duration)]
+    max_time: Duration,
+    /// Where the results JSON goes.
+    #[arg(long, default_value = "bench/results/full.json")]
+    out: PathBuf,
+    /// Where the PNG plots go.
+    #[arg(long, default_value = "docs/benchmarks")]
+    plots: PathBuf,
+    /// Markdown file whose `<!-- results:begin/end -->` block is replaced (none: skip).
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::ServeProxy { args } => {
+            cuttle::cli::main_with_args(std::iter::once(OsString::from("cuttle")).chain(args))
+        }
+        Command::ServeBroadcast { listen } => {
+            runtime_then(async move { broadcast::serve(listen).await })
+        }
+        Command::Report {
+            input,
+            plots,
+            report,
+        } => match write_report(&input, &plots, Some(&report)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cuttle-bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run(args) => runtime_then(run(args)),
+    }
+}
+
+fn runtime_then<F: Future<Output = Result<()>>>(f: F) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cuttle-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(f) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cuttle-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn write_report(
+    input: &std::path::Path,
+    plots: &std::path::Path,
+    report_md: Option<&std::path::Path>,
+) -> Result<()> {
+    let text = std::fs::read_to_string(input)
+        .with_context(|| format!("cannot read {}", input.display()))?;
+    let results: Results = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a results file", input.display()))?;
+    report::plots(&results, plots)?;
+    if let Some(md) = report_md {
+        // Plot links are relative to the report's directory.
+        let base = md.parent().unwrap_or(std::path::Path::new(""));
+        let rel = pathdiff(plots, base);
+        report::splice(md, &report::markdown(&results, &rel))?;
+        eprintln!("wrote {} and plots in {}", md.display(), plots.display());
+    }
+    Ok(())
+}
+
+/// `plots` relative to `base` when it lies under it (both relative to the working directory).
+fn pathdiff(plots: &std::path::Path, base: &std::path::Path) -> String {
+    plots
+        .strip_prefix(base)
+        .unwrap_or(plots)
+        .to_string_lossy()
+        .into_owned()
+}
+
+async fn run(mut args: RunArgs) -> Result<()> {
+    if args.smoke {
+        args.fanout_n = vec![20, 50];
+        args.fanin_n = vec![10, 20];
+        args.idle_n = vec![50, 100];
+        args.payloads = vec![64];
+        args.duration = Duration::from_secs(1);
+        args.fixed_rate = 2_000;
+    }
+    if args.payloads.iter().any(|p| *p < wire::PAYLOAD_HEADER) {
+        bail!("payloads must be at least {} bytes", wire::PAYLOAD_HEADER);
+    }
+    let want_fds = 4 * args.idle_n.iter().copied().max().unwrap_or(0) as u64 + 10_000;
+    let fds = sys::raise_fd_limit(want_fds)?;
+    if fds < want_fds {
+        eprintln!(
+            "warning: open-file limit is {fds}, below the {want_fds} the idle scenario needs"
+        );
+    }
+    let plan = Plan {
+        fanout_n: args.fanout_n.clone(),
+        fanin_n: args.fanin_n.clone(),
+        idle_n: args.idle_n.clone(),
+        payloads: args.payloads.clone(),
+        duration: args.duration,
+        fixed_rate: args.fixed_rate,
+        window_per_subscriber: args.window,
+        fanin_window: 512,
+        connect_concurrency: args.connect_concurrency,
+        ramp_concurrency: 128,
+        settle: if args.smoke {
+            Duration::from_millis(300)
+        } else {
+            Duration::from_secs(2)
+        },
+    };
+    let tls = if args.no_tls {
+        None
+    } else {
+        Some(tls::generate()?)
+    };
+    let started = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let command = std::env::args().skip(1).collect::<Vec<_>>().join(" ");
+    let mut records: Vec<Record> = Vec::new();
+    let wall = std::time::Instant::now();
+    let all = async {
+        for &target in &args.targets {
+            if let Err(e) =
+                scenario::run_target(target, &plan, &args.scenarios, tls.as_ref(), &mut records)
+                    .await
+            {
+                eprintln!("{target}: {e:#}");
+                records.push(Record {
+                    target: target.name().into(),
+                    scenario: "start".into(),
+                    mode: "failed".into(),
+                    errors: 1,
+                    ..Record::default()
+                });
+            }
+        }
+    };
+    if tokio::time::timeout(args.max_time, all).await.is_err() {
+        bail!(
+            "the run exceeded --max-time {}",
+            humantime::format_duration(args.max_time)
+        );
+    }
+    let results = Results {
+        machine: sys::machine(),
+        started,
+        command: format!("cuttle-bench {command}"),
+        duration_s: args.duration.as_secs_f64(),
+        fixed_rate: args.fixed_rate,
+        records,
+    };
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&results)?)?;
+    eprintln!(
+        "results in {} after {:.0} s",
+        args.out.display(),
+        wall.elapsed().as_secs_f64()
+    );
+    write_report(&args.out, &args.plots, args.report.as_deref())?;
+    if args.smoke {
+        smoke_check(&results, &args)?;
+    }
+    Ok(())
+}
+
+/// The smoke run's verdict: every target produced every scenario's figures, no client failed
+/// and no message was lost.
+fn smoke_check(results: &Results, args: &RunArgs) -> Result<()> {
+    let mut problems = Vec::new();
+    for target in &args.targets {
+        for scenario in &args.scenarios {
+            let rows: Vec<&Record> = results
+                .records
+                .iter()
+                .filter(|r| r.target == target.name() && r.scenario == *scenario)
+                .collect();
+            if rows.is_empty() {
+                problems.push(format!("{target} {scenario}: no figures"));
+            }
+            for r in rows {
+                let measured = match scenario.as_str() {
+                    "fanout" | "fanin" => {
+                        r.delivered_per_s.is_some_and(|v| v > 0.0) && r.p99_us.is_some()
+                    }
+                    "idle" => r.rss_per_conn_kib.is_some(),
+                    "connect" => r.connects_per_s.is_some_and(|v| v > 0.0),
+                    _ => false,
+                };
+                if r.mode == "failed" || !measured || r.errors > 0 || r.lost.unwrap_or(0) > 0 {
+                    problems.push(format!(
+                        "{target} {scenario} n={} {}: errors={} lost={:?} measured={measured}",
+                        r.n, r.mode, r.errors, r.lost
+                    ));
+                }
+            }
+        }
+    }
+    for r in results.records.iter().filter(|r| r.scenario == "start") {
+        problems.push(format!("{} did not start", r.target));
+    }
+    if problems.is_empty() {
+        eprintln!("smoke passed: {} figures", results.records.len());
+        Ok(())
+    } else {
+        bail!("smoke failed:\n  {}", problems.join("\n  "))
+    }
+}

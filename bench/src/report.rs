@@ -1,0 +1,506 @@
+//! Turns [`Record`]s into the report: markdown tables of absolute figures, tables of ratios
+//! (cuttle ÷ each baseline), and PNG plots (plotters) of throughput, p99 latency and memory
+//! against N.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::scenario::Record;
+use crate::targets::Target;
+
+/// A whole run: what ran, where, and the figures.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Results {
+    pub machine: String,
+    pub started: String,
+    pub command: String,
+    pub duration_s: f64,
+    pub fixed_rate: u64,
+    pub records: Vec<Record>,
+}
+
+const CUTTLES: [Target; 2] = [Target::CuttleEmbedded, Target::CuttleMosquitto];
+const BASELINES: [Target; 4] = [
+    Target::RabbitmqWebMqtt,
+    Target::NatsWs,
+    Target::MosquittoTcp,
+    Target::WsBroadcast,
+];
+
+fn find<'a>(
+    r: &'a Results,
+    target: Target,
+    scenario: &str,
+    n: usize,
+    payload: usize,
+    mode: &str,
+) -> Option<&'a Record> {
+    r.records.iter().find(|x| {
+        x.target == target.name()
+            && x.scenario == scenario
+            && x.n == n
+            && x.payload == payload
+            && x.mode == mode
+    })
+}
+
+fn keys(r: &Results, scenario: &str, mode: &str) -> Vec<(usize, usize)> {
+    let set: BTreeSet<(usize, usize)> = r
+        .records
+        .iter()
+        .filter(|x| x.scenario == scenario && x.mode == mode)
+        .map(|x| (x.n, x.payload))
+        .collect();
+    set.into_iter().collect()
+}
+
+fn targets_in(r: &Results) -> Vec<Target> {
+    Target::ALL
+        .into_iter()
+        .filter(|t| r.records.iter().any(|x| x.target == t.name()))
+        .collect()
+}
+
+fn rate(v: f64) -> String {
+    let n = v.round() as u64;
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn latency(us: f64) -> String {
+    if us >= 1000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{us:.0} µs")
+    }
+}
+
+fn payload_name(p: usize) -> String {
+    if p >= 1024 && p % 1024 == 0 {
+        format!("{} KiB", p / 1024)
+    } else {
+        format!("{p} B")
+    }
+}
+
+/// A cell: the figure, with a marker when clients failed or messages were lost.
+fn cell(rec: Option<&Record>, figure: impl Fn(&Record) -> Option<String>) -> String {
+    match rec {
+        None => "–".into(),
+        Some(r) if r.mode == "failed" => "failed".into(),
+        Some(r) => {
+            let mut s = figure(r).unwrap_or_else(|| "–".into());
+            if r.errors > 0 || r.lost.unwrap_or(0) > 0 {
+                s.push_str(" ⚠");
+            }
+            s
+        }
+    }
+}
+
+fn header(out: &mut String, first: &str, targets: &[Target]) {
+    let _ = write!(out, "| {first} |");
+    for t in targets {
+        let _ = write!(out, " {t} |");
+    }
+    out.push_str("\n|---|");
+    for _ in targets {
+        out.push_str("---:|");
+    }
+    out.push('\n');
+}
+
+fn table(
+    r: &Results,
+    scenario: &str,
+    mode: &str,
+    figure: impl Fn(&Record) -> Option<String> + Copy,
+) -> String {
+    let targets = targets_in(r);
+    let mut out = String::new();
+    header(&mut out, "N · payload", &targets);
+    for (n, payload) in keys(r, scenario, mode) {
+        let label = if payload > 0 {
+            format!("{n} · {}", payload_name(payload))
+        } else {
+            n.to_string()
+        };
+        let _ = write!(out, "| {label} |");
+        for &t in &targets {
+            let _ = write!(
+                out,
+                " {} |",
+                cell(find(r, t, scenario, n, payload, mode), figure)
+            );
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// cuttle ÷ baseline for one figure (higher is better for throughput, lower for latency
+/// and memory; the heading says which).
+fn ratio_table(
+    r: &Results,
+    scenario: &str,
+    mode: &str,
+    figure: impl Fn(&Record) -> Option<f64> + Copy,
+) -> String {
+    let baselines: Vec<Target> = BASELINES
+        .into_iter()
+        .filter(|b| targets_in(r).contains(b))
+        .collect();
+    let mut out = String::new();
+    let _ = write!(out, "| cuttle · N · payload |");
+    for b in &baselines {
+        let _ = write!(out, " ÷ {b} |");
+    }
+    out.push_str("\n|---|");
+    for _ in &baselines {
+        out.push_str("---:|");
+    }
+    out.push('\n');
+    for c in CUTTLES {
+        for (n, payload) in keys(r, scenario, mode) {
+            let Some(mine) = find(r, c, scenario, n, payload, mode).and_then(figure) else {
+                continue;
+            };
+            let label = if payload > 0 {
+                format!("{c} · {n} · {}", payload_name(payload))
+            } else {
+                format!("{c} · {n}")
+            };
+            let _ = write!(out, "| {label} |");
+            for &b in &baselines {
+                match find(r, b, scenario, n, payload, mode).and_then(figure) {
+                    Some(theirs) if theirs > 0.0 => {
+                        let _ = write!(out, " {:.2}× |", mine / theirs);
+                    }
+                    _ => out.push_str(" – |"),
+                }
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// The markdown block that goes between the markers in BENCHMARKS.md.
+pub fn markdown(r: &Results, plots: &str) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Run of {} on {}: `{}`; phases of {:.0} s; fixed-rate mode = {} deliveries/s in total.\n\
+         ⚠ marks a figure where clients failed to connect or messages were not delivered.\n",
+        r.started,
+        r.machine,
+        r.command,
+        r.duration_s,
+        rate(r.fixed_rate as f64)
+    );
+    let thr = |x: &Record| x.delivered_per_s.map(rate);
+    let p = |f: fn(&Record) -> Option<f64>| move |x: &Record| f(x).map(latency);
+
+    out.push_str("### Fan-out: 1 publisher → N subscribers, max sustained rate (deliveries/s)\n\n");
+    out.push_str(&table(r, "fanout", "max", thr));
+    let _ = writeln!(
+        out,
+        "\n![fan-out throughput]({plots}/fanout-throughput.png)\n"
+    );
+    out.push_str("### Fan-out at a fixed load: p50 / p99 / p99.9 latency\n\n");
+    out.push_str(&table(r, "fanout", "fixed", |x| {
+        Some(format!(
+            "{} / {} / {}",
+            latency(x.p50_us?),
+            latency(x.p99_us?),
+            latency(x.p999_us?)
+        ))
+    }));
+    let _ = writeln!(out, "\n![fan-out p99 latency]({plots}/fanout-p99.png)\n");
+    out.push_str("### Fan-out at max rate: p99 latency\n\n");
+    out.push_str(&table(r, "fanout", "max", p(|x| x.p99_us)));
+    out.push_str(
+        "\n### Fan-in: N publishers → 1 subscriber, max sustained rate (deliveries/s)\n\n",
+    );
+    out.push_str(&table(r, "fanin", "max", thr));
+    let _ = writeln!(
+        out,
+        "\n![fan-in throughput]({plots}/fanin-throughput.png)\n"
+    );
+    out.push_str("### Fan-in at a fixed load: p50 / p99 / p99.9 latency\n\n");
+    out.push_str(&table(r, "fanin", "fixed", |x| {
+        Some(format!(
+            "{} / {} / {}",
+            latency(x.p50_us?),
+            latency(x.p99_us?),
+            latency(x.p999_us?)
+        ))
+    }));
+    out.push_str("\n### Idle connections (2 subscriptions each): server RSS per connection\n\n");
+    out.push_str(&table(r, "idle", "idle", |x| {
+        x.rss_per_conn_kib.map(|k| format!("{k:.1} KiB"))
+    }));
+    let _ = writeln!(out, "\n![idle memory]({plots}/idle-memory.png)\n");
+    out.push_str("### Broker connections held for N idle clients\n\n");
+    out.push_str(&table(r, "idle", "idle", |x| {
+        Some(x.broker_connections.map_or("n/a".into(), |c| c.to_string()))
+    }));
+    out.push_str("\n### Authenticated connects per second (connect + auth + close)\n\n");
+    out.push_str(&table(r, "connect", "plain", |x| {
+        x.connects_per_s.map(rate)
+    }));
+    if r.records
+        .iter()
+        .any(|x| x.scenario == "connect" && x.mode == "tls")
+    {
+        out.push_str("\nOver TLS (cuttle only; ECDSA P-256, TLS 1.3, no session resumption):\n\n");
+        out.push_str(&table(r, "connect", "tls", |x| x.connects_per_s.map(rate)));
+    }
+
+    out.push_str("\n### Ratios: cuttle ÷ baseline\n\n");
+    out.push_str("Fan-out throughput at max rate (higher is better for cuttle):\n\n");
+    out.push_str(&ratio_table(r, "fanout", "max", |x| x.delivered_per_s));
+    out.push_str("\nFan-out p99 latency at the fixed load (lower is better for cuttle):\n\n");
+    out.push_str(&ratio_table(r, "fanout", "fixed", |x| x.p99_us));
+    out.push_str("\nFan-in throughput at max rate (higher is better):\n\n");
+    out.push_str(&ratio_table(r, "fanin", "max", |x| x.delivered_per_s));
+    out.push_str("\nIdle RSS per connection (lower is better):\n\n");
+    out.push_str(&ratio_table(r, "idle", "idle", |x| x.rss_per_conn_kib));
+    out.push_str("\nConnects per second, plain (higher is better):\n\n");
+    out.push_str(&ratio_table(r, "connect", "plain", |x| x.connects_per_s));
+
+    // The latency target is a difference, not a ratio: p99(cuttle) − p99(direct MQTT).
+    let fixed_keys = keys(r, "fanout", "fixed");
+    if !fixed_keys.is_empty()
+        && r.records
+            .iter()
+            .any(|x| x.target == Target::MosquittoTcp.name())
+    {
+        out.push_str(
+            "\nFan-out p99 at the fixed load, cuttle − direct MQTT (target ≤ +0.5 ms):\n\n",
+        );
+        out.push_str("| N · payload | cuttle-embedded | cuttle-mosquitto |\n|---|---:|---:|\n");
+        for (n, payload) in fixed_keys {
+            let base =
+                find(r, Target::MosquittoTcp, "fanout", n, payload, "fixed").and_then(|x| x.p99_us);
+            let diff = |t: Target| match (
+                find(r, t, "fanout", n, payload, "fixed").and_then(|x| x.p99_us),
+                base,
+            ) {
+                (Some(a), Some(b)) => format!("{:+.2} ms", (a - b) / 1000.0),
+                _ => "–".into(),
+            };
+            let _ = writeln!(
+                out,
+                "| {n} · {} | {} | {} |",
+                payload_name(payload),
+                diff(Target::CuttleEmbedded),
+                diff(Target::CuttleMosquitto)
+            );
+        }
+    }
+    out.push_str("\nServer CPU during fan-out at max rate (cores busy; the load generator shares the machine):\n\n");
+    out.push_str(&table(r, "fanout", "max", |x| {
+        x.server_cores.map(|c| format!("{c:.2}"))
+    }));
+    out
+}
+
+/// Replaces the text between `<!-- results:begin -->` and `<!-- results:end -->` in `path`.
+pub fn splice(path: &Path, block: &str) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (begin, end) = ("<!-- results:begin -->", "<!-- results:end -->");
+    let (Some(b), Some(e)) = (text.find(begin), text.find(end)) else {
+        bail!("{} has no `{begin}` … `{end}` markers", path.display());
+    };
+    if e < b {
+        bail!("{}: the results markers are out of order", path.display());
+    }
+    let updated = format!("{}{begin}\n{block}\n{}", &text[..b], &text[e..]);
+    std::fs::write(path, updated)?;
+    Ok(())
+}
+
+const FONT_PATHS: [&str; 2] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+];
+
+fn register_font() -> Result<()> {
+    for path in FONT_PATHS {
+        if let Ok(bytes) = std::fs::read(path) {
+            // plotters keeps fonts for the process's lifetime.
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+                .map_err(|_| anyhow::anyhow!("{path} is not a usable font"))?;
+            return Ok(());
+        }
+    }
+    bail!("no DejaVu Sans font found for the plots (apt-get install fonts-dejavu-core)")
+}
+
+const COLORS: [RGBColor; 6] = [
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0x17, 0xbe, 0xcf),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0x7f, 0x7f, 0x7f),
+];
+
+struct Chart<'a> {
+    file: &'a Path,
+    title: String,
+    y_label: &'a str,
+    series: Vec<(String, Vec<(f64, f64)>)>,
+}
+
+fn draw(chart: Chart<'_>) -> Result<()> {
+    let points: Vec<(f64, f64)> = chart
+        .series
+        .iter()
+        .flat_map(|(_, s)| s.iter().copied())
+        .collect();
+    if points.is_empty() {
+        return Ok(());
+    }
+    let x_min = points.iter().map(|p| p.0).fold(f64::MAX, f64::min).max(1.0);
+    let x_max = points
+        .iter()
+        .map(|p| p.0)
+        .fold(0.0, f64::max)
+        .max(x_min * 2.0);
+    let y_max = points.iter().map(|p| p.1).fold(0.0, f64::max).max(1e-9) * 1.1;
+    let root = BitMapBackend::new(chart.file, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut ctx = ChartBuilder::on(&root)
+        .caption(&chart.title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(90)
+        .build_cartesian_2d((x_min * 0.8..x_max * 1.25).log_scale(), 0.0..y_max)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    ctx.configure_mesh()
+        .x_desc("N (clients)")
+        .y_desc(chart.y_label)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| {
+            if *y >= 1e6 {
+                format!("{:.1}M", y / 1e6)
+            } else if *y >= 1e3 {
+                format!("{:.0}k", y / 1e3)
+            } else {
+                format!("{y:.1}")
+            }
+        })
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for (i, (name, series)) in chart.series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        ctx.draw_series(LineSeries::new(
+            series.iter().copied(),
+            color.stroke_width(2),
+        ))
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .label(name.as_str())
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        ctx.draw_series(series.iter().map(|&p| Circle::new(p, 4, color.filled())))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    ctx.configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+fn series(
+    r: &Results,
+    scenario: &str,
+    mode: &str,
+    payload: Option<usize>,
+    figure: fn(&Record) -> Option<f64>,
+) -> Vec<(String, Vec<(f64, f64)>)> {
+    targets_in(r)
+        .into_iter()
+        .filter_map(|t| {
+            let mut pts: Vec<(f64, f64)> = r
+                .records
+                .iter()
+                .filter(|x| {
+                    x.target == t.name()
+                        && x.scenario == scenario
+                        && x.mode == mode
+                        && payload.is_none_or(|p| x.payload == p)
+                })
+                .filter_map(|x| Some((x.n as f64, figure(x)?)))
+                .collect();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            (!pts.is_empty()).then(|| (t.name().to_string(), pts))
+        })
+        .collect()
+}
+
+/// Writes the PNG plots into `dir`.
+pub fn plots(r: &Results, dir: &Path) -> Result<()> {
+    register_font()?;
+    std::fs::create_dir_all(dir)?;
+    let payloads: BTreeSet<usize> = r
+        .records
+        .iter()
+        .filter(|x| x.scenario == "fanout")
+        .map(|x| x.payload)
+        .collect();
+    // One payload per chart keeps the curves readable: the smallest, which stresses per-message
+    // cost the most. The tables hold the others.
+    let payload = payloads.iter().next().copied();
+    let label = payload.map_or(String::new(), |p| format!(", {} payload", payload_name(p)));
+    draw(Chart {
+        file: &dir.join("fanout-throughput.png"),
+        title: format!("Fan-out: deliveries/s at max sustained rate{label}"),
+        y_label: "deliveries per second",
+        series: series(r, "fanout", "max", payload, |x| x.delivered_per_s),
+    })?;
+    draw(Chart {
+        file: &dir.join("fanout-p99.png"),
+        title: format!(
+            "Fan-out: p99 latency at {} deliveries/s{label}",
+            rate(r.fixed_rate as f64)
+        ),
+        y_label: "p99 latency (ms)",
+        series: series(r, "fanout", "fixed", payload, |x| {
+            x.p99_us.map(|u| u / 1000.0)
+        }),
+    })?;
+    draw(Chart {
+        file: &dir.join("fanin-throughput.png"),
+        title: format!("Fan-in: deliveries/s at max sustained rate{label}"),
+        y_label: "deliveries per second",
+        series: series(r, "fanin", "max", payload, |x| x.delivered_per_s),
+    })?;
+    draw(Chart {
+        file: &dir.join("idle-memory.png"),
+        title: "Idle connections: server RSS per connection".into(),
+        y_label: "KiB per connection",
+        series: series(r, "idle", "idle", None, |x| x.rss_per_conn_kib),
+    })?;
+    Ok(())
+}

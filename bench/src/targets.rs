@@ -1,0 +1,490 @@
+//! The systems under test: how each is started, reached, measured and stopped.
+//!
+//! Every server the tool starts is a child process in its own temporary directory, started
+//! with `PR_SET_PDEATHSIG` so that it dies with the tool even if the tool is killed, and
+//! killed and reaped when its [`Running`] is dropped: a run leaves no process behind.
+//! RabbitMQ is the exception — it is the machine's service, set up by
+//! `bench/setup-services.sh`, and only used.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+use crate::sys;
+use crate::wire::{Endpoint, Protocol};
+
+/// One system under test.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    /// cuttle on its embedded broker (the default deployment).
+    CuttleEmbedded,
+    /// cuttle in front of a private Mosquitto.
+    CuttleMosquitto,
+    /// RabbitMQ's Web-MQTT plugin, MQTT-over-WebSocket clients.
+    RabbitmqWebMqtt,
+    /// nats-server's WebSocket listener, NATS-protocol clients.
+    NatsWs,
+    /// Direct MQTT over TCP to a private Mosquitto (no WebSocket: the latency floor).
+    MosquittoTcp,
+    /// The tool's minimal WebSocket broadcast server (the machine's ceiling).
+    WsBroadcast,
+}
+
+impl Target {
+    pub const ALL: [Target; 6] = [
+        Target::CuttleEmbedded,
+        Target::CuttleMosquitto,
+        Target::RabbitmqWebMqtt,
+        Target::NatsWs,
+        Target::MosquittoTcp,
+        Target::WsBroadcast,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::CuttleEmbedded => "cuttle-embedded",
+            Target::CuttleMosquitto => "cuttle-mosquitto",
+            Target::RabbitmqWebMqtt => "rabbitmq-web-mqtt",
+            Target::NatsWs => "nats-ws",
+            Target::MosquittoTcp => "mosquitto-tcp",
+            Target::WsBroadcast => "ws-broadcast",
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// RabbitMQ Web-MQTT's port, as `bench/setup-services.sh` configures it.
+pub const RABBITMQ_WEB_MQTT_PORT: u16 = 15675;
+
+/// Device actors in the cuttle benchmark policy: clients spread over them, so 20,000
+/// connections stay under the default `connections_per_actor` of 32. All are in one scope:
+/// the baselines have no tenants, and across scopes cuttle would (rightly) deliver nothing.
+const CUTTLE_ACTORS: usize = 1000;
+
+/// A started target.
+pub struct Running {
+    pub target: Target,
+    pub endpoint: Endpoint,
+    /// For cuttle: its `upstream.broker` value, so a TLS sibling can share the broker.
+    cuttle_broker: Option<String>,
+    /// The process that holds the client connections (whose RSS is measured).
+    pub server_pid: u32,
+    /// The port on which the broker accepts its connections, to count them; None for the
+    /// broadcast server, which has no broker.
+    pub broker_port: Option<u16>,
+    children: Vec<Child>,
+    dir: PathBuf,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.start_kill();
+        }
+        for child in &mut self.children {
+            // Reap so that nothing lingers as a zombie while the tool goes on.
+            for _ in 0..50 {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A second cuttle with TLS on, sharing the first one's broker, for the TLS connect scenario
+/// only (started then and stopped after, so it never adds to another scenario's figures).
+pub struct TlsSibling {
+    pub endpoint: Endpoint,
+    pub pid: u32,
+    _child: Child,
+}
+
+impl Running {
+    pub async fn start_tls_sibling(
+        &self,
+        files: &crate::tls::ServerFiles,
+    ) -> Result<Option<TlsSibling>> {
+        let Some(broker) = &self.cuttle_broker else {
+            return Ok(None);
+        };
+        let (listen, admin) = (sys::free_port()?, sys::free_port()?);
+        let config = self.dir.join("proxy-tls.yaml");
+        std::fs::write(&config, cuttle_config(listen, admin, broker, Some(files)))?;
+        let config_s = config.to_string_lossy().into_owned();
+        let me = std::env::current_exe()?;
+        let mut child = spawn(
+            &self.dir,
+            "cuttle-tls",
+            &me,
+            &["serve-proxy", "--config", &config_s],
+        )?;
+        wait_listening(admin, &mut child, &self.dir, "cuttle-tls").await?;
+        wait_listening(listen, &mut child, &self.dir, "cuttle-tls").await?;
+        Ok(Some(TlsSibling {
+            endpoint: Endpoint {
+                protocol: Protocol::NoLag,
+                addr: SocketAddr::from(([127, 0, 0, 1], listen)),
+                path: "/ws",
+                tokens: tokens(),
+                source_addresses: 1,
+            },
+            pid: child_pid(&child)?,
+            _child: child,
+        }))
+    }
+
+    /// Connections the broker holds right now (None where there is no broker).
+    pub fn broker_connections(&self) -> Option<usize> {
+        self.broker_port.map(sys::accepted_on)
+    }
+
+    pub fn server_rss(&self) -> Result<u64> {
+        sys::rss_bytes(self.server_pid)
+    }
+}
+
+fn tokens() -> Arc<Vec<String>> {
+    Arc::new(
+        (0..CUTTLE_ACTORS)
+            .map(|i| format!("bench-device-{i}-token"))
+            .collect(),
+    )
+}
+
+fn spawn(
+    dir: &std::path::Path,
+    name: &str,
+    program: &std::path::Path,
+    args: &[&str],
+) -> Result<Child> {
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true);
+    // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .with_context(|| format!("cannot start {}", program.display()))
+}
+
+fn child_pid(child: &Child) -> Result<u32> {
+    child.id().context("child exited at once")
+}
+
+/// Waits until something accepts TCP connections on `port`, or fails with the child's log.
+async fn wait_listening(
+    port: u16,
+    child: &mut Child,
+    dir: &std::path::Path,
+    name: &str,
+) -> Result<()> {
+    for _ in 0..300 {
+        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+            bail!("{name} exited ({status}) before listening:\n{log}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("{name} did not listen on port {port} within 15 s")
+}
+
+/// GET `path` on `port`; true on a 200.
+async fn http_ok(port: u16, path: &str) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)).await else {
+        return false;
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
+    buf.starts_with(b"HTTP/1.1 200")
+}
+
+/// Starts a private Mosquitto (TCP_NODELAY on, anonymous, no connection cap).
+async fn start_mosquitto(dir: &std::path::Path) -> Result<(Child, u16)> {
+    let port = sys::free_port()?;
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\n\
+             set_tcp_nodelay true\npersistence false\nlog_type error\n"
+        ),
+    )?;
+    let program = which("mosquitto")?;
+    let conf_s = conf.to_string_lossy().into_owned();
+    let mut child = spawn(dir, "mosquitto", &program, &["-c", &conf_s])?;
+    wait_listening(port, &mut child, dir, "mosquitto").await?;
+    Ok((child, port))
+}
+
+fn which(name: &str) -> Result<PathBuf> {
+    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/bin", "/usr/local/sbin"] {
+        let p = PathBuf::from(dir).join(name);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join(name);
+            if p.exists() {
+                return Ok(p);
+            }
+        }
+    }
+    bail!("`{name}` is not installed (bench/setup-services.sh checks the baselines' servers)")
+}
+
+fn cuttle_config(
+    listen: u16,
+    admin: u16,
+    broker: &str,
+    tls: Option<&crate::tls::ServerFiles>,
+) -> String {
+    let mut actors = String::new();
+    for (i, token) in tokens().iter().enumerate() {
+        let hash = hex::encode(Sha256::digest(token.as_bytes()));
+        actors.push_str(&format!(
+            "        - {{ id: d{i}, type: device, token_sha256: \"{hash}\", scope: acme }}\n"
+        ));
+    }
+    let tls = tls.map_or(String::new(), |f| {
+        format!(
+            "tls: {{ cert: \"{}\", key: \"{}\" }}\n",
+            f.cert.display(),
+            f.key.display()
+        )
+    });
+    // Limits raised only where the benchmark itself would trip them: one publisher sends far
+    // more than the default 50 msg/s, and the idle scenario holds connections for minutes
+    // without heartbeats. Everything else (send queue, frame sizes, pool) is the default.
+    format!(
+        "listen: 127.0.0.1:{listen}\n\
+         admin: 127.0.0.1:{admin}\n\
+         {tls}\
+         upstream:\n  broker: {broker}\n  pool: 4\n\
+         limits:\n  publish_per_second: 1000000\n  max_connections: 100000\n  idle_timeout_ms: 3600000\n\
+         log:\n  level: warn\n\
+         policy:\n  projects:\n    - id: bench\n\
+         \x20     scopes: [ {{ slug: acme }} ]\n\
+         \x20     apps:\n        - slug: bench\n          topics:\n            t: {{ device: read-write }}\n            u: {{ device: read-write }}\n          rooms:\n            - slug: r\n\
+         \x20     actors:\n{actors}"
+    )
+}
+
+/// Starts `target` and waits until it serves.
+pub async fn start(target: Target) -> Result<Running> {
+    let dir = std::env::temp_dir().join(format!(
+        "cuttle-bench-{}-{}",
+        std::process::id(),
+        target.name()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let localhost = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let mut children = Vec::new();
+    let me = std::env::current_exe()?;
+
+    let (endpoint, cuttle_broker, server_pid, broker_port) = match target {
+        Target::CuttleEmbedded | Target::CuttleMosquitto => {
+            let broker = if target == Target::CuttleMosquitto {
+                let (child, port) = start_mosquitto(&dir).await?;
+                children.push(child);
+                Some(port)
+            } else {
+                None
+            };
+            let broker_url =
+                broker.map_or("embedded".to_string(), |p| format!("mqtt://127.0.0.1:{p}"));
+            let (listen, admin) = (sys::free_port()?, sys::free_port()?);
+            let config = dir.join("proxy.yaml");
+            std::fs::write(&config, cuttle_config(listen, admin, &broker_url, None))?;
+            let config_s = config.to_string_lossy().into_owned();
+            let mut child = spawn(&dir, "cuttle", &me, &["serve-proxy", "--config", &config_s])?;
+            wait_listening(admin, &mut child, &dir, "cuttle").await?;
+            let mut ready = false;
+            for _ in 0..200 {
+                if http_ok(admin, "/readyz").await {
+                    ready = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if !ready {
+                bail!("cuttle did not become ready (its upstream pool never connected)");
+            }
+            let pid = child_pid(&child)?;
+            let broker_port = match broker {
+                Some(p) => Some(p),
+                // The embedded broker listens inside the proxy process, on a port it picks.
+                None => sys::listening_ports(pid)
+                    .into_iter()
+                    .find(|p| *p != listen && *p != admin),
+            };
+            children.push(child);
+            (
+                Endpoint {
+                    protocol: Protocol::NoLag,
+                    addr: localhost(listen),
+                    path: "/ws",
+                    tokens: tokens(),
+                    source_addresses: 1,
+                },
+                Some(broker_url),
+                pid,
+                broker_port,
+            )
+        }
+        Target::MosquittoTcp => {
+            let (child, port) = start_mosquitto(&dir).await?;
+            let pid = child_pid(&child)?;
+            children.push(child);
+            (
+                Endpoint {
+                    protocol: Protocol::MqttTcp,
+                    addr: localhost(port),
+                    path: "",
+                    tokens: Arc::new(Vec::new()),
+                    source_addresses: 1,
+                },
+                None,
+                pid,
+                Some(port),
+            )
+        }
+        Target::NatsWs => {
+            let (client_port, ws_port) = (sys::free_port()?, sys::free_port()?);
+            let conf = dir.join("nats.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "listen: 127.0.0.1:{client_port}\nmax_connections: 1000000\n\
+                     websocket {{\n  listen: \"127.0.0.1:{ws_port}\"\n  no_tls: true\n  compression: false\n}}\n"
+                ),
+            )?;
+            let program = which("nats-server")?;
+            let conf_s = conf.to_string_lossy().into_owned();
+            let mut child = spawn(&dir, "nats", &program, &["-c", &conf_s])?;
+            wait_listening(ws_port, &mut child, &dir, "nats").await?;
+            let pid = child_pid(&child)?;
+            children.push(child);
+            (
+                Endpoint {
+                    protocol: Protocol::NatsWs,
+                    addr: localhost(ws_port),
+                    path: "/",
+                    tokens: Arc::new(Vec::new()),
+                    source_addresses: 1,
+                },
+                None,
+                pid,
+                Some(ws_port),
+            )
+        }
+        Target::RabbitmqWebMqtt => {
+            if TcpStream::connect(("127.0.0.1", RABBITMQ_WEB_MQTT_PORT))
+                .await
+                .is_err()
+            {
+                bail!(
+                    "RabbitMQ Web-MQTT is not listening on 127.0.0.1:{RABBITMQ_WEB_MQTT_PORT}; \
+                     run bench/setup-services.sh"
+                );
+            }
+            let pid =
+                sys::pid_by_name("beam.smp").context("RabbitMQ's beam.smp process not found")?;
+            (
+                Endpoint {
+                    protocol: Protocol::MqttWs,
+                    addr: localhost(RABBITMQ_WEB_MQTT_PORT),
+                    path: "/ws",
+                    tokens: Arc::new(Vec::new()),
+                    source_addresses: 1,
+                },
+                None,
+                pid,
+                Some(RABBITMQ_WEB_MQTT_PORT),
+            )
+        }
+        Target::WsBroadcast => {
+            let port = sys::free_port()?;
+            let listen = format!("127.0.0.1:{port}");
+            let mut child = spawn(
+                &dir,
+                "broadcast",
+                &me,
+                &["serve-broadcast", "--listen", &listen],
+            )?;
+            wait_listening(port, &mut child, &dir, "broadcast").await?;
+            let pid = child_pid(&child)?;
+            children.push(child);
+            (
+                Endpoint {
+                    protocol: Protocol::Broadcast,
+                    addr: localhost(port),
+                    path: "/",
+                    tokens: Arc::new(Vec::new()),
+                    source_addresses: 1,
+                },
+                None,
+                pid,
+                None,
+            )
+        }
+    };
+    Ok(Running {
+        target,
+        endpoint,
+        cuttle_broker,
+        server_pid,
+        broker_port,
+        children,
+        dir,
+    })
+}

@@ -1,0 +1,645 @@
+//! The client side of every protocol under test, behind one [`Client`] type.
+//!
+//! Each system is driven the way its own browser-facing clients drive it:
+//! - cuttle: NoLag MessagePack frames over WebSocket (`auth`, `subscribe`, `publish`);
+//! - RabbitMQ Web-MQTT: MQTT 3.1.1 packets inside WebSocket binary frames (subprotocol `mqtt`);
+//! - Mosquitto: MQTT 3.1.1 over plain TCP (the floor a proxy adds latency to);
+//! - NATS: the NATS text protocol inside WebSocket binary frames;
+//! - the built-in broadcast server: raw binary frames (see [`crate::broadcast`]).
+//!
+//! MQTT packets are encoded and parsed with rumqttc's `mqttbytes` (the codec rumqttc itself
+//! uses); NoLag frames with `rmp`. Everything is QoS 0 / fire-and-forget so that every system
+//! does the same amount of work per message.
+//!
+//! A [`Payload`] carries the phase it belongs to and the publisher's send time, so a
+//! subscriber can compute end-to-end latency (publisher and subscribers share one process and
+//! one monotonic clock).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use rumqttc::mqttbytes::v4::{Connect, Packet, Publish, Subscribe};
+use rumqttc::mqttbytes::{Error as MqttError, QoS};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+
+/// The wire protocol a target speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// NoLag MessagePack over WebSocket (cuttle).
+    NoLag,
+    /// MQTT 3.1.1 over WebSocket (RabbitMQ Web-MQTT).
+    MqttWs,
+    /// MQTT 3.1.1 over TCP (Mosquitto).
+    MqttTcp,
+    /// The NATS protocol over WebSocket.
+    NatsWs,
+    /// Raw frames to the built-in broadcast server.
+    Broadcast,
+}
+
+impl Protocol {
+    fn uses_websocket(self) -> bool {
+        !matches!(self, Protocol::MqttTcp)
+    }
+
+    /// The two topics (or subjects) of the benchmark in this protocol's syntax: the first
+    /// carries the traffic, the second is the idle scenario's second subscription.
+    fn topics(self) -> [&'static str; 2] {
+        match self {
+            Protocol::NoLag => ["bench/r/t", "bench/r/u"],
+            Protocol::MqttWs | Protocol::MqttTcp => ["bench/t", "bench/u"],
+            Protocol::NatsWs => ["bench.t", "bench.u"],
+            Protocol::Broadcast => ["", ""],
+        }
+    }
+}
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub protocol: Protocol,
+    pub addr: SocketAddr,
+    /// WebSocket path (`/ws` for cuttle and RabbitMQ, `/` for NATS).
+    pub path: &'static str,
+    /// Credentials the target accepts; client `i` uses `tokens[i % len]`.
+    pub tokens: Arc<Vec<String>>,
+    /// Spread client sockets over this many 127.0.0.x source addresses (1 = kernel's choice):
+    /// 20,000 connections from one address can exhaust the ephemeral port range.
+    pub source_addresses: u8,
+}
+
+/// Largest MQTT packet the clients accept.
+const MAX_PACKET: usize = 1 << 20;
+
+/// Client-side WebSocket buffers, kept small: the tool holds tens of thousands of clients.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+        .max_message_size(Some(4 << 20))
+        .max_frame_size(Some(4 << 20))
+}
+
+/// A message's header: phase (u32 LE), then send time in ns since [`epoch`] (u64 LE).
+pub const PAYLOAD_HEADER: usize = 12;
+
+/// The shared monotonic clock of publishers and subscribers.
+pub fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+pub fn now_ns() -> u64 {
+    u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Builds and reads benchmark payloads.
+pub struct Payload;
+
+impl Payload {
+    /// A payload of `size` bytes (at least the header) stamped with `phase` and now.
+    pub fn stamp(buf: &mut Vec<u8>, size: usize, phase: u32) {
+        buf.clear();
+        buf.extend_from_slice(&phase.to_le_bytes());
+        buf.extend_from_slice(&now_ns().to_le_bytes());
+        buf.resize(size.max(PAYLOAD_HEADER), 0x2a);
+    }
+
+    /// (phase, send time) of a received payload, or None if it is not one of ours.
+    pub fn read(data: &[u8]) -> Option<(u32, u64)> {
+        let phase = u32::from_le_bytes(data.get(0..4)?.try_into().ok()?);
+        let sent = u64::from_le_bytes(data.get(4..12)?.try_into().ok()?);
+        Some((phase, sent))
+    }
+}
+
+/// Object-safe alias for the byte stream under a client.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+pub type BoxIo = Box<dyn Io>;
+
+enum Transport {
+    Ws(Box<WebSocketStream<BoxIo>>),
+    Tcp(BoxIo),
+}
+
+/// One connected, logged-in client of any protocol.
+pub struct Client {
+    protocol: Protocol,
+    transport: Transport,
+    /// Bytes received but not yet parsed (stream protocols: MQTT, NATS).
+    rbuf: BytesMut,
+    /// Scratch for encoding outgoing packets.
+    wbuf: BytesMut,
+    topic: &'static str,
+}
+
+/// Opens a TCP connection to `ep`, from source address number `index % source_addresses`.
+pub async fn tcp_connect(ep: &Endpoint, index: usize) -> Result<TcpStream> {
+    let stream = if ep.source_addresses > 1 {
+        let last = 1 + (index % usize::from(ep.source_addresses)) as u8;
+        let socket = TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)),
+            0,
+        ))?;
+        socket.connect(ep.addr).await?
+    } else {
+        TcpStream::connect(ep.addr).await?
+    };
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+impl Client {
+    /// Connects, upgrades to WebSocket where the protocol uses it, and logs in.
+    pub async fn connect(ep: &Endpoint, index: usize) -> Result<Client> {
+        let tcp = tcp_connect(ep, index).await?;
+        Self::connect_over(ep, index, Box::new(tcp)).await
+    }
+
+    /// Like [`Client::connect`] over an already-open stream (plain or TLS).
+    pub async fn connect_over(ep: &Endpoint, index: usize, io: BoxIo) -> Result<Client> {
+        let transport = if ep.protocol.uses_websocket() {
+            let mut request = format!("ws://{}{}", ep.addr, ep.path).into_client_request()?;
+            if ep.protocol == Protocol::MqttWs {
+                request
+                    .headers_mut()
+                    .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
+            }
+            let (ws, _) =
+                tokio_tungstenite::client_async_with_config(request, io, Some(ws_config()))
+                    .await
+                    .context("WebSocket handshake")?;
+            Transport::Ws(Box::new(ws))
+        } else {
+            Transport::Tcp(io)
+        };
+        let mut client = Client {
+            protocol: ep.protocol,
+            transport,
+            rbuf: BytesMut::with_capacity(1024),
+            wbuf: BytesMut::with_capacity(256),
+            topic: ep.protocol.topics()[0],
+        };
+        client.login(ep, index).await?;
+        Ok(client)
+    }
+
+    async fn login(&mut self, ep: &Endpoint, index: usize) -> Result<()> {
+        match self.protocol {
+            Protocol::NoLag => {
+                let token = ep
+                    .tokens
+                    .get(index % ep.tokens.len().max(1))
+                    .ok_or_else(|| anyhow!("no token for cuttle"))?;
+                let mut frame = Vec::with_capacity(64);
+                rmp::encode::write_map_len(&mut frame, 2)?;
+                put_str(&mut frame, "type");
+                put_str(&mut frame, "auth");
+                put_str(&mut frame, "token");
+                put_str(&mut frame, token);
+                self.send_frame(frame.into()).await?;
+                let reply = self.next_nolag_of("auth").await?;
+                if !nolag_bool(&reply, "success") {
+                    bail!("cuttle refused the token: {}", describe_frame(&reply));
+                }
+            }
+            Protocol::MqttWs | Protocol::MqttTcp => {
+                let mut connect = Connect::new(format!("bench-{}-{index}", std::process::id()));
+                connect.keep_alive = 0;
+                self.send_mqtt(Packet::Connect(connect)).await?;
+                match self.next_mqtt().await? {
+                    Packet::ConnAck(ack)
+                        if ack.code == rumqttc::mqttbytes::v4::ConnectReturnCode::Success => {}
+                    other => bail!("MQTT CONNECT refused: {other:?}"),
+                }
+            }
+            Protocol::NatsWs => {
+                let info = self.next_nats_line().await?;
+                if !info.starts_with(b"INFO ") {
+                    bail!("NATS server did not start with INFO");
+                }
+                self.send_raw(Bytes::from_static(
+                    b"CONNECT {\"verbose\":false,\"pedantic\":false,\"protocol\":1,\"headers\":false}\r\nPING\r\n",
+                ))
+                .await?;
+                self.nats_await_pong().await?;
+            }
+            Protocol::Broadcast => {}
+        }
+        Ok(())
+    }
+
+    /// Subscribes to the traffic topic (`second: false`) or the idle topic, and waits for the
+    /// server's acknowledgement so that nothing published afterwards is missed.
+    pub async fn subscribe(&mut self, second: bool) -> Result<()> {
+        let topic = self.protocol.topics()[usize::from(second)];
+        match self.protocol {
+            Protocol::NoLag => {
+                let mut frame = Vec::with_capacity(64);
+                rmp::encode::write_map_len(&mut frame, 3)?;
+                put_str(&mut frame, "type");
+                put_str(&mut frame, "subscribe");
+                put_str(&mut frame, "topic");
+                put_str(&mut frame, topic);
+                put_str(&mut frame, "qos");
+                rmp::encode::write_uint(&mut frame, 0)?;
+                self.send_frame(frame.into()).await?;
+                let reply = self.next_nolag_of("subscribed").await?;
+                let _ = reply;
+            }
+            Protocol::MqttWs | Protocol::MqttTcp => {
+                let mut sub = Subscribe::new(topic, QoS::AtMostOnce);
+                sub.pkid = 1 + u16::from(second);
+                self.send_mqtt(Packet::Subscribe(sub)).await?;
+                loop {
+                    match self.next_mqtt().await? {
+                        Packet::SubAck(_) => break,
+                        Packet::Publish(_) | Packet::PingResp => continue,
+                        other => bail!("expected SUBACK, got {other:?}"),
+                    }
+                }
+            }
+            Protocol::NatsWs => {
+                let sid = 1 + u8::from(second);
+                self.send_raw(Bytes::from(format!("SUB {topic} {sid}\r\nPING\r\n")))
+                    .await?;
+                self.nats_await_pong().await?;
+            }
+            Protocol::Broadcast => {
+                // The server registers a subscriber on a first frame of "S" and answers "K".
+                if !second {
+                    self.send_frame(Bytes::from_static(b"S")).await?;
+                    loop {
+                        if let Some(frame) = self.next_ws_binary().await? {
+                            if &frame[..] == b"K" {
+                                break;
+                            }
+                        } else {
+                            bail!("broadcast server closed during subscribe");
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes one message on the traffic topic, QoS 0, no echo.
+    pub async fn publish(&mut self, payload: &[u8]) -> Result<()> {
+        match self.protocol {
+            Protocol::NoLag => {
+                let mut frame = Vec::with_capacity(payload.len() + 64);
+                rmp::encode::write_map_len(&mut frame, 5)?;
+                put_str(&mut frame, "type");
+                put_str(&mut frame, "publish");
+                put_str(&mut frame, "topic");
+                put_str(&mut frame, self.topic);
+                put_str(&mut frame, "data");
+                rmp::encode::write_bin(&mut frame, payload)?;
+                put_str(&mut frame, "qos");
+                rmp::encode::write_uint(&mut frame, 0)?;
+                put_str(&mut frame, "echo");
+                rmp::encode::write_bool(&mut frame, false)?;
+                self.send_frame(frame.into()).await
+            }
+            Protocol::MqttWs | Protocol::MqttTcp => {
+                let publish = Publish::from_bytes(
+                    self.topic,
+                    QoS::AtMostOnce,
+                    Bytes::copy_from_slice(payload),
+                );
+                self.send_mqtt(Packet::Publish(publish)).await
+            }
+            Protocol::NatsWs => {
+                let mut out = Vec::with_capacity(payload.len() + 32);
+                out.extend_from_slice(
+                    format!("PUB {} {}\r\n", self.topic, payload.len()).as_bytes(),
+                );
+                out.extend_from_slice(payload);
+                out.extend_from_slice(b"\r\n");
+                self.send_raw(out.into()).await
+            }
+            Protocol::Broadcast => self.send_frame(Bytes::copy_from_slice(payload)).await,
+        }
+    }
+
+    /// The next application payload delivered to this client; protocol chatter (heartbeats,
+    /// pings) is answered and skipped. `None` when the server closed the connection.
+    pub async fn next_payload(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            match self.protocol {
+                Protocol::NoLag => {
+                    let Some(frame) = self.next_ws_binary().await? else {
+                        return Ok(None);
+                    };
+                    if frame.is_empty() {
+                        continue; // heartbeat
+                    }
+                    let fields = NoLagFrame::parse(&frame)?;
+                    match fields.kind {
+                        "message" => {
+                            let (start, end) = fields
+                                .data
+                                .ok_or_else(|| anyhow!("message frame without bin data"))?;
+                            return Ok(Some(frame.slice(start..end)));
+                        }
+                        "error" => bail!("cuttle error frame: {}", describe_frame(&frame)),
+                        _ => continue,
+                    }
+                }
+                Protocol::MqttWs | Protocol::MqttTcp => match self.next_mqtt_or_eof().await? {
+                    Some(Packet::Publish(p)) => return Ok(Some(p.payload)),
+                    Some(_) => continue,
+                    None => return Ok(None),
+                },
+                Protocol::NatsWs => {
+                    if let Some(payload) = self.next_nats_msg().await? {
+                        return Ok(Some(payload));
+                    }
+                    return Ok(None);
+                }
+                Protocol::Broadcast => return self.next_ws_binary().await,
+            }
+        }
+    }
+
+    /// Closes politely where the protocol has a goodbye, then drops the socket.
+    pub async fn close(mut self) {
+        if let Protocol::MqttTcp | Protocol::MqttWs = self.protocol {
+            let _ = self.send_mqtt(Packet::Disconnect).await;
+        }
+        match &mut self.transport {
+            Transport::Ws(ws) => {
+                let _ = WebSocketStream::close(ws.as_mut(), None).await;
+            }
+            Transport::Tcp(io) => {
+                let _ = io.shutdown().await;
+            }
+        }
+    }
+
+    // ---- transport -------------------------------------------------------------------
+
+    async fn send_frame(&mut self, frame: Bytes) -> Result<()> {
+        match &mut self.transport {
+            Transport::Ws(ws) => ws.send(Message::Binary(frame)).await?,
+            Transport::Tcp(io) => io.write_all(&frame).await?,
+        }
+        Ok(())
+    }
+
+    /// Sends stream-protocol bytes: one binary frame over WebSocket, raw bytes over TCP.
+    async fn send_raw(&mut self, bytes: Bytes) -> Result<()> {
+        self.send_frame(bytes).await
+    }
+
+    async fn send_mqtt(&mut self, packet: Packet) -> Result<()> {
+        self.wbuf.clear();
+        packet
+            .write(&mut self.wbuf, MAX_PACKET)
+            .map_err(|e| anyhow!("encode MQTT: {e:?}"))?;
+        let bytes = self.wbuf.split().freeze();
+        self.send_raw(bytes).await
+    }
+
+    /// Next binary WebSocket message; pings are answered by tungstenite, text is an error.
+    async fn next_ws_binary(&mut self) -> Result<Option<Bytes>> {
+        let Transport::Ws(ws) = &mut self.transport else {
+            bail!("not a WebSocket client");
+        };
+        loop {
+            match ws.next().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(Message::Binary(b))) => return Ok(Some(b)),
+                Some(Ok(Message::Close(_))) => return Ok(None),
+                Some(Ok(Message::Text(t))) => bail!("unexpected text frame: {}", short(&t)),
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Appends more stream bytes to `rbuf`; false at end of stream.
+    async fn fill(&mut self) -> Result<bool> {
+        match &mut self.transport {
+            Transport::Ws(_) => match self.next_ws_binary().await? {
+                Some(b) => {
+                    self.rbuf.extend_from_slice(&b);
+                    Ok(true)
+                }
+                None => Ok(false),
+            },
+            Transport::Tcp(io) => {
+                self.rbuf.reserve(16 * 1024);
+                Ok(io.read_buf(&mut self.rbuf).await? > 0)
+            }
+        }
+    }
+
+    // ---- NoLag -----------------------------------------------------------------------
+
+    /// Reads frames until one of `kind` arrives; an error frame fails.
+    async fn next_nolag_of(&mut self, kind: &str) -> Result<Bytes> {
+        loop {
+            let Some(frame) = self.next_ws_binary().await? else {
+                bail!("cuttle closed the connection while waiting for `{kind}`");
+            };
+            if frame.is_empty() {
+                continue;
+            }
+            let fields = NoLagFrame::parse(&frame)?;
+            if fields.kind == kind {
+                return Ok(frame);
+            }
+            if fields.kind == "error" {
+                bail!("cuttle error frame: {}", describe_frame(&frame));
+            }
+        }
+    }
+
+    // ---- MQTT ------------------------------------------------------------------------
+
+    async fn next_mqtt(&mut self) -> Result<Packet> {
+        self.next_mqtt_or_eof()
+            .await?
+            .ok_or_else(|| anyhow!("MQTT server closed the connection"))
+    }
+
+    async fn next_mqtt_or_eof(&mut self) -> Result<Option<Packet>> {
+        loop {
+            match Packet::read(&mut self.rbuf, MAX_PACKET) {
+                Ok(p) => return Ok(Some(p)),
+                Err(MqttError::InsufficientBytes(_)) => {
+                    if !self.fill().await? {
+                        return Ok(None);
+                    }
+                }
+                Err(e) => bail!("bad MQTT packet: {e:?}"),
+            }
+        }
+    }
+
+    // ---- NATS ------------------------------------------------------------------------
+
+    /// One protocol line (without CRLF).
+    async fn next_nats_line(&mut self) -> Result<Bytes> {
+        loop {
+            if let Some(pos) = self.rbuf.windows(2).position(|w| w == b"\r\n") {
+                let line = self.rbuf.split_to(pos).freeze();
+                self.rbuf.advance(2);
+                return Ok(line);
+            }
+            if self.rbuf.len() > MAX_PACKET {
+                bail!("NATS line too long");
+            }
+            if !self.fill().await? {
+                bail!("NATS server closed the connection");
+            }
+        }
+    }
+
+    async fn nats_await_pong(&mut self) -> Result<()> {
+        loop {
+            let line = self.next_nats_line().await?;
+            match &line[..] {
+                b"PONG" => return Ok(()),
+                b"PING" => self.send_raw(Bytes::from_static(b"PONG\r\n")).await?,
+                l if l.starts_with(b"-ERR") => bail!("NATS: {}", String::from_utf8_lossy(l)),
+                _ => {}
+            }
+        }
+    }
+
+    /// The payload of the next MSG; None at end of stream.
+    async fn next_nats_msg(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            let line = match self.next_nats_line().await {
+                Ok(l) => l,
+                Err(_) if self.rbuf.is_empty() => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if line.starts_with(b"MSG ") {
+                // MSG <subject> <sid> [reply-to] <#bytes>
+                let len: usize = std::str::from_utf8(&line)
+                    .ok()
+                    .and_then(|l| l.rsplit(' ').next())
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(|| anyhow!("bad NATS MSG line"))?;
+                while self.rbuf.len() < len + 2 {
+                    if !self.fill().await? {
+                        return Ok(None);
+                    }
+                }
+                let payload = self.rbuf.split_to(len).freeze();
+                self.rbuf.advance(2);
+                return Ok(Some(payload));
+            }
+            match &line[..] {
+                b"PING" => self.send_raw(Bytes::from_static(b"PONG\r\n")).await?,
+                l if l.starts_with(b"-ERR") => bail!("NATS: {}", String::from_utf8_lossy(l)),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    // Writing into a Vec cannot fail.
+    let _ = rmp::encode::write_str(out, s);
+}
+
+fn short(t: &Utf8Bytes) -> String {
+    t.as_str().chars().take(120).collect()
+}
+
+/// The fields of a server frame the tool looks at: `type`, and `data` as a bin's byte range.
+struct NoLagFrame<'a> {
+    kind: &'a str,
+    data: Option<(usize, usize)>,
+}
+
+impl<'a> NoLagFrame<'a> {
+    fn parse(frame: &'a [u8]) -> Result<Self> {
+        let mut rd = frame;
+        let len = rmp::decode::read_map_len(&mut rd).map_err(|e| anyhow!("frame: {e}"))?;
+        let mut kind = "";
+        let mut data = None;
+        for _ in 0..len {
+            let (key, rest) =
+                rmp::decode::read_str_from_slice(rd).map_err(|e| anyhow!("frame key: {e}"))?;
+            rd = rest;
+            let marker = rd
+                .first()
+                .copied()
+                .ok_or_else(|| anyhow!("truncated frame"))?;
+            match marker {
+                0xc4..=0xc6 => {
+                    let mut cur = rd;
+                    let n = rmp::decode::read_bin_len(&mut cur).map_err(|e| anyhow!("bin: {e}"))?
+                        as usize;
+                    let start = frame.len() - cur.len();
+                    let end = start + n;
+                    if end > frame.len() {
+                        bail!("truncated bin");
+                    }
+                    if key == "data" {
+                        data = Some((start, end));
+                    }
+                    rd = &frame[end..];
+                }
+                0xa0..=0xbf | 0xd9..=0xdb => {
+                    let (value, rest) =
+                        rmp::decode::read_str_from_slice(rd).map_err(|e| anyhow!("str: {e}"))?;
+                    if key == "type" {
+                        kind = value;
+                    }
+                    rd = rest;
+                }
+                // Anything else (bool, ints, arrays) only appears after the fields we need in
+                // the frames the tool reads; stop here.
+                _ => break,
+            }
+        }
+        Ok(NoLagFrame { kind, data })
+    }
+}
+
+fn nolag_bool(frame: &[u8], key: &str) -> bool {
+    // `{..., success: true, ...}`: find the key, then the marker after it.
+    let needle = {
+        let mut k = Vec::new();
+        put_str(&mut k, key);
+        k
+    };
+    frame
+        .windows(needle.len())
+        .position(|w| w == needle.as_slice())
+        .and_then(|p| frame.get(p + needle.len()))
+        == Some(&0xc3)
+}
+
+fn describe_frame(frame: &[u8]) -> String {
+    // Printable bytes only: enough to see `error` strings in a failure message.
+    frame
+        .iter()
+        .map(|&b| if b.is_ascii_graphic() { b as char } else { ' ' })
+        .collect::<String>()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// How long any single protocol step may take before the tool gives up on the client.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(20);
