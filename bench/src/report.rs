@@ -365,7 +365,8 @@ struct Chart<'a> {
     file: &'a Path,
     title: String,
     y_label: &'a str,
-    series: Vec<(String, Vec<(f64, f64)>)>,
+    /// (target, points): a target keeps its colour across charts.
+    series: Vec<(Target, Vec<(f64, f64)>)>,
 }
 
 fn draw(chart: Chart<'_>) -> Result<()> {
@@ -409,14 +410,15 @@ fn draw(chart: Chart<'_>) -> Result<()> {
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    for (i, (name, series)) in chart.series.iter().enumerate() {
+    for (target, series) in &chart.series {
+        let i = Target::ALL.iter().position(|t| t == target).unwrap_or(0);
         let color = COLORS[i % COLORS.len()];
         ctx.draw_series(LineSeries::new(
             series.iter().copied(),
             color.stroke_width(2),
         ))
         .map_err(|e| anyhow::anyhow!("{e}"))?
-        .label(name.as_str())
+        .label(target.name())
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
         ctx.draw_series(series.iter().map(|&p| Circle::new(p, 4, color.filled())))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -438,7 +440,7 @@ fn series(
     mode: &str,
     payload: Option<usize>,
     figure: fn(&Record) -> Option<f64>,
-) -> Vec<(String, Vec<(f64, f64)>)> {
+) -> Vec<(Target, Vec<(f64, f64)>)> {
     targets_in(r)
         .into_iter()
         .filter_map(|t| {
@@ -454,7 +456,7 @@ fn series(
                 .filter_map(|x| Some((x.n as f64, figure(x)?)))
                 .collect();
             pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-            (!pts.is_empty()).then(|| (t.name().to_string(), pts))
+            (!pts.is_empty()).then_some((t, pts))
         })
         .collect()
 }
