@@ -10,7 +10,8 @@
 //! - [`policy`]: the policy model, its validation, and authorization decisions;
 //! - [`auth`]: credentials (device tokens, server keys, user JWTs, session tokens) → actors;
 //! - [`config`]: `proxy.yaml`, its defaults and validation;
-//! - [`reload`]: the live policy snapshot and hot reload;
+//! - [`reload`]: the live policy snapshot (and TLS certificate) and hot reload;
+//! - [`tls`]: the client listener's certificate and key, checked, as a rustls config;
 //! - [`cli`]: the `cuttle` command line.
 
 pub mod auth;
@@ -23,6 +24,7 @@ pub mod policy;
 pub mod reload;
 pub mod router;
 pub mod server;
+pub mod tls;
 pub mod topic;
 pub mod upstream;
 pub mod wire;

@@ -12,6 +12,13 @@
 //! Kubernetes ConfigMap update swaps a `..data` symlink and never touches the file's own inode,
 //! and editors often replace files by rename. Any event in those directories, debounced, leads
 //! to a re-read; the content digest decides whether anything actually changed.
+//!
+//! The store also holds the client listener's TLS certificate (when `tls` is set), behind its
+//! own `ArcSwap`: the certificate and key files are watched with the policy's sources, and a
+//! re-read that finds them changed and valid swaps the rustls config that new connections
+//! load. It has its own digest, so a rotated certificate is not a new policy generation and
+//! sessions are not re-evaluated; a bad new certificate is rejected like a bad policy, and the
+//! old one keeps serving.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,6 +33,7 @@ use crate::auth::{AuthCacheSettings, Authenticator};
 use crate::config::{self, Loaded, Settings, Sources};
 use crate::diagnostics::Diagnostics;
 use crate::policy::Policy;
+use crate::tls::ServerTls;
 
 /// One immutable policy generation: the compiled policy and the authenticator (with its own
 /// cache) built for it.
@@ -45,6 +53,8 @@ pub struct ReloadStats {
     pub failed: AtomicU64,
     /// Re-reads that found the sources unchanged.
     pub unchanged: AtomicU64,
+    /// TLS certificate rotations applied.
+    pub tls_rotated: AtomicU64,
 }
 
 /// What one reload attempt did.
@@ -55,7 +65,11 @@ pub enum ReloadOutcome {
         /// Settings sections that changed on disk but need a restart to take effect.
         restart_needed: Vec<&'static str>,
     },
+    /// Only the TLS certificate and key changed; new connections are served with them.
+    TlsRotated,
     Unchanged,
+    /// The configuration is invalid; the policy in use stays. (A valid rotated certificate is
+    /// still applied: it expires on its own clock, whatever else is being edited.)
     Rejected(Diagnostics),
 }
 
@@ -67,6 +81,8 @@ pub struct PolicyStore {
     /// The settings the process runs with, to tell which changes need a restart.
     settings: Settings,
     sources: Sources,
+    /// The client listener's certificate, when `tls` is set.
+    tls: Option<ArcSwap<ServerTls>>,
     pub stats: ReloadStats,
 }
 
@@ -91,6 +107,7 @@ impl PolicyStore {
             cache,
             settings: loaded.settings,
             sources: loaded.sources,
+            tls: loaded.tls.map(ArcSwap::from_pointee),
             stats: ReloadStats::default(),
         })
     }
@@ -122,19 +139,34 @@ impl PolicyStore {
         &self.sources
     }
 
+    /// The certificate in use, when TLS is on.
+    pub fn tls(&self) -> Option<Arc<ServerTls>> {
+        self.tls.as_ref().map(ArcSwap::load_full)
+    }
+
+    /// The rustls config for a connection being accepted now, when TLS is on.
+    pub fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.tls.as_ref().map(|t| t.load().config.clone())
+    }
+
     /// Re-reads the sources and applies the policy if it changed and is valid. Blocking: file
     /// I/O, YAML parsing and key loading. Call it from a blocking thread.
     pub fn reload_blocking(&self, env: &dyn Fn(&str) -> Option<String>) -> ReloadOutcome {
         match config::load_with_env(&self.sources.config, env) {
             Err(diags) => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                self.rotate_tls_despite(&diags);
                 ReloadOutcome::Rejected(diags)
             }
             Ok(loaded) if loaded.digest == self.current.load().digest => {
+                if self.rotate_tls(&loaded) {
+                    return ReloadOutcome::TlsRotated;
+                }
                 self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
                 ReloadOutcome::Unchanged
             }
             Ok(loaded) => {
+                self.rotate_tls(&loaded);
                 let restart_needed = self.settings.restart_needed(&loaded.settings);
                 if loaded.sources.config != self.sources.config
                     || loaded.sources.policy_file != self.sources.policy_file
@@ -148,6 +180,50 @@ impl PolicyStore {
                 self.apply(loaded, restart_needed)
             }
         }
+    }
+
+    /// Serves the certificate of `loaded` from now on, if it differs from the one in use.
+    /// Only for the files the process started with: other `tls` settings need a restart
+    /// (reported as such by [`Settings::restart_needed`]).
+    fn rotate_tls(&self, loaded: &Loaded) -> bool {
+        match (&self.tls, &loaded.tls) {
+            (Some(live), Some(new)) if loaded.settings.tls == self.settings.tls => {
+                self.swap_tls(live, new.clone())
+            }
+            _ => false,
+        }
+    }
+
+    /// After a rejected reload: when none of the errors is about `tls`, the certificate files
+    /// are read on their own and a valid rotation is applied anyway.
+    fn rotate_tls_despite(&self, diags: &Diagnostics) {
+        let (Some(live), Some(files)) = (&self.tls, &self.settings.tls) else {
+            return;
+        };
+        if diags.errors().any(|d| d.path.starts_with("tls")) {
+            return;
+        }
+        let mut d = Diagnostics::new();
+        match crate::tls::load(&files.cert, &files.key, &mut d) {
+            Some(new) => {
+                self.swap_tls(live, new);
+            }
+            None => tracing::warn!("keeping the TLS certificate in use:\n{d}"),
+        }
+    }
+
+    fn swap_tls(&self, live: &ArcSwap<ServerTls>, new: ServerTls) -> bool {
+        if live.load().digest == new.digest {
+            return false;
+        }
+        tracing::info!(
+            fingerprint = %new.fingerprint,
+            chain = new.chain_len,
+            "TLS certificate reloaded; new connections are served with it"
+        );
+        live.store(Arc::new(new));
+        self.stats.tls_rotated.fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     fn apply(&self, loaded: Loaded, restart_needed: Vec<&'static str>) -> ReloadOutcome {
@@ -305,13 +381,15 @@ async fn run(store: Arc<PolicyStore>, mut rx: mpsc::Receiver<Trigger>, debounce:
                     );
                 }
             }
+            // Logged where it was swapped.
+            Ok(ReloadOutcome::TlsRotated) => {}
             Ok(ReloadOutcome::Unchanged) => {
                 tracing::debug!(trigger = ?first, "policy sources unchanged")
             }
             Ok(ReloadOutcome::Rejected(diags)) => {
                 tracing::error!(
                     errors = diags.errors().count(),
-                    "policy reload rejected; keeping generation {}:\n{diags}",
+                    "config reload rejected; keeping policy generation {}:\n{diags}",
                     store.generation()
                 );
             }

@@ -15,6 +15,7 @@ use super::settings::{self, Settings, SettingsSpec};
 use crate::diagnostics::Diagnostics;
 use crate::policy::spec::PolicySpec;
 use crate::policy::{CompileContext, Policy, compile, process_env};
+use crate::tls::ServerTls;
 
 /// Longest config or policy file read, in bytes. A policy with thousands of actors is a few
 /// MiB; anything beyond this is a mistake, and YAML parsers are not where to find out.
@@ -27,6 +28,9 @@ pub struct Sources {
     pub policy_file: Option<PathBuf>,
     /// Files the policy refers to (JWT public keys).
     pub key_files: Vec<PathBuf>,
+    /// `tls.cert` and `tls.key`, when TLS is on: watched so that a rotated certificate is
+    /// served without a restart.
+    pub tls_files: Vec<PathBuf>,
 }
 
 impl Sources {
@@ -34,6 +38,7 @@ impl Sources {
         std::iter::once(self.config.as_path())
             .chain(self.policy_file.as_deref())
             .chain(self.key_files.iter().map(PathBuf::as_path))
+            .chain(self.tls_files.iter().map(PathBuf::as_path))
     }
 }
 
@@ -46,8 +51,11 @@ pub struct Loaded {
     pub warnings: Diagnostics,
     pub sources: Sources,
     /// SHA-256 over the bytes read (config, policy file, key files); equal digests mean
-    /// nothing changed on disk.
+    /// nothing changed on disk. The TLS files have their own digest ([`ServerTls::digest`]):
+    /// a rotated certificate is not a new policy.
     pub digest: [u8; 32],
+    /// The checked certificate and key, when `tls` is set.
+    pub tls: Option<ServerTls>,
 }
 
 /// Loads `path` with secrets from the process environment.
@@ -72,6 +80,7 @@ pub fn load_with_env(
         config: path.to_path_buf(),
         policy_file: None,
         key_files: Vec::new(),
+        tls_files: Vec::new(),
     };
     let policy_spec = match (&spec.policy, &spec.policy_file) {
         (Some(p), None) => Some(p.clone()),
@@ -99,6 +108,11 @@ pub fn load_with_env(
         }
     };
     let settings = settings::validate(&spec, &cx, &mut diags);
+    let tls = spec.tls.as_ref().and_then(|t| {
+        let (cert, key) = (cx.resolve(&t.cert), cx.resolve(&t.key));
+        sources.tls_files = vec![cert.clone(), key.clone()];
+        crate::tls::load(&cert, &key, &mut diags)
+    });
     let policy = policy_spec.and_then(|p| compile(&p, "policy", &cx, &mut diags));
     // Key files are part of what "changed on disk" means: a rotated public key is a reload.
     for (file, hash) in cx.files_read() {
@@ -112,6 +126,7 @@ pub fn load_with_env(
             warnings: diags,
             sources,
             digest: hasher.finalize().into(),
+            tls,
         }),
         _ => Err(diags),
     }

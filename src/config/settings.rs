@@ -390,15 +390,10 @@ pub(crate) fn validate(
         diags.error("admin", "must differ from listen");
     }
 
-    let tls = spec.tls.as_ref().map(|t| {
-        let cert = cx.resolve(&t.cert);
-        let key = cx.resolve(&t.key);
-        for (field, file) in [("tls.cert", &cert), ("tls.key", &key)] {
-            if !file.is_file() {
-                diags.error(field, format!("file not found: {}", file.display()));
-            }
-        }
-        TlsSettings { cert, key }
+    // The files themselves are read and checked by `crate::tls::load` (config::load).
+    let tls = spec.tls.as_ref().map(|t| TlsSettings {
+        cert: cx.resolve(&t.cert),
+        key: cx.resolve(&t.key),
     });
 
     let u = &spec.upstream;

@@ -1,12 +1,15 @@
-//! HTTP on both listeners: the accept loop, the WebSocket upgrade at `GET /ws`, and the admin
-//! endpoints.
+//! HTTP on both listeners: the accept loop, TLS on the client listener, the WebSocket upgrade
+//! at `GET /ws`, and the admin endpoints.
 //!
 //! The accept loop takes a connection permit *before* accepting (so the listen backlog, not
 //! memory, absorbs a connection flood), backs off on accept errors such as EMFILE, and does
-//! everything else — HTTP parsing, the upgrade, authentication — inside the spawned task under
-//! timeouts.
+//! everything else — the TLS handshake, HTTP parsing, the upgrade, authentication — inside the
+//! spawned task under timeouts, so a slow client never holds up `accept`. The TLS handshake
+//! and the HTTP request share one deadline, `limits.handshake_timeout_ms`. The admin listener
+//! is always plain HTTP: it serves probes on a private port.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,8 +20,12 @@ use hyper::header::{CONNECTION, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
@@ -66,27 +73,123 @@ pub(super) async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
         tokio::spawn(async move {
-            // The permit bounds *connections*, so an upgrade takes it along into the session;
-            // otherwise it is released when this HTTP connection ends.
-            let permit = Arc::new(Mutex::new(Some(permit)));
-            let io = TokioIo::new(stream);
-            let handshake = proxy.settings.limits.handshake_timeout;
-            let svc = hyper::service::service_fn(move |req| {
-                let proxy = proxy.clone();
-                let permit = permit.clone();
-                async move { Ok::<_, Infallible>(route(proxy, role, req, &permit)) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .header_read_timeout(handshake)
-                .timer(hyper_util::rt::TokioTimer::new())
-                .max_buf_size(16 * 1024)
-                .serve_connection(io, svc)
-                .with_upgrades();
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "http connection ended with an error");
+            let deadline = Instant::now() + proxy.settings.limits.handshake_timeout;
+            // Loaded once per connection: a rotated certificate serves the next one.
+            let tls = match role {
+                Role::Client => proxy.store.tls_config(),
+                Role::Admin => None,
+            };
+            match tls {
+                None => serve_http(proxy, role, stream, permit, peer, deadline).await,
+                Some(config) => {
+                    if let Some(stream) = tls_handshake(config, stream, peer, deadline).await {
+                        serve_http(proxy, role, stream, permit, peer, deadline).await;
+                    }
+                }
             }
         });
     }
+}
+
+/// Serves HTTP/1.1 on one connection (plain or TLS). The request head must arrive by
+/// `deadline`.
+async fn serve_http<I>(
+    proxy: Arc<Proxy>,
+    role: Role,
+    io: I,
+    permit: OwnedSemaphorePermit,
+    peer: SocketAddr,
+    deadline: Instant,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // The permit bounds *connections*, so an upgrade takes it along into the session;
+    // otherwise it is released when this HTTP connection ends.
+    let permit = Arc::new(Mutex::new(Some(permit)));
+    let header_timeout = deadline.saturating_duration_since(Instant::now());
+    let svc = hyper::service::service_fn(move |req| {
+        let proxy = proxy.clone();
+        let permit = permit.clone();
+        async move { Ok::<_, Infallible>(route(proxy, role, req, &permit)) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .header_read_timeout(header_timeout)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_buf_size(16 * 1024)
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(%peer, error = %e, "http connection ended with an error");
+    }
+}
+
+/// The first byte of a TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Completes the TLS handshake by `deadline`. Failures are the client's (a scanner, a
+/// client that does not trust the certificate, a timeout) and are logged at debug level.
+async fn tls_handshake(
+    config: Arc<rustls::ServerConfig>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    deadline: Instant,
+) -> Option<TlsStream<TcpStream>> {
+    let handshake = async {
+        let mut first = [0u8; 1];
+        match stream.peek(&mut first).await {
+            Ok(0) | Err(_) => return None,
+            // `GET /ws HTTP/1.1`: a ws:// client on the wss:// port. Tell it in words, as
+            // nginx does, rather than with a TLS alert it will report as gibberish.
+            Ok(_) if first[0].is_ascii_uppercase() => {
+                refuse_plain_http(stream).await;
+                tracing::debug!(%peer, "plain HTTP on the TLS listener refused");
+                return None;
+            }
+            Ok(_) if first[0] != TLS_HANDSHAKE_RECORD => {
+                tracing::debug!(%peer, "not a TLS handshake");
+                return None;
+            }
+            Ok(_) => {}
+        }
+        match TlsAcceptor::from(config).accept(stream).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                None
+            }
+        }
+    };
+    match tokio::time::timeout_at(deadline, handshake).await {
+        Ok(s) => s,
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// Answers a plain HTTP request on the TLS port with 400 and closes.
+async fn refuse_plain_http(mut stream: TcpStream) {
+    // Read the request head first: closing with unread data would reset the connection and
+    // could destroy the answer before the client reads it.
+    let mut buf = vec![0u8; 8 * 1024];
+    let mut filled = 0;
+    while filled < buf.len() {
+        match stream.read(&mut buf[filled..]).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => filled += n,
+        }
+        if buf[..filled].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    const BODY: &str = "this port speaks TLS: connect with wss:// or https://\n";
+    let response = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use rmpv::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -114,8 +115,9 @@ pub fn get_str<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
     get(v, key)?.as_str()
 }
 
-pub struct Client {
-    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+/// A test client over any stream: plain TCP from [`Client::connect`], or TLS (tests/tls.rs).
+pub struct Client<S = MaybeTlsStream<TcpStream>> {
+    pub ws: WebSocketStream<S>,
 }
 
 /// Anything the client can receive.
@@ -132,6 +134,37 @@ impl Client {
             .await
             .expect("websocket connects");
         Self { ws }
+    }
+
+    /// Connects and authenticates; returns the client and the auth reply.
+    pub async fn auth(url: &str, token: &str) -> (Self, Value) {
+        let mut c = Self::connect(url).await;
+        let reply = c.authenticate(token).await;
+        (c, reply)
+    }
+
+    /// Connects and authenticates, asserting success.
+    pub async fn login(url: &str, token: &str) -> Self {
+        let (c, reply) = Self::auth(url, token).await;
+        assert_eq!(
+            get(&reply, "success"),
+            Some(&Value::Boolean(true)),
+            "{reply}"
+        );
+        c
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    pub fn from_ws(ws: WebSocketStream<S>) -> Self {
+        Self { ws }
+    }
+
+    /// Sends `auth` with `token`; returns the reply.
+    pub async fn authenticate(&mut self, token: &str) -> Value {
+        self.send(map(&[("type", "auth".into()), ("token", token.into())]))
+            .await;
+        self.frame_of("auth").await
     }
 
     pub async fn send(&mut self, v: Value) {
@@ -224,26 +257,6 @@ impl Client {
                 _ => continue,
             }
         }
-    }
-
-    /// Connects and authenticates; returns the client and the auth reply.
-    pub async fn auth(url: &str, token: &str) -> (Self, Value) {
-        let mut c = Self::connect(url).await;
-        c.send(map(&[("type", "auth".into()), ("token", token.into())]))
-            .await;
-        let reply = c.frame_of("auth").await;
-        (c, reply)
-    }
-
-    /// Connects and authenticates, asserting success.
-    pub async fn login(url: &str, token: &str) -> Self {
-        let (c, reply) = Self::auth(url, token).await;
-        assert_eq!(
-            get(&reply, "success"),
-            Some(&Value::Boolean(true)),
-            "{reply}"
-        );
-        c
     }
 
     pub async fn subscribe(&mut self, topic: &str) -> Value {
