@@ -37,9 +37,9 @@ pub async fn serve(listen: SocketAddr) -> Result<()> {
         let tx = tx.clone();
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
-            let config = WebSocketConfig::default()
-                .read_buffer_size(4096)
-                .write_buffer_size(0);
+            // Frames fed between flushes collect in tungstenite's write buffer (default
+            // 128 KiB target), so a batch goes out in one write.
+            let config = WebSocketConfig::default().read_buffer_size(4096);
             let Ok(ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await
             else {
                 return;

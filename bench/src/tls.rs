@@ -62,10 +62,13 @@ pub fn generate() -> Result<Material> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(certified.cert.der().clone())?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    // Every connect is a full handshake: the worst case, and what a fleet of devices that
+    // each connect once costs (resumption would only help the same client reconnecting).
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Material {
         server: ServerFiles { cert, key },
         client: Client {

@@ -30,6 +30,9 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
 
+/// Bytes of outgoing frames gathered before a write to the socket (a flush always writes).
+const WRITE_COALESCE: usize = 16 * 1024;
+
 use super::Proxy;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,9 +261,12 @@ fn upgrade(
         };
         // Buffers sized for thousands of mostly idle clients: the defaults (128 KiB read
         // buffer per connection) would cost more than the rest of the session together.
+        // Writes collect up to WRITE_COALESCE bytes before reaching the socket, so the
+        // session's feed-then-flush batches become one syscall instead of one per frame
+        // (the buffer is only as large as the biggest burst, and empty for idle clients).
         let config = WebSocketConfig::default()
             .read_buffer_size(4 * 1024)
-            .write_buffer_size(0)
+            .write_buffer_size(WRITE_COALESCE)
             .max_write_buffer_size(limits.max_frame_bytes + 64 * 1024)
             .max_message_size(Some(limits.max_frame_bytes))
             .max_frame_size(Some(limits.max_frame_bytes));
