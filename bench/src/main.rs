@@ -123,6 +123,10 @@ struct RunArgs {
     /// Markdown file whose `<!-- results:begin/end -->` block is replaced (none: skip).
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Keep the records already in `--out` except those of the (target, scenario) pairs this
+    /// run measures: re-run one scenario without redoing the rest.
+    #[arg(long)]
+    merge: bool,
 }
 
 fn main() -> ExitCode {
@@ -267,10 +271,25 @@ async fn run(mut args: RunArgs) -> Result<()> {
             humantime::format_duration(args.max_time)
         );
     }
+    let mut command = format!("cuttle-bench {command}");
+    if args.merge {
+        if let Ok(text) = std::fs::read_to_string(&args.out) {
+            let old: Results = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a results file", args.out.display()))?;
+            let rerun = |r: &Record| {
+                args.targets.iter().any(|t| t.name() == r.target)
+                    && args.scenarios.contains(&r.scenario)
+            };
+            let mut kept: Vec<Record> = old.records.into_iter().filter(|r| !rerun(r)).collect();
+            kept.append(&mut records);
+            records = kept;
+            command = format!("{}`, then `{command}", old.command);
+        }
+    }
     let results = Results {
         machine: sys::machine(),
         started,
-        command: format!("cuttle-bench {command}"),
+        command,
         duration_s: args.duration.as_secs_f64(),
         fixed_rate: args.fixed_rate,
         records,

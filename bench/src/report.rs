@@ -203,7 +203,7 @@ pub fn markdown(r: &Results, plots: &str) -> String {
     let _ = writeln!(
         out,
         "Run of {} on {}: `{}`; phases of {:.0} s; fixed-rate mode = {} deliveries/s in total.\n\
-         ⚠ marks a figure where clients failed to connect or messages were not delivered.\n",
+         ⚠ marks a figure where clients failed to connect or were disconnected, or deliveries never arrived.\n",
         r.started,
         r.machine,
         r.command,
@@ -396,6 +396,8 @@ fn draw(chart: Chart<'_>) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     ctx.configure_mesh()
         .x_desc("N (clients)")
+        .x_labels(6)
+        .x_max_light_lines(0)
         .y_desc(chart.y_label)
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| {
@@ -452,6 +454,10 @@ fn series(
                         && x.scenario == scenario
                         && x.mode == mode
                         && payload.is_none_or(|p| x.payload == p)
+                        // A point where clients failed or messages went missing is not the
+                        // system's curve; the tables keep it, marked.
+                        && x.errors == 0
+                        && x.lost.unwrap_or(0) == 0
                 })
                 .filter_map(|x| Some((x.n as f64, figure(x)?)))
                 .collect();

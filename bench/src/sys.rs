@@ -70,6 +70,8 @@ pub fn free_port() -> Result<u16> {
 }
 
 struct TcpEntry {
+    /// IPv4 local address as /proc prints it (network byte order read as hex); 0 for IPv6.
+    local_ip: u32,
     local_port: u16,
     state: u8,
     inode: u64,
@@ -89,16 +91,19 @@ fn tcp_table() -> Vec<TcpEntry> {
             let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else {
                 continue;
             };
-            let Some(port) = local
-                .rsplit_once(':')
-                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
-            else {
+            let Some((ip, port)) = local.rsplit_once(':').and_then(|(ip, p)| {
+                Some((
+                    u32::from_str_radix(ip, 16).unwrap_or(0),
+                    u16::from_str_radix(p, 16).ok()?,
+                ))
+            }) else {
                 continue;
             };
             let (Ok(state), Ok(inode)) = (u8::from_str_radix(state, 16), inode.parse()) else {
                 continue;
             };
             out.push(TcpEntry {
+                local_ip: ip,
                 local_port: port,
                 state,
                 inode,
@@ -108,12 +113,16 @@ fn tcp_table() -> Vec<TcpEntry> {
     out
 }
 
-/// Established connections accepted on `port` (the server side): how many clients a server
-/// listening there holds.
+/// 127.0.0.1 as /proc/net/tcp prints it.
+const LOOPBACK: u32 = 0x0100_007f;
+
+/// Established connections accepted on 127.0.0.1:`port` (the server side): how many clients
+/// a server listening there holds. The address matters: a load-generator socket bound to
+/// 127.0.0.3 may get the same port number as an ephemeral port.
 pub fn accepted_on(port: u16) -> usize {
     tcp_table()
         .iter()
-        .filter(|e| e.state == ESTABLISHED && e.local_port == port)
+        .filter(|e| e.state == ESTABLISHED && e.local_ip == LOOPBACK && e.local_port == port)
         .count()
 }
 

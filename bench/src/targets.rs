@@ -164,6 +164,11 @@ impl Running {
         }))
     }
 
+    /// Whether the tool owns the server process (everything but the machine's RabbitMQ).
+    pub fn restartable(&self) -> bool {
+        !self.children.is_empty()
+    }
+
     /// Connections the broker holds right now (None where there is no broker).
     pub fn broker_connections(&self) -> Option<usize> {
         self.broker_port.map(sys::accepted_on)

@@ -261,11 +261,15 @@ fn upgrade(
         };
         // Buffers sized for thousands of mostly idle clients: the defaults (128 KiB read
         // buffer per connection) would cost more than the rest of the session together.
+        // tungstenite zero-fills and keeps its whole read buffer, so its size is resident
+        // per connection: 1 KiB instead of 4 KiB took idle RSS from 11.5 to 8.4 KiB per
+        // connection (BENCHMARKS.md). Larger frames still arrive whole (the buffer grows to the
+        // frame), in more reads.
         // Writes collect up to WRITE_COALESCE bytes before reaching the socket, so the
         // session's feed-then-flush batches become one syscall instead of one per frame
         // (the buffer is only as large as the biggest burst, and empty for idle clients).
         let config = WebSocketConfig::default()
-            .read_buffer_size(4 * 1024)
+            .read_buffer_size(1024)
             .write_buffer_size(WRITE_COALESCE)
             .max_write_buffer_size(limits.max_frame_bytes + 64 * 1024)
             .max_message_size(Some(limits.max_frame_bytes))
