@@ -97,6 +97,12 @@ impl Connection {
             .set_max_packet_size(Some(u32::try_from(o.max_packet).unwrap_or(u32::MAX)))
             .set_request_channel_capacity(REQUEST_CAPACITY)
             .set_connection_timeout(o.connect_timeout.as_secs().max(1));
+        // rumqttc leaves Nagle on. With a broker that sends nothing back for QoS 0, the next
+        // small publish then waits for the peer's delayed ACK (40 ms): a p99 of ~35 ms instead
+        // of ~3 ms at 100 publishes/s in the benchmarks.
+        let mut network = mqtt.network_options();
+        network.set_tcp_nodelay(true);
+        mqtt.set_network_options(network);
         if let Some(user) = &o.username {
             mqtt.set_credentials(user, o.password.clone().unwrap_or_default());
         }
