@@ -25,6 +25,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -32,7 +33,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::server::{encode, map};
 use common::*;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use cuttle::policy::SubscriptionGrant;
@@ -41,7 +41,7 @@ use cuttle::router::{Outbox, Overflow, Router, Subscriber};
 use cuttle::topic::{ClientFilter, ClientTopic};
 use cuttle::upstream::Dispatch;
 use cuttle::wire::{encode as wire_encode, envelope};
-use rmpv::Value;
+use support::{data_of, size_label};
 use tokio::sync::mpsc;
 
 const TOPIC: &str = "chat/general/messages";
@@ -155,23 +155,6 @@ impl Fanout {
         assert_eq!(self.drain(), 0, "queues drained");
         assert!(self.overflows.iter().all(|o| !o.is_set()), "no overflow");
         assert_eq!(self.router.orphans.load(Ordering::Relaxed), 0, "no orphans");
-    }
-}
-
-/// A client `data` value (`{text: "xxx…"}`) whose MessagePack encoding is exactly `len` bytes.
-fn data_of(len: usize) -> Vec<u8> {
-    (0..len)
-        .rev()
-        .map(|pad| encode(&map(&[("text", Value::from("x".repeat(pad)))])))
-        .find(|d| d.len() == len)
-        .unwrap_or_else(|| panic!("no {{text}} map encodes to {len} bytes"))
-}
-
-fn size_label(len: usize) -> String {
-    if len >= 1024 {
-        format!("{} KiB", len / 1024)
-    } else {
-        format!("{len} B")
     }
 }
 

@@ -12,6 +12,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::hint::black_box;
 
@@ -19,26 +20,10 @@ use common::server::{encode, map};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use cuttle::wire::{ClientFrame, decode, encode as wire_encode, envelope};
 use rmpv::Value;
+use support::{data_of, size_label};
 
 const TOPIC: &str = "chat/general/messages";
 const SOCKET_ID: &str = "3f9c2a7e51d04b86";
-
-/// A client `data` value (`{text: "xxx…"}`) whose MessagePack encoding is exactly `len` bytes.
-fn data_of(len: usize) -> Vec<u8> {
-    (0..len)
-        .rev()
-        .map(|pad| encode(&map(&[("text", Value::from("x".repeat(pad)))])))
-        .find(|d| d.len() == len)
-        .unwrap_or_else(|| panic!("no {{text}} map encodes to {len} bytes"))
-}
-
-fn size_label(len: usize) -> String {
-    if len >= 1024 {
-        format!("{} KiB", len / 1024)
-    } else {
-        format!("{len} B")
-    }
-}
 
 fn decode_frames(c: &mut Criterion) {
     let mut g = c.benchmark_group("decode");

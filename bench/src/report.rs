@@ -197,6 +197,16 @@ fn ratio_table(
     out
 }
 
+/// `p50 / p99 / p99.9` of a latency phase.
+fn percentile_triple(x: &Record) -> Option<String> {
+    Some(format!(
+        "{} / {} / {}",
+        latency(x.p50_us?),
+        latency(x.p99_us?),
+        latency(x.p999_us?)
+    ))
+}
+
 /// The markdown block that goes between the markers in BENCHMARKS.md.
 pub fn markdown(r: &Results, plots: &str) -> String {
     let mut out = String::new();
@@ -220,14 +230,7 @@ pub fn markdown(r: &Results, plots: &str) -> String {
         "\n![fan-out throughput]({plots}/fanout-throughput.png)\n"
     );
     out.push_str("### Fan-out at a fixed load: p50 / p99 / p99.9 latency\n\n");
-    out.push_str(&table(r, "fanout", "fixed", |x| {
-        Some(format!(
-            "{} / {} / {}",
-            latency(x.p50_us?),
-            latency(x.p99_us?),
-            latency(x.p999_us?)
-        ))
-    }));
+    out.push_str(&table(r, "fanout", "fixed", percentile_triple));
     let _ = writeln!(out, "\n![fan-out p99 latency]({plots}/fanout-p99.png)\n");
     out.push_str("### Fan-out at max rate: p99 latency\n\n");
     out.push_str(&table(r, "fanout", "max", p(|x| x.p99_us)));
@@ -240,14 +243,7 @@ pub fn markdown(r: &Results, plots: &str) -> String {
         "\n![fan-in throughput]({plots}/fanin-throughput.png)\n"
     );
     out.push_str("### Fan-in at a fixed load: p50 / p99 / p99.9 latency\n\n");
-    out.push_str(&table(r, "fanin", "fixed", |x| {
-        Some(format!(
-            "{} / {} / {}",
-            latency(x.p50_us?),
-            latency(x.p99_us?),
-            latency(x.p999_us?)
-        ))
-    }));
+    out.push_str(&table(r, "fanin", "fixed", percentile_triple));
     out.push_str("\n### Idle connections (2 subscriptions each): server RSS per connection\n\n");
     out.push_str(&table(r, "idle", "idle", |x| {
         x.rss_per_conn_kib.map(|k| format!("{k:.1} KiB"))

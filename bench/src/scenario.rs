@@ -296,7 +296,7 @@ pub async fn fanout(running: &Running, plan: &Plan, out: &mut Vec<Record>) -> Re
             for fixed in [false, true] {
                 let cpu = CpuMeter::start(running.server_pid);
                 let rate = fixed.then(|| plan.fixed_rate as f64 / live.max(1) as f64);
-                let mut rec = fanout_phase(
+                let rec = fanout_phase(
                     &mut publisher,
                     &shared,
                     live,
@@ -306,18 +306,18 @@ pub async fn fanout(running: &Running, plan: &Plan, out: &mut Vec<Record>) -> Re
                     plan,
                 )
                 .await?;
-                rec.server_cores = cpu.cores();
-                rec.errors = failed + shared.disconnected.load(Ordering::Relaxed);
-                let mut full = base_record(
+                let errors = failed + shared.disconnected.load(Ordering::Relaxed);
+                finish(
+                    rec,
                     running,
                     "fanout",
                     n,
                     payload,
-                    if fixed { "fixed" } else { "max" },
+                    fixed,
+                    cpu.cores(),
+                    errors,
+                    out,
                 );
-                merge(&mut full, rec);
-                print_record(&full);
-                out.push(full);
             }
         }
     }
@@ -326,17 +326,30 @@ pub async fn fanout(running: &Running, plan: &Plan, out: &mut Vec<Record>) -> Re
     Ok(())
 }
 
-/// Copies the measured fields of `from` into `into`.
-fn merge(into: &mut Record, from: Record) {
-    into.published_per_s = from.published_per_s;
-    into.delivered_per_s = from.delivered_per_s;
-    into.p50_us = from.p50_us;
-    into.p99_us = from.p99_us;
-    into.p999_us = from.p999_us;
-    into.max_us = from.max_us;
-    into.lost = from.lost;
-    into.errors = from.errors;
-    into.server_cores = from.server_cores;
+/// Labels a throughput phase's figures with what was measured, prints and keeps them.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    mut rec: Record,
+    running: &Running,
+    scenario: &str,
+    n: usize,
+    payload: usize,
+    fixed: bool,
+    server_cores: Option<f64>,
+    errors: u64,
+    out: &mut Vec<Record>,
+) {
+    let mode = if fixed { "fixed" } else { "max" };
+    let label = base_record(running, scenario, n, payload, mode);
+    rec.target = label.target;
+    rec.scenario = label.scenario;
+    rec.n = n;
+    rec.payload = payload;
+    rec.mode = label.mode;
+    rec.server_cores = server_cores;
+    rec.errors = errors;
+    print_record(&rec);
+    out.push(rec);
 }
 
 /// One fan-out measurement: max-rate with a window (`rate: None`) or fixed-rate.
@@ -443,18 +456,18 @@ pub async fn fanin(running: &Running, plan: &Plan, out: &mut Vec<Record>) -> Res
                 let cpu = CpuMeter::start(running.server_pid);
                 let (rec, back) = fanin_phase(publishers, &shared, payload, fixed, plan).await?;
                 publishers = back;
-                let mut full = base_record(
+                let errors = failed + shared.disconnected.load(Ordering::Relaxed);
+                finish(
+                    rec,
                     running,
                     "fanin",
                     n,
                     payload,
-                    if fixed { "fixed" } else { "max" },
+                    fixed,
+                    cpu.cores(),
+                    errors,
+                    out,
                 );
-                merge(&mut full, rec);
-                full.server_cores = cpu.cores();
-                full.errors = failed + shared.disconnected.load(Ordering::Relaxed);
-                print_record(&full);
-                out.push(full);
             }
         }
     }

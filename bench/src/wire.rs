@@ -230,7 +230,7 @@ impl Client {
                 if !info.starts_with(b"INFO ") {
                     bail!("NATS server did not start with INFO");
                 }
-                self.send_raw(Bytes::from_static(
+                self.send_frame(Bytes::from_static(
                     b"CONNECT {\"verbose\":false,\"pedantic\":false,\"protocol\":1,\"headers\":false}\r\nPING\r\n",
                 ))
                 .await?;
@@ -273,7 +273,7 @@ impl Client {
             }
             Protocol::NatsWs => {
                 let sid = 1 + u8::from(second);
-                self.send_raw(Bytes::from(format!("SUB {topic} {sid}\r\nPING\r\n")))
+                self.send_frame(Bytes::from(format!("SUB {topic} {sid}\r\nPING\r\n")))
                     .await?;
                 self.nats_await_pong().await?;
             }
@@ -329,7 +329,7 @@ impl Client {
                 );
                 out.extend_from_slice(payload);
                 out.extend_from_slice(b"\r\n");
-                self.send_raw(out.into()).await
+                self.send_frame(out.into()).await
             }
             Protocol::Broadcast => self.send_frame(Bytes::copy_from_slice(payload)).await,
         }
@@ -392,6 +392,8 @@ impl Client {
 
     // ---- transport -------------------------------------------------------------------
 
+    /// One binary frame over WebSocket; the bytes as they are over TCP (MQTT, stream
+    /// protocols over WebSocket alike).
     async fn send_frame(&mut self, frame: Bytes) -> Result<()> {
         match &mut self.transport {
             Transport::Ws(ws) => ws.send(Message::Binary(frame)).await?,
@@ -400,18 +402,13 @@ impl Client {
         Ok(())
     }
 
-    /// Sends stream-protocol bytes: one binary frame over WebSocket, raw bytes over TCP.
-    async fn send_raw(&mut self, bytes: Bytes) -> Result<()> {
-        self.send_frame(bytes).await
-    }
-
     async fn send_mqtt(&mut self, packet: Packet) -> Result<()> {
         self.wbuf.clear();
         packet
             .write(&mut self.wbuf, MAX_PACKET)
             .map_err(|e| anyhow!("encode MQTT: {e:?}"))?;
         let bytes = self.wbuf.split().freeze();
-        self.send_raw(bytes).await
+        self.send_frame(bytes).await
     }
 
     /// Next binary WebSocket message; pings are answered by tungstenite, text is an error.
@@ -515,7 +512,7 @@ impl Client {
             let line = self.next_nats_line().await?;
             match &line[..] {
                 b"PONG" => return Ok(()),
-                b"PING" => self.send_raw(Bytes::from_static(b"PONG\r\n")).await?,
+                b"PING" => self.send_frame(Bytes::from_static(b"PONG\r\n")).await?,
                 l if l.starts_with(b"-ERR") => bail!("NATS: {}", String::from_utf8_lossy(l)),
                 _ => {}
             }
@@ -547,7 +544,7 @@ impl Client {
                 return Ok(Some(payload));
             }
             match &line[..] {
-                b"PING" => self.send_raw(Bytes::from_static(b"PONG\r\n")).await?,
+                b"PING" => self.send_frame(Bytes::from_static(b"PONG\r\n")).await?,
                 l if l.starts_with(b"-ERR") => bail!("NATS: {}", String::from_utf8_lossy(l)),
                 _ => {}
             }
