@@ -21,6 +21,12 @@
 //! per second, and time / N is the cost per subscriber. Encoding once shows as a per-subscriber
 //! cost that does not grow with the frame size.
 //!
+//! A second group, **router churn**, measures the table at scale: 10,000 sessions holding
+//! 100,000 distinct upstream filters (10 each). It times one subscription's unsubscribe plus
+//! resubscribe (the cost follows the session's own entries, not the table), an unsubscribe of
+//! a topic the session never subscribed, and one dispatch to 100 subscribers of a filter while
+//! another thread churns subscriptions of other sessions as fast as it can.
+//!
 //! Run: `cargo bench --bench router` (`-- --test` runs each once as a smoke test).
 
 #[path = "../tests/common/mod.rs"]
@@ -37,19 +43,16 @@ use common::*;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use cuttle::policy::SubscriptionGrant;
 use cuttle::reload::PolicyStore;
-use cuttle::router::{Outbox, Overflow, Router, Subscriber};
+use cuttle::router::{Membership, Outbox, OutboxReceiver, Overflow, Reply, Router, Subscriber};
+use cuttle::topic::filters::{self, FilterItem};
 use cuttle::topic::{ClientFilter, ClientTopic};
 use cuttle::upstream::Dispatch;
 use cuttle::wire::{encode as wire_encode, envelope};
 use support::{data_of, size_label};
-use tokio::sync::mpsc;
 
 const TOPIC: &str = "chat/general/messages";
 /// Messages dispatched between two drains; also each subscriber's queue capacity.
 const BATCH: u64 = 64;
-/// A fresh router numbers its upstream filters from 1, and every subscriber here shares one
-/// filter. Setup checks that a message with this id reaches everyone.
-const SUBSCRIPTION_IDS: &[usize] = &[1];
 
 /// The test policy as a loaded `proxy.yaml` (default settings: embedded broker, no prefix).
 fn store() -> (Arc<PolicyStore>, tempfile::TempDir) {
@@ -65,9 +68,11 @@ fn store() -> (Arc<PolicyStore>, tempfile::TempDir) {
 /// A router with `n` sessions subscribed to [`TOPIC`], and their queues.
 struct Fanout {
     router: Arc<Router>,
-    queues: Vec<mpsc::Receiver<Bytes>>,
+    queues: Vec<OutboxReceiver>,
     overflows: Vec<Arc<Overflow>>,
+    _members: Vec<Membership>,
     upstream_topic: String,
+    ids: Vec<usize>,
 }
 
 impl Fanout {
@@ -92,8 +97,9 @@ impl Fanout {
 
         let mut queues = Vec::with_capacity(n);
         let mut overflows = Vec::with_capacity(n);
+        let mut members = Vec::with_capacity(n);
         for session in 0..n as u64 {
-            let (outbox, rx, overflow) = Outbox::channel(BATCH as usize);
+            let (outbox, rx, overflow) = Outbox::channel(BATCH as usize, usize::MAX);
             let sub = Subscriber {
                 session,
                 topic: TOPIC.into(),
@@ -102,7 +108,10 @@ impl Fanout {
                 socket_id: format!("{session:016x}").into(),
                 outbox,
             };
-            assert!(router.replace(&filters, 1, &sub), "subscribed");
+            let mut m = router.membership(session, 1024);
+            m.replace(&filters, 1, &sub, Reply::None)
+                .expect("subscribed");
+            members.push(m);
             queues.push(rx);
             overflows.push(overflow);
         }
@@ -111,18 +120,21 @@ impl Fanout {
             1,
             "one upstream filter shared by all"
         );
+        let ids = vec![router.subscription_id(&filters[0]).expect("entry")];
         Self {
             router,
             queues,
             overflows,
+            _members: members,
             upstream_topic,
+            ids,
         }
     }
 
     fn dispatch(&self, payload: &Bytes) {
         self.router.dispatch(
             black_box(&self.upstream_topic),
-            black_box(SUBSCRIPTION_IDS),
+            black_box(&self.ids),
             payload.clone(),
         );
     }
@@ -131,7 +143,7 @@ impl Fanout {
     fn drain(&mut self) -> usize {
         let mut frames = 0;
         for q in &mut self.queues {
-            while q.try_recv().is_ok() {
+            while q.try_recv().is_some() {
                 frames += 1;
             }
         }
@@ -142,11 +154,7 @@ impl Fanout {
     fn check(&mut self, payload: &Bytes, expected: &Bytes) {
         self.dispatch(payload);
         for q in &mut self.queues {
-            assert_eq!(
-                q.try_recv().ok().as_ref(),
-                Some(expected),
-                "frame delivered"
-            );
+            assert_eq!(q.try_recv().as_ref(), Some(expected), "frame delivered");
         }
         self.check_clean();
     }
@@ -194,5 +202,155 @@ fn fanout(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, fanout);
+/// Sessions × subscriptions per session in the churn group.
+const CHURN_SESSIONS: u64 = 10_000;
+const CHURN_PER_SESSION: usize = 10;
+
+/// The upstream filters of `chat/general/messages` with one sub-topic filter.
+fn filtered(router: &Router, actor: &cuttle::auth::Actor, filter: &str) -> Vec<String> {
+    let client = ClientFilter::parse(TOPIC).expect("valid topic");
+    let items = [FilterItem::One(filter.to_string())];
+    let sub = filters::subscription_filters(&items).expect("valid filter");
+    router
+        .layout()
+        .subscription_filters(actor.scope(), &client, &sub, None)
+        .expect("upstream filters")
+}
+
+fn churn(c: &mut Criterion) {
+    let (store, _dir) = store();
+    let snapshot = store.snapshot();
+    let actor = snapshot
+        .auth
+        .authenticate(SENSOR1_TOKEN)
+        .expect("device authenticates");
+    let router = Router::new(store.clone());
+    let mut members = Vec::new();
+    let mut queues = Vec::new();
+    let subscriber = |session: u64, outbox: &Outbox, topic: &str| Subscriber {
+        session,
+        topic: topic.into(),
+        actor: actor.clone(),
+        check_delivery: false,
+        socket_id: format!("{session:016x}").into(),
+        outbox: outbox.clone(),
+    };
+    let mut outboxes = Vec::new();
+    for session in 0..CHURN_SESSIONS {
+        let (outbox, rx, _) = Outbox::channel(BATCH as usize, usize::MAX);
+        let mut m = router.membership(session, 1024);
+        for k in 0..CHURN_PER_SESSION {
+            // Each subscription string is the session's own; each filter is distinct.
+            let topic = format!("{TOPIC}#{k}");
+            let f = filtered(&router, &actor, &format!("s{session}-{k}"));
+            m.replace(&f, 1, &subscriber(session, &outbox, &topic), Reply::None)
+                .expect("subscribed");
+        }
+        members.push(m);
+        queues.push(rx);
+        outboxes.push(outbox);
+    }
+    assert_eq!(
+        router.filter_count(),
+        (CHURN_SESSIONS as usize) * CHURN_PER_SESSION
+    );
+    let mut g = c.benchmark_group("router churn (100,000 filters, 10,000 sessions)");
+    g.throughput(Throughput::Elements(1));
+    let f0 = filtered(&router, &actor, "s0-0");
+    let topic0 = format!("{TOPIC}#0");
+    g.bench_function("unsubscribe + resubscribe one subscription", |b| {
+        b.iter(|| {
+            members[0].remove(&topic0);
+            members[0]
+                .replace(&f0, 1, &subscriber(0, &outboxes[0], &topic0), Reply::None)
+                .expect("subscribed");
+        })
+    });
+    g.bench_function("unsubscribe a topic never subscribed", |b| {
+        b.iter(|| black_box(members[1].remove(black_box("chat/general/never"))))
+    });
+
+    // 100 extra sessions share one filter; dispatch to it while another thread churns.
+    let hot = filtered(&router, &actor, "hot");
+    let mut hot_members = Vec::new();
+    let mut hot_queues = Vec::new();
+    for i in 0..100u64 {
+        let session = CHURN_SESSIONS + i;
+        let (outbox, rx, _) = Outbox::channel(BATCH as usize, usize::MAX);
+        let mut m = router.membership(session, 1024);
+        m.replace(&hot, 1, &subscriber(session, &outbox, TOPIC), Reply::None)
+            .expect("subscribed");
+        hot_members.push(m);
+        hot_queues.push(rx);
+    }
+    let ids = vec![router.subscription_id(&hot[0]).expect("entry")];
+    let upstream = router.layout().publish_topic(
+        actor.scope(),
+        ClientTopic::parse(TOPIC).expect("valid topic"),
+        Some("hot"),
+    );
+    let payload = envelope::wrap(&data_of(64), "publisher-socket", true);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churned = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let churner = {
+        let (stop, churned) = (stop.clone(), churned.clone());
+        let mut members: Vec<Membership> = members.drain(2..).collect();
+        let (router, actor) = (router.clone(), actor.clone());
+        let outboxes: Vec<Outbox> = outboxes.drain(2..).collect();
+        std::thread::spawn(move || {
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let s = i % members.len();
+                let k = (i / members.len()) % CHURN_PER_SESSION;
+                let topic = format!("{TOPIC}#{k}");
+                members[s].remove(&topic);
+                let f = filtered(&router, &actor, &format!("s{}-{k}", s + 2));
+                let sub = Subscriber {
+                    session: s as u64 + 2,
+                    topic: topic.as_str().into(),
+                    actor: actor.clone(),
+                    check_delivery: false,
+                    socket_id: "churn".into(),
+                    outbox: outboxes[s].clone(),
+                };
+                let _ = members[s].replace(&f, 1, &sub, Reply::None);
+                churned.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        })
+    };
+    g.throughput(Throughput::Elements(100));
+    g.bench_function(
+        "dispatch to 100 subscribers while another thread churns",
+        |b| {
+            b.iter_custom(|iters| {
+                let mut timed = Duration::ZERO;
+                let mut left = iters;
+                while left > 0 {
+                    let batch = left.min(BATCH);
+                    let start = Instant::now();
+                    for _ in 0..batch {
+                        router.dispatch(black_box(&upstream), black_box(&ids), payload.clone());
+                    }
+                    timed += start.elapsed();
+                    for q in &mut hot_queues {
+                        while q.try_recv().is_some() {}
+                    }
+                    left -= batch;
+                }
+                timed
+            })
+        },
+    );
+    stop.store(true, Ordering::Relaxed);
+    let _ = churner.join();
+    assert_eq!(router.orphans.load(Ordering::Relaxed), 0, "no orphans");
+    g.finish();
+    println!(
+        "churn thread: {} unsubscribe+resubscribe pairs during the dispatch bench",
+        churned.load(Ordering::Relaxed)
+    );
+}
+
+criterion_group!(benches, fanout, churn);
 criterion_main!(benches);

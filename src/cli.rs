@@ -244,6 +244,8 @@ async fn serve(loaded: Loaded) -> ExitCode {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     serving.abort();
+    // Subscription sets changed in the last moments go to the broker before the pool stops.
+    proxy.restore.flush();
     tracing::info!(still_open = proxy.open_connections(), "stopped");
     ExitCode::SUCCESS
 }

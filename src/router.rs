@@ -1,26 +1,42 @@
 //! The router: which local sessions want which upstream filters, and fan-out of every broker
 //! message to them.
 //!
-//! - One entry per distinct upstream filter (including `$share/…` filters), reference-counted
-//!   by its local subscribers. The first subscriber subscribes it upstream, the last one to
-//!   leave unsubscribes it. Each entry has an MQTT 5 subscription identifier, so a broker
-//!   message names exactly the entries it is for: no topic matching here, and no duplicate or
-//!   missed deliveries when filters overlap.
-//! - Fan-out: the `message` frame is encoded once per distinct subscription string (the frame's
-//!   `topic` is the subscriber's own string) and the same `Bytes` is queued to every session
-//!   that receives it. Queues are bounded; a full queue marks the session as a slow consumer,
-//!   which then closes itself. Dispatch never blocks.
+//! - **Entries.** One entry per distinct upstream filter (including `$share/…` filters),
+//!   shared by its local subscribers. The first subscriber subscribes it upstream; when the
+//!   last one leaves, the entry lingers for `upstream.unsubscribe_delay_ms` before it is
+//!   unsubscribed, so a leave-and-rejoin (a page reload, an unsubscribe followed by a
+//!   subscribe) finds it live and costs the broker nothing. Each entry has its own MQTT 5
+//!   subscription identifier, never reused while the broker could still know the old one: a
+//!   broker message names exactly the entries it is for.
+//! - **Shards.** Entries live in [`SHARDS`] shards by filter hash, each behind its own lock;
+//!   the shard is part of the subscription id, so delivery finds an entry with one read lock
+//!   of one shard. Nothing on the delivery path takes a lock over the whole table.
+//! - **Index by owner.** Each session holds a [`Membership`]: its subscriptions and the
+//!   filters each one joined. Subscribing, unsubscribing, replacing and disconnecting touch
+//!   only the session's own entries; unsubscribing a topic it never subscribed costs a hash
+//!   lookup.
+//! - **Readiness.** A subscription's reply (`subscribed`, `filtersUpdated`) is sent once the
+//!   broker has granted every filter that was new upstream (SUBACK), at once when all were
+//!   already live: after the reply, every later matching message reaches the subscriber.
+//! - **Fan-out.** The `message` frame is encoded once per distinct subscription string (the
+//!   frame's `topic` is the subscriber's own string) and the same `Bytes` is queued to every
+//!   session that receives it. Queues are bounded in frames and bytes; a full queue marks the
+//!   session as a slow consumer, which then closes itself. Dispatch never blocks.
 //! - Wildcard subscriptions are re-checked per delivery against the current policy (private
 //!   rooms, topic ACLs, session allow-lists); exact ones were decided at subscribe time.
 //! - Load-balanced (`$share`) entries deliver each message to one local member, round-robin.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use bytes::Bytes;
-use parking_lot::RwLock;
+use indexmap::IndexMap;
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::Instant;
 
 use crate::auth::Actor;
 use crate::reload::PolicyStore;
@@ -30,6 +46,19 @@ use crate::wire::{encode, envelope};
 
 /// A connection's id, unique within the process.
 pub type SessionId = u64;
+
+/// Bits of a subscription id that name its shard (the rest is a sequence within the shard).
+const SHARD_BITS: u32 = 6;
+const LANES: usize = 1 << SHARD_BITS;
+/// Entry shards; the last lane numbers one-shot retained reads ([`Router::fetch_retained`]).
+pub const SHARDS: usize = LANES - 1;
+const FETCH_LANE: usize = LANES - 1;
+/// Largest sequence number within a lane.
+const MAX_SEQ: usize = MAX_SUBSCRIPTION_ID >> SHARD_BITS;
+
+fn lane_of(id: usize) -> usize {
+    id & (LANES - 1)
+}
 
 /// Set when a session's queue overflowed: the session must close as a slow consumer.
 #[derive(Debug, Default)]
@@ -61,37 +90,78 @@ impl Overflow {
     }
 }
 
-/// The sending side of a session's bounded outbound queue.
+/// The sending side of a session's outbound queue, bounded in frames and in bytes.
 #[derive(Debug, Clone)]
 pub struct Outbox {
     tx: mpsc::Sender<Bytes>,
+    bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
     overflow: Arc<Overflow>,
 }
 
+/// The receiving side of an [`Outbox`]: releases each frame's bytes as it is taken.
+#[derive(Debug)]
+pub struct OutboxReceiver {
+    rx: mpsc::Receiver<Bytes>,
+    bytes: Arc<AtomicUsize>,
+}
+
+impl OutboxReceiver {
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        let frame = self.rx.recv().await?;
+        self.bytes.fetch_sub(frame.len(), Ordering::AcqRel);
+        Some(frame)
+    }
+
+    pub fn try_recv(&mut self) -> Option<Bytes> {
+        let frame = self.rx.try_recv().ok()?;
+        self.bytes.fetch_sub(frame.len(), Ordering::AcqRel);
+        Some(frame)
+    }
+
+    /// Bytes queued and not yet taken.
+    pub fn queued_bytes(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
+    }
+}
+
 impl Outbox {
-    /// A queue of `capacity` frames.
-    pub fn channel(capacity: usize) -> (Self, mpsc::Receiver<Bytes>, Arc<Overflow>) {
+    /// A queue of at most `capacity` frames and `max_bytes` bytes.
+    pub fn channel(capacity: usize, max_bytes: usize) -> (Self, OutboxReceiver, Arc<Overflow>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let overflow = Arc::new(Overflow::default());
+        let bytes = Arc::new(AtomicUsize::new(0));
         (
             Self {
                 tx,
+                bytes: bytes.clone(),
+                max_bytes,
                 overflow: overflow.clone(),
             },
-            rx,
+            OutboxReceiver { rx, bytes },
             overflow,
         )
     }
 
-    /// Queues a frame without waiting. A full queue flags the session as a slow consumer.
+    /// Queues a frame without waiting. A full queue (frames or bytes) flags the session as a
+    /// slow consumer and drops the frame.
     pub fn push(&self, frame: Bytes) -> bool {
+        let len = frame.len();
+        let before = self.bytes.fetch_add(len, Ordering::AcqRel);
+        if before + len > self.max_bytes {
+            self.bytes.fetch_sub(len, Ordering::AcqRel);
+            self.overflow.set();
+            return false;
+        }
         match self.tx.try_send(frame) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.overflow.set();
+            Err(e) => {
+                self.bytes.fetch_sub(len, Ordering::AcqRel);
+                if matches!(e, mpsc::error::TrySendError::Full(_)) {
+                    self.overflow.set();
+                }
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 }
@@ -110,42 +180,126 @@ pub struct Subscriber {
     pub outbox: Outbox,
 }
 
+/// What to do once a subscription's new filters are all granted upstream.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// Nothing (a re-plan after a policy reload).
+    None,
+    /// Queue this frame (`subscribed`, `filtersUpdated`) on the subscriber's outbox.
+    Frame(Bytes),
+    /// Add one permit (reconnect restore waits for all its subscriptions).
+    Signal(Arc<tokio::sync::Semaphore>),
+}
+
+/// Whether a subscription is live upstream now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// Every filter was already granted: the caller replies at once.
+    Now,
+    /// The router carries out the [`Reply`] when the broker has granted the new filters (or
+    /// queues an error frame if it refused one).
+    Later,
+}
+
+/// A subscription's pending reply, carried out once each of its new filters is granted.
+struct Ready {
+    /// Pending filters, plus one held by the joining call until it has registered them all.
+    remaining: AtomicUsize,
+    /// The subscriber the reply is for: a waiter whose subscriber left is void.
+    key: u64,
+    topic: Arc<str>,
+    reply: Reply,
+    outbox: Outbox,
+    done: AtomicBool,
+}
+
+impl Ready {
+    /// One filter became live; carries out the reply when it was the last.
+    fn granted(&self) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1
+            && !self.done.swap(true, Ordering::AcqRel)
+        {
+            match &self.reply {
+                Reply::None => {}
+                Reply::Frame(f) => {
+                    self.outbox.push(f.clone());
+                }
+                Reply::Signal(s) => s.add_permits(1),
+            }
+        }
+    }
+
+    fn refused(&self) {
+        if !self.done.swap(true, Ordering::AcqRel) {
+            self.outbox
+                .push(encode::errors::subscription_failed(&self.topic));
+            if let Reply::Signal(s) = &self.reply {
+                s.add_permits(1);
+            }
+        }
+    }
+}
+
+/// Where the broker stands on an entry's subscription.
+enum Upstream {
+    /// SUBSCRIBE sent (or to be sent); replies waiting for the SUBACK.
+    Pending(Vec<Arc<Ready>>),
+    Live,
+    Refused,
+}
+
 struct Entry {
-    filter: String,
+    filter: Arc<str>,
     shared: bool,
-    subscribers: Vec<Subscriber>,
+    /// By subscriber key ([`Membership`]): O(1) join and leave, contiguous for fan-out.
+    subscribers: IndexMap<u64, Subscriber>,
+    upstream: Upstream,
     next: AtomicUsize,
 }
 
-/// A one-shot read of a retained message: subscribed until the first message arrives.
-struct Fetch {
-    filter: String,
-    waiters: Vec<oneshot::Sender<Bytes>>,
-}
-
 #[derive(Default)]
-struct Table {
-    by_filter: HashMap<String, usize>,
+struct Shard {
+    by_filter: HashMap<Arc<str>, usize>,
     entries: HashMap<usize, Entry>,
-    fetch_by_filter: HashMap<String, usize>,
-    fetches: HashMap<usize, Fetch>,
-    next_id: usize,
+    next_seq: usize,
 }
 
-impl Table {
-    fn allocate_id(&mut self) -> Option<usize> {
-        // Ids cycle through 1..=MAX; a live id is skipped. With at most MAX live entries this
-        // always terminates; the bound is what MQTT 5 allows.
-        for _ in 0..MAX_SUBSCRIPTION_ID {
-            self.next_id = self.next_id % MAX_SUBSCRIPTION_ID + 1;
-            if !self.entries.contains_key(&self.next_id)
-                && !self.fetches.contains_key(&self.next_id)
-            {
-                return Some(self.next_id);
+impl Shard {
+    /// A fresh id in lane `lane`: sequence numbers run through the whole lane before one is
+    /// used again (live ones are skipped), so the broker cannot confuse a rejoined filter's
+    /// new subscription with its old one.
+    fn allocate(&mut self, lane: usize) -> Option<usize> {
+        for _ in 0..MAX_SEQ {
+            self.next_seq = self.next_seq % MAX_SEQ + 1;
+            let id = (self.next_seq << SHARD_BITS) | lane;
+            if !self.entries.contains_key(&id) {
+                return Some(id);
             }
         }
         None
     }
+}
+
+/// A one-shot read of a retained message: subscribed until the first message arrives.
+struct Fetch {
+    filter: Arc<str>,
+    waiters: Vec<oneshot::Sender<Bytes>>,
+}
+
+#[derive(Default)]
+struct Fetches {
+    by_filter: HashMap<Arc<str>, usize>,
+    by_id: HashMap<usize, Fetch>,
+    next_seq: usize,
+}
+
+/// Why a subscription could not join its filters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum JoinError {
+    #[error("too many upstream filters on this connection")]
+    ConnectionLimit,
+    #[error("this replica holds as many upstream filters as it may")]
+    ReplicaLimit,
 }
 
 /// The process-wide router.
@@ -153,7 +307,17 @@ pub struct Router {
     store: Arc<PolicyStore>,
     layout: TopicLayout,
     pool: OnceLock<Arc<Pool>>,
-    table: RwLock<Table>,
+    shards: Box<[RwLock<Shard>]>,
+    hasher: std::collections::hash_map::RandomState,
+    fetches: Mutex<Fetches>,
+    /// Entries (live and lingering), for `upstream.max_filters`.
+    entries: AtomicUsize,
+    max_filters: usize,
+    linger: Duration,
+    /// Emptied entries waiting out the linger: (deadline, filter, id), oldest first.
+    dissolving: Mutex<VecDeque<(Instant, Arc<str>, usize)>>,
+    dissolve_poke: Notify,
+    next_key: AtomicU64,
     /// Messages that arrived for no live entry (raced with an unsubscribe), for diagnostics.
     pub orphans: AtomicUsize,
 }
@@ -168,145 +332,216 @@ impl std::fmt::Debug for Router {
 
 impl Router {
     pub fn new(store: Arc<PolicyStore>) -> Arc<Self> {
-        let layout = store.settings().upstream.layout.clone();
+        let settings = store.settings();
+        let layout = settings.upstream.layout.clone();
+        let max_filters = settings.upstream.max_filters;
+        let linger = settings.upstream.unsubscribe_delay;
         Arc::new(Self {
             store,
             layout,
             pool: OnceLock::new(),
-            table: RwLock::new(Table::default()),
+            shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+            fetches: Mutex::new(Fetches::default()),
+            entries: AtomicUsize::new(0),
+            max_filters,
+            linger,
+            dissolving: Mutex::new(VecDeque::new()),
+            dissolve_poke: Notify::new(),
+            next_key: AtomicU64::new(1),
             orphans: AtomicUsize::new(0),
         })
     }
 
-    /// Connects the router to the pool it subscribes through (once, at start-up).
-    pub fn attach(&self, pool: Arc<Pool>) {
-        let _ = self.pool.set(pool);
+    /// Connects the router to the pool it subscribes through (once, at start-up), and starts
+    /// the task that unsubscribes emptied entries after their linger. Must be called inside a
+    /// Tokio runtime.
+    pub fn attach(self: &Arc<Self>, pool: Arc<Pool>) {
+        if self.pool.set(pool).is_ok() && !self.linger.is_zero() {
+            tokio::spawn(dissolver(self.clone()));
+        }
     }
 
     pub fn layout(&self) -> &TopicLayout {
         &self.layout
     }
 
-    /// Distinct upstream filters with local subscribers.
+    /// Distinct upstream filters held (with local subscribers, or lingering).
     pub fn filter_count(&self) -> usize {
-        self.table.read().entries.len()
+        self.entries.load(Ordering::Relaxed)
     }
 
-    /// Makes `sub`'s subscriptions (its session and client string) exactly `filters`: new
-    /// filters are added first, then filters no longer wanted are left, so that switching
-    /// filters (or between broadcast and load-balanced) loses no message and does not churn
-    /// an upstream subscription both sets share. Existing entries get `sub`'s current actor.
-    pub fn replace(&self, filters: &[String], qos: u8, sub: &Subscriber) -> bool {
-        let mut t = self.table.write();
-        let mut subscribe_upstream = Vec::new();
-        for f in filters {
-            let id = match t.by_filter.get(f) {
-                Some(id) => *id,
-                None => {
-                    let Some(id) = t.allocate_id() else {
-                        return false;
-                    };
-                    t.by_filter.insert(f.clone(), id);
-                    t.entries.insert(
-                        id,
-                        Entry {
-                            filter: f.clone(),
-                            shared: f.starts_with("$share/"),
-                            subscribers: Vec::new(),
-                            next: AtomicUsize::new(0),
+    /// The subscription id of `filter`'s entry, if it has one (diagnostics, benches, tests).
+    pub fn subscription_id(&self, filter: &str) -> Option<usize> {
+        self.shards[self.shard_of(filter)]
+            .read()
+            .by_filter
+            .get(filter)
+            .copied()
+    }
+
+    /// A new, empty membership for one session.
+    pub fn membership(self: &Arc<Self>, session: SessionId, max_filters: usize) -> Membership {
+        Membership {
+            router: self.clone(),
+            session,
+            subs: HashMap::new(),
+            filters: HashMap::new(),
+            max_filters,
+        }
+    }
+
+    fn shard_of(&self, filter: &str) -> usize {
+        (self.hasher.hash_one(filter) % SHARDS as u64) as usize
+    }
+
+    /// Adds `sub` (as `key`) to the entry of `filter`, creating and subscribing it upstream
+    /// if needed. Registers `ready` with a pending entry.
+    fn join(
+        &self,
+        filter: &str,
+        qos: u8,
+        key: u64,
+        sub: &Subscriber,
+        ready: &Arc<Ready>,
+    ) -> Result<(Arc<str>, usize), JoinError> {
+        let lane = self.shard_of(filter);
+        let mut shard = self.shards[lane].write();
+        let id = match shard.by_filter.get(filter) {
+            Some(id) => *id,
+            None => {
+                if self.entries.fetch_add(1, Ordering::AcqRel) >= self.max_filters {
+                    self.entries.fetch_sub(1, Ordering::AcqRel);
+                    return Err(JoinError::ReplicaLimit);
+                }
+                let Some(id) = shard.allocate(lane) else {
+                    self.entries.fetch_sub(1, Ordering::AcqRel);
+                    return Err(JoinError::ReplicaLimit);
+                };
+                let filter: Arc<str> = filter.into();
+                shard.by_filter.insert(filter.clone(), id);
+                shard.entries.insert(
+                    id,
+                    Entry {
+                        filter: filter.clone(),
+                        shared: filter.starts_with("$share/"),
+                        subscribers: IndexMap::new(),
+                        // Without a pool (benches, unit tests) nothing will answer.
+                        upstream: if self.pool.get().is_some() {
+                            Upstream::Pending(Vec::new())
+                        } else {
+                            Upstream::Live
                         },
-                    );
-                    subscribe_upstream.push((f.clone(), id));
-                    id
-                }
-            };
-            if let Some(e) = t.entries.get_mut(&id) {
-                match e
-                    .subscribers
-                    .iter_mut()
-                    .find(|s| s.session == sub.session && s.topic == sub.topic)
-                {
-                    Some(existing) => *existing = sub.clone(),
-                    None => e.subscribers.push(sub.clone()),
-                }
-            }
-        }
-        if let Some(pool) = self.pool.get() {
-            for (f, id) in subscribe_upstream {
-                pool.subscribe(&f, crate::upstream::qos(qos), id);
-            }
-        }
-        // Leave the filters of this subscription that are no longer wanted.
-        let mut emptied = Vec::new();
-        for (id, e) in t.entries.iter_mut() {
-            if filters.contains(&e.filter) {
-                continue;
-            }
-            e.subscribers
-                .retain(|s| !(s.session == sub.session && s.topic == sub.topic));
-            if e.subscribers.is_empty() {
-                emptied.push(*id);
-            }
-        }
-        self.drop_entries(&mut t, emptied);
-        true
-    }
-
-    fn drop_entries(&self, t: &mut Table, ids: Vec<usize>) {
-        for id in ids {
-            if let Some(e) = t.entries.remove(&id) {
-                t.by_filter.remove(&e.filter);
+                        next: AtomicUsize::new(0),
+                    },
+                );
                 if let Some(pool) = self.pool.get() {
-                    pool.unsubscribe(&e.filter);
+                    pool.subscribe(&filter, crate::upstream::qos(qos), id);
                 }
+                id
+            }
+        };
+        let Some(entry) = shard.entries.get_mut(&id) else {
+            return Err(JoinError::ReplicaLimit); // unreachable: inserted or found above
+        };
+        entry.subscribers.insert(key, sub.clone());
+        match &mut entry.upstream {
+            Upstream::Pending(waiters) => {
+                ready.remaining.fetch_add(1, Ordering::AcqRel);
+                waiters.push(ready.clone());
+            }
+            Upstream::Live => {}
+            Upstream::Refused => ready.refused(),
+        }
+        Ok((entry.filter.clone(), id))
+    }
+
+    /// Removes subscriber `key` from entry `id`; an emptied entry starts to dissolve.
+    fn leave(&self, filter: &str, id: usize, key: u64) {
+        let lane = lane_of(id);
+        let Some(shard) = self.shards.get(lane) else {
+            return;
+        };
+        let mut shard = shard.write();
+        let Some(entry) = shard.entries.get_mut(&id) else {
+            return;
+        };
+        entry.subscribers.swap_remove(&key);
+        if !entry.subscribers.is_empty() {
+            return;
+        }
+        if self.linger.is_zero() || self.pool.get().is_none() {
+            self.drop_entry(&mut shard, id);
+        } else {
+            drop(shard);
+            let deadline = Instant::now() + self.linger;
+            self.dissolving
+                .lock()
+                .push_back((deadline, filter.into(), id));
+            self.dissolve_poke.notify_one();
+        }
+    }
+
+    fn drop_entry(&self, shard: &mut Shard, id: usize) {
+        if let Some(e) = shard.entries.remove(&id) {
+            shard.by_filter.remove(&e.filter);
+            self.entries.fetch_sub(1, Ordering::AcqRel);
+            if let Some(pool) = self.pool.get() {
+                pool.unsubscribe(&e.filter, id);
             }
         }
     }
 
-    /// Removes the subscriptions of `session` whose client string is `topic` (all of them
-    /// when `topic` is `None`).
-    pub fn remove(&self, session: SessionId, topic: Option<&str>) {
-        let mut t = self.table.write();
-        let mut emptied = Vec::new();
-        for (id, e) in t.entries.iter_mut() {
-            e.subscribers
-                .retain(|s| !(s.session == session && topic.is_none_or(|tp| *s.topic == *tp)));
-            if e.subscribers.is_empty() {
-                emptied.push(*id);
-            }
+    /// Drops entry `id` if it is still empty (its linger is over).
+    fn dissolve(&self, id: usize) {
+        let Some(shard) = self.shards.get(lane_of(id)) else {
+            return;
+        };
+        let mut shard = shard.write();
+        if shard
+            .entries
+            .get(&id)
+            .is_some_and(|e| e.subscribers.is_empty())
+        {
+            self.drop_entry(&mut shard, id);
         }
-        self.drop_entries(&mut t, emptied);
     }
 
     /// Reads the retained message of `filter` (an exact topic): subscribes, waits up to
     /// `timeout` for the broker to send it, unsubscribes. `None` when there is none (a broker
     /// sends nothing for a topic without a retained message) or it did not come in time.
-    pub async fn fetch_retained(
-        &self,
-        filter: &str,
-        timeout: std::time::Duration,
-    ) -> Option<Bytes> {
+    pub async fn fetch_retained(&self, filter: &str, timeout: Duration) -> Option<Bytes> {
         let (tx, rx) = oneshot::channel();
         {
-            let mut t = self.table.write();
-            match t.fetch_by_filter.get(filter).copied() {
+            let mut f = self.fetches.lock();
+            match f.by_filter.get(filter).copied() {
                 Some(id) => {
-                    if let Some(f) = t.fetches.get_mut(&id) {
-                        f.waiters.push(tx);
+                    if let Some(fetch) = f.by_id.get_mut(&id) {
+                        fetch.waiters.push(tx);
                     }
                 }
                 None => {
-                    let id = t.allocate_id()?;
-                    t.fetch_by_filter.insert(filter.to_string(), id);
-                    t.fetches.insert(
+                    let mut id = None;
+                    for _ in 0..MAX_SEQ {
+                        f.next_seq = f.next_seq % MAX_SEQ + 1;
+                        let candidate = (f.next_seq << SHARD_BITS) | FETCH_LANE;
+                        if !f.by_id.contains_key(&candidate) {
+                            id = Some(candidate);
+                            break;
+                        }
+                    }
+                    let id = id?;
+                    let filter: Arc<str> = filter.into();
+                    f.by_filter.insert(filter.clone(), id);
+                    f.by_id.insert(
                         id,
                         Fetch {
-                            filter: filter.to_string(),
+                            filter: filter.clone(),
                             waiters: vec![tx],
                         },
                     );
                     if let Some(pool) = self.pool.get() {
-                        pool.subscribe(filter, crate::upstream::qos(1), id);
+                        pool.subscribe(&filter, crate::upstream::qos(1), id);
                     }
                 }
             }
@@ -317,16 +552,17 @@ impl Router {
             .and_then(Result::ok);
         if got.is_none() {
             // Leave the fetch if nobody else is still waiting on it.
-            let mut t = self.table.write();
-            if let Some(id) = t.fetch_by_filter.get(filter).copied()
-                && let Some(f) = t.fetches.get_mut(&id)
+            let mut f = self.fetches.lock();
+            if let Some(id) = f.by_filter.get(filter).copied()
+                && let Some(fetch) = f.by_id.get_mut(&id)
             {
-                f.waiters.retain(|w| !w.is_closed());
-                if f.waiters.is_empty() {
-                    t.fetches.remove(&id);
-                    t.fetch_by_filter.remove(filter);
+                fetch.waiters.retain(|w| !w.is_closed());
+                if fetch.waiters.is_empty()
+                    && let Some(fetch) = f.by_id.remove(&id)
+                {
+                    f.by_filter.remove(&fetch.filter);
                     if let Some(pool) = self.pool.get() {
-                        pool.unsubscribe(filter);
+                        pool.unsubscribe(&fetch.filter, id);
                     }
                 }
             }
@@ -336,19 +572,19 @@ impl Router {
 
     /// Completes the fetches a message is for; returns whether it was for one.
     fn complete_fetches(&self, ids: &[usize], payload: &Bytes) -> bool {
-        if self.table.read().fetches.is_empty() {
+        if !ids.iter().any(|id| lane_of(*id) == FETCH_LANE) {
             return false;
         }
-        let mut t = self.table.write();
+        let mut f = self.fetches.lock();
         let mut any = false;
         for id in ids {
-            if let Some(f) = t.fetches.remove(id) {
+            if let Some(fetch) = f.by_id.remove(id) {
                 any = true;
-                t.fetch_by_filter.remove(&f.filter);
+                f.by_filter.remove(&fetch.filter);
                 if let Some(pool) = self.pool.get() {
-                    pool.unsubscribe(&f.filter);
+                    pool.unsubscribe(&fetch.filter, *id);
                 }
-                for w in f.waiters {
+                for w in fetch.waiters {
                     let _ = w.send(payload.clone());
                 }
             }
@@ -381,23 +617,29 @@ impl Router {
             frames.push((sub_topic.clone(), b.clone()));
             b
         };
-        let t = self.table.read();
         let mut found = false;
         for id in ids {
-            let Some(e) = t.entries.get(id) else { continue };
+            let Some(shard) = self.shards.get(lane_of(*id)) else {
+                continue;
+            };
+            let shard = shard.read();
+            let Some(e) = shard.entries.get(id) else {
+                continue;
+            };
             found = true;
             if e.shared {
                 // One local member per message, round-robin over those allowed to have it.
                 let n = e.subscribers.len();
                 let start = e.next.fetch_add(1, Ordering::Relaxed);
                 if let Some(s) = (0..n)
-                    .map(|i| &e.subscribers[(start + i) % n])
+                    .filter_map(|i| e.subscribers.get_index((start + i) % n))
+                    .map(|(_, s)| s)
                     .find(|s| allowed(s))
                 {
                     s.outbox.push(frame_for(&s.topic));
                 }
             } else {
-                for s in e.subscribers.iter().filter(|s| allowed(s)) {
+                for s in e.subscribers.values().filter(|s| allowed(s)) {
                     s.outbox.push(frame_for(&s.topic));
                 }
             }
@@ -406,10 +648,240 @@ impl Router {
             self.orphans.fetch_add(1, Ordering::Relaxed);
         }
     }
+
+    fn on_subscription_result(&self, filter: &str, id: usize, granted: bool) {
+        let Some(shard) = self.shards.get(lane_of(id)) else {
+            return;
+        };
+        let mut shard = shard.write();
+        let Some(entry) = shard.entries.get_mut(&id) else {
+            return; // dissolved meanwhile
+        };
+        if *entry.filter != *filter {
+            return;
+        }
+        let state = if granted {
+            Upstream::Live
+        } else {
+            Upstream::Refused
+        };
+        if let Upstream::Pending(waiters) = std::mem::replace(&mut entry.upstream, state) {
+            for w in waiters {
+                // A subscriber that left (or re-subscribed elsewhere) is owed nothing here.
+                if !entry.subscribers.contains_key(&w.key) {
+                    continue;
+                }
+                if granted { w.granted() } else { w.refused() }
+            }
+        }
+    }
 }
 
 impl Dispatch for Router {
     fn dispatch(&self, topic: &str, subscription_ids: &[usize], payload: Bytes) {
         self.deliver(topic, subscription_ids, payload);
+    }
+
+    fn subscription_result(&self, filter: &str, id: usize, granted: bool) {
+        self.on_subscription_result(filter, id, granted);
+    }
+}
+
+/// Unsubscribes emptied entries once their linger is over (and they are still empty). Runs as
+/// long as the process (the router lives as long as the proxy).
+async fn dissolver(router: Arc<Router>) {
+    loop {
+        let due: Vec<usize> = {
+            let mut q = router.dissolving.lock();
+            let now = Instant::now();
+            let mut due = Vec::new();
+            while q.front().is_some_and(|(at, _, _)| *at <= now) {
+                if let Some((_, _, id)) = q.pop_front() {
+                    due.push(id);
+                }
+            }
+            due
+        };
+        for id in due {
+            router.dissolve(id);
+        }
+        let next = router.dissolving.lock().front().map(|(at, _, _)| *at);
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = router.dissolve_poke.notified() => {}
+                }
+            }
+            None => router.dissolve_poke.notified().await,
+        }
+    }
+}
+
+/// One subscription of a session: its subscriber key and the entries it joined.
+#[derive(Debug)]
+struct Joined {
+    key: u64,
+    filters: Vec<(Arc<str>, usize)>,
+}
+
+/// A session's subscriptions in the router, indexed by the session: what it costs to change
+/// follows what the session holds. Dropping it leaves everything.
+pub struct Membership {
+    router: Arc<Router>,
+    session: SessionId,
+    subs: HashMap<Arc<str>, Joined>,
+    /// Upstream filter → how many of this session's subscriptions joined it.
+    filters: HashMap<Arc<str>, u32>,
+    max_filters: usize,
+}
+
+impl std::fmt::Debug for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Membership")
+            .field("session", &self.session)
+            .field("subscriptions", &self.subs.len())
+            .field("filters", &self.filters.len())
+            .finish()
+    }
+}
+
+impl Membership {
+    pub fn session(&self) -> SessionId {
+        self.session
+    }
+
+    /// Distinct upstream filters this session holds.
+    pub fn filter_count(&self) -> usize {
+        self.filters.len()
+    }
+
+    pub fn contains(&self, topic: &str) -> bool {
+        self.subs.contains_key(topic)
+    }
+
+    /// Makes the subscription `sub.topic` exactly `filters`: new filters are joined first,
+    /// then filters no longer wanted are left, so switching filters (or between broadcast and
+    /// load-balanced) loses no message and does not churn an upstream subscription both sets
+    /// share. Existing entries get `sub`'s current actor and grant.
+    ///
+    /// `reply` says what confirms the subscription; see [`Readiness`] for who carries it out.
+    pub fn replace(
+        &mut self,
+        filters: &[String],
+        qos: u8,
+        sub: &Subscriber,
+        reply: Reply,
+    ) -> Result<Readiness, JoinError> {
+        let old = self.subs.get(&*sub.topic);
+        let key = match old {
+            Some(j) => j.key,
+            None => self.router.next_key.fetch_add(1, Ordering::Relaxed),
+        };
+        // The connection's cap counts distinct filters, as the broker does.
+        let added = filters
+            .iter()
+            .filter(|f| !self.filters.contains_key(f.as_str()))
+            .count();
+        let removed = old.map_or(0, |j| {
+            j.filters
+                .iter()
+                .filter(|(f, _)| {
+                    !filters.iter().any(|n| n.as_str() == &**f)
+                        && self.filters.get(f).copied() == Some(1)
+                })
+                .count()
+        });
+        if self.filters.len() + added - removed > self.max_filters {
+            return Err(JoinError::ConnectionLimit);
+        }
+        let ready = Arc::new(Ready {
+            remaining: AtomicUsize::new(1),
+            key,
+            topic: sub.topic.clone(),
+            reply,
+            outbox: sub.outbox.clone(),
+            done: AtomicBool::new(false),
+        });
+        let mut joined = Vec::with_capacity(filters.len());
+        for f in filters {
+            match self.router.join(f, qos, key, sub, &ready) {
+                Ok(j) => joined.push(j),
+                Err(e) => {
+                    // Undo the joins this call made that the old set does not hold.
+                    ready.done.store(true, Ordering::Release);
+                    let old = self.subs.get(&*sub.topic);
+                    for (f, id) in joined {
+                        let kept = old.is_some_and(|j| j.filters.iter().any(|(_, o)| *o == id));
+                        if !kept {
+                            self.router.leave(&f, id, key);
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let previous = self.subs.insert(
+            sub.topic.clone(),
+            Joined {
+                key,
+                filters: joined.clone(),
+            },
+        );
+        for (f, _) in &joined {
+            *self.filters.entry(f.clone()).or_insert(0) += 1;
+        }
+        if let Some(previous) = previous {
+            for (f, id) in previous.filters {
+                self.release_filter(&f);
+                if !joined.iter().any(|(_, j)| *j == id) {
+                    self.router.leave(&f, id, key);
+                }
+            }
+        }
+        // Drop the joining call's own count: zero means nothing was pending.
+        if ready.remaining.fetch_sub(1, Ordering::AcqRel) == 1
+            && !ready.done.swap(true, Ordering::AcqRel)
+        {
+            return Ok(Readiness::Now);
+        }
+        Ok(Readiness::Later)
+    }
+
+    fn release_filter(&mut self, filter: &Arc<str>) {
+        if let Some(n) = self.filters.get_mut(filter) {
+            *n -= 1;
+            if *n == 0 {
+                self.filters.remove(filter);
+            }
+        }
+    }
+
+    /// Leaves the subscription `topic`; `false` if the session had none.
+    pub fn remove(&mut self, topic: &str) -> bool {
+        let Some(j) = self.subs.remove(topic) else {
+            return false;
+        };
+        for (f, id) in j.filters {
+            self.release_filter(&f);
+            self.router.leave(&f, id, j.key);
+        }
+        true
+    }
+
+    /// Leaves every subscription.
+    pub fn clear(&mut self) {
+        for (_, j) in self.subs.drain() {
+            for (f, id) in j.filters {
+                self.router.leave(&f, id, j.key);
+            }
+        }
+        self.filters.clear();
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.clear();
     }
 }

@@ -576,7 +576,11 @@ async fn session_allow_list_and_expiry_close(b: TestBroker) {
 }
 
 async fn slow_consumer_is_disconnected_and_others_are_unaffected(b: TestBroker) {
-    let p = start_proxy(b, "limits: { send_queue: 64, publish_per_second: 100000 }").await;
+    let p = start_proxy(
+        b,
+        "limits: { send_queue: 64, send_queue_bytes: 67108864, publish_per_second: 100000 }",
+    )
+    .await;
     // The slow client subscribes and then stops reading.
     let mut slow = Client::login(&p.url, SENSOR1_TOKEN).await;
     slow.subscribe("chat/general/messages").await;

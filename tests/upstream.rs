@@ -17,6 +17,30 @@ impl Dispatch for Collect {
     fn dispatch(&self, topic: &str, ids: &[usize], payload: Bytes) {
         let _ = self.0.send((topic.to_string(), ids.to_vec(), payload));
     }
+
+    fn subscription_result(&self, _filter: &str, _id: usize, _granted: bool) {}
+}
+
+/// Collects messages and SUBACK results.
+struct CollectAll {
+    messages: mpsc::UnboundedSender<(String, Vec<usize>, Bytes)>,
+    subacks: mpsc::UnboundedSender<(String, usize, bool)>,
+}
+
+impl Dispatch for CollectAll {
+    fn dispatch(&self, topic: &str, ids: &[usize], payload: Bytes) {
+        let _ = self
+            .messages
+            .send((topic.to_string(), ids.to_vec(), payload));
+    }
+
+    fn subscription_result(&self, filter: &str, id: usize, granted: bool) {
+        let _ = self.subacks.send((filter.to_string(), id, granted));
+    }
+}
+
+fn arc(s: String) -> Arc<str> {
+    s.into()
 }
 
 fn settings(pool: usize) -> UpstreamSettings {
@@ -29,6 +53,8 @@ fn settings(pool: usize) -> UpstreamSettings {
         client_id_prefix: "cuttle-test".into(),
         keep_alive: Duration::from_secs(30),
         connect_timeout: Duration::from_secs(5),
+        max_filters: 1000,
+        unsubscribe_delay: Duration::ZERO,
     }
 }
 
@@ -84,10 +110,10 @@ async fn roundtrip(endpoint: Endpoint) {
     assert_eq!(pool.connected(), 3);
 
     let base = unique("rt");
-    pool.subscribe(&format!("{base}/#"), qos(1), 7);
+    pool.subscribe(&arc(format!("{base}/#")), qos(1), 7);
     // Overlapping filters: one message carries both subscription ids, whichever connection
     // each filter lives on, and whether the broker sends one copy or two.
-    pool.subscribe(&format!("{base}/+"), qos(1), 8);
+    pool.subscribe(&arc(format!("{base}/+")), qos(1), 8);
     // Subscriptions are applied asynchronously: publish until the first one arrives.
     let payload = Bytes::from_static(b"\x92\x01\xc4\x02\x00\xff"); // msgpack with a bin inside
     let got = tokio::time::timeout(Duration::from_secs(10), async {
@@ -99,9 +125,7 @@ async fn roundtrip(endpoint: Endpoint) {
                 false,
                 payload.clone(),
                 Some(ack_tx),
-                Duration::from_secs(5),
             )
-            .await
             .unwrap();
             ack_rx.await.unwrap().unwrap();
             // Gather every copy of this one publish (a broker may send one copy naming both
@@ -126,7 +150,7 @@ async fn roundtrip(endpoint: Endpoint) {
         assert_eq!(topic, &format!("{base}/a"));
         assert_eq!(p, &payload, "payload byte-exact");
     }
-    pool.unsubscribe(&format!("{base}/+"));
+    pool.unsubscribe(&arc(format!("{base}/+")), 8);
 
     // Order is kept for one topic, at every QoS.
     while rx.try_recv().is_ok() {}
@@ -138,9 +162,7 @@ async fn roundtrip(endpoint: Endpoint) {
                 false,
                 Bytes::from(vec![level, i]),
                 None,
-                Duration::from_secs(5),
             )
-            .await
             .unwrap();
         }
     }
@@ -166,7 +188,7 @@ async fn roundtrip(endpoint: Endpoint) {
     }
 
     // Unsubscribe stops delivery.
-    pool.unsubscribe(&format!("{base}/#"));
+    pool.unsubscribe(&arc(format!("{base}/#")), 7);
     // The unsubscribe is applied asynchronously: probe with a fresh topic, matched by both
     // former filters, until a probe is no longer delivered through them.
     let stopped = tokio::time::timeout(Duration::from_secs(10), async {
@@ -174,16 +196,8 @@ async fn roundtrip(endpoint: Endpoint) {
         loop {
             probe += 1;
             let topic = format!("{base}/after{probe}");
-            pool.publish(
-                topic.clone(),
-                qos(1),
-                false,
-                payload.clone(),
-                None,
-                Duration::from_secs(5),
-            )
-            .await
-            .unwrap();
+            pool.publish(topic.clone(), qos(1), false, payload.clone(), None)
+                .unwrap();
             let deadline = tokio::time::Instant::now() + Duration::from_millis(700);
             let mut delivered = false;
             while let Ok(Some((t, ids, _))) = tokio::time::timeout_at(deadline, rx.recv()).await {
@@ -234,16 +248,7 @@ async fn publish_to_an_unreachable_broker_times_out_not_hangs() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!pool.is_ready());
     let (ack_tx, ack_rx) = oneshot::channel();
-    let sent = pool
-        .publish(
-            "a/b".into(),
-            qos(1),
-            false,
-            Bytes::new(),
-            Some(ack_tx),
-            Duration::from_secs(1),
-        )
-        .await;
+    let sent = pool.publish("a/b".into(), qos(1), false, Bytes::new(), Some(ack_tx));
     // Queued (the request channel has room) but never acknowledged.
     assert!(sent.is_ok());
     assert!(
@@ -251,4 +256,307 @@ async fn publish_to_an_unreachable_broker_times_out_not_hangs() {
             .await
             .is_err()
     );
+}
+
+/// A private Mosquitto on a free port with `extra` config lines; killed when dropped.
+struct PrivateMosquitto {
+    child: Option<tokio::process::Child>,
+    port: u16,
+    conf: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateMosquitto {
+    async fn start(extra: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\n{extra}\n"),
+        )
+        .unwrap();
+        let mut m = Self {
+            child: None,
+            port,
+            conf,
+            _dir: dir,
+        };
+        m.restart().await;
+        m
+    }
+
+    async fn restart(&mut self) {
+        let child = tokio::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&self.conf)
+            .kill_on_drop(true)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto must be installed for this test");
+        self.child = Some(child);
+        let port = self.port;
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("mosquitto listens");
+    }
+
+    async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            host: "127.0.0.1".into(),
+            port: self.port,
+            tls: false,
+        }
+    }
+}
+
+type Messages = mpsc::UnboundedReceiver<(String, Vec<usize>, Bytes)>;
+type SubAcks = mpsc::UnboundedReceiver<(String, usize, bool)>;
+
+fn collect_all() -> (Arc<CollectAll>, Messages, SubAcks) {
+    let (mtx, mrx) = mpsc::unbounded_channel();
+    let (stx, srx) = mpsc::unbounded_channel();
+    (
+        Arc::new(CollectAll {
+            messages: mtx,
+            subacks: stx,
+        }),
+        mrx,
+        srx,
+    )
+}
+
+/// Regression: a publish larger than the broker's Maximum Packet Size used to be written
+/// anyway; Mosquitto dropped the *shared* connection (and rumqttc re-sent the packet after
+/// every reconnect). It is refused to its sender now, and the connection never blinks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_over_the_brokers_packet_limit_is_refused_not_paid_for_by_the_connection() {
+    let broker = PrivateMosquitto::start("max_packet_size 4096").await;
+    let (dispatch, mut messages, mut subacks) = collect_all();
+    let pool = Pool::start(&settings(1), broker.endpoint(), 1 << 20, dispatch);
+    wait_ready(&pool).await;
+    let base = unique("mps");
+    let filter = arc(format!("{base}/#"));
+    pool.subscribe(&filter, qos(1), 3);
+    let (_, id, granted) = tokio::time::timeout(Duration::from_secs(5), subacks.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((id, granted), (3, true));
+    let topic = format!("{base}/x");
+    let max = pool.max_payload(&topic);
+    assert!(max < 4096 && max > 3000, "max payload {max} from CONNACK");
+    for _ in 0..20 {
+        let err = pool
+            .publish(
+                topic.clone(),
+                qos(1),
+                false,
+                Bytes::from(vec![0u8; 8000]),
+                None,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(err, cuttle::upstream::PublishError::TooLarge { .. }),
+            "{err}"
+        );
+    }
+    // Exactly at the limit still goes through; the connection was never lost.
+    let (ack_tx, ack_rx) = oneshot::channel();
+    pool.publish(
+        topic.clone(),
+        qos(1),
+        false,
+        Bytes::from(vec![1u8; max]),
+        Some(ack_tx),
+    )
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), ack_rx)
+        .await
+        .expect("acknowledged")
+        .unwrap()
+        .unwrap();
+    let (_, ids, p) = tokio::time::timeout(Duration::from_secs(5), messages.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((ids, p.len()), (vec![3], max));
+    assert_eq!(pool.connected(), 1);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), subacks.recv())
+            .await
+            .is_err(),
+        "no reconnect (which would resubscribe) happened"
+    );
+}
+
+/// Regression ("ack shift"): a publish whose caller gave up used to leave its waiter queued,
+/// and every later acknowledgement went to the wrong publish. Waiters are now queued in the
+/// same critical section as the request, so abandoned ones shift nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgements_match_their_publishes_when_callers_give_up() {
+    let (dispatch, _messages, _subacks) = collect_all();
+    let pool = Pool::start(&settings(1), mosquitto(), 1 << 20, dispatch);
+    wait_ready(&pool).await;
+    let topic = unique("acks");
+    let mut kept = Vec::new();
+    for i in 0..300 {
+        let (tx, rx) = oneshot::channel();
+        let level = [0u8, 1, 1][i % 3];
+        pool.publish(
+            topic.clone(),
+            publish_qos(level),
+            false,
+            Bytes::new(),
+            Some(tx),
+        )
+        .unwrap();
+        if i % 2 == 0 {
+            drop(rx); // the caller gave up
+        } else {
+            kept.push(rx);
+        }
+    }
+    for rx in kept {
+        tokio::time::timeout(Duration::from_secs(5), rx)
+            .await
+            .expect("every kept waiter is answered")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// Acknowledgement bookkeeping survives a reconnect: publishes queued while the broker is
+/// down are sent after it is back, in order, and each one's acknowledgement reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgements_survive_a_broker_restart() {
+    let mut broker = PrivateMosquitto::start("").await;
+    let (dispatch, mut messages, mut subacks) = collect_all();
+    let pool = Pool::start(&settings(1), broker.endpoint(), 1 << 20, dispatch);
+    wait_ready(&pool).await;
+    let base = unique("restart");
+    pool.subscribe(&arc(format!("{base}/#")), qos(1), 5);
+    assert!(
+        subacks
+            .recv()
+            .await
+            .is_some_and(|(_, id, ok)| id == 5 && ok)
+    );
+    broker.stop().await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while pool.is_ready() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the pool notices");
+    let mut acks = Vec::new();
+    for i in 0..40u8 {
+        let (tx, rx) = oneshot::channel();
+        pool.publish(
+            format!("{base}/t"),
+            qos(1),
+            false,
+            Bytes::from(vec![i]),
+            Some(tx),
+        )
+        .unwrap();
+        acks.push(rx);
+    }
+    broker.restart().await;
+    for rx in acks {
+        tokio::time::timeout(Duration::from_secs(15), rx)
+            .await
+            .expect("acknowledged after the restart")
+            .unwrap()
+            .unwrap();
+    }
+    // A fresh publish after all that is acknowledged too (nothing shifted).
+    let (tx, rx) = oneshot::channel();
+    pool.publish(
+        format!("{base}/t"),
+        qos(1),
+        false,
+        Bytes::from_static(b"z"),
+        Some(tx),
+    )
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), rx)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    // The resubscription after the restart was granted again, and delivers.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), messages.recv())
+            .await
+            .is_ok()
+    );
+}
+
+/// Regression ("lost deliveries under churn"): a filter dropped and added again with a new
+/// id before the reconciler ran used to be skipped as "already subscribed", so the broker
+/// kept tagging messages with the old id and the router dropped them. Reconciliation is on
+/// (filter, id) now.
+async fn resubscribe_with_a_new_id(endpoint: Endpoint) {
+    let (dispatch, mut messages, mut subacks) = collect_all();
+    let pool = Pool::start(&settings(1), endpoint, 1 << 20, dispatch);
+    wait_ready(&pool).await;
+    let base = unique("reid");
+    let filter = arc(format!("{base}/#"));
+    pool.subscribe(&filter, qos(1), 7);
+    assert!(
+        subacks
+            .recv()
+            .await
+            .is_some_and(|(_, id, ok)| id == 7 && ok)
+    );
+    for next in [9usize, 11, 13] {
+        // Leave and rejoin at once, as a reloading page does.
+        pool.unsubscribe(&filter, next - 2);
+        pool.subscribe(&filter, qos(1), next);
+        let (_, id, ok) = tokio::time::timeout(Duration::from_secs(5), subacks.recv())
+            .await
+            .expect("the new id is subscribed")
+            .unwrap();
+        assert_eq!((id, ok), (next, true));
+        while messages.try_recv().is_ok() {}
+        let (tx, rx) = oneshot::channel();
+        pool.publish(format!("{base}/m"), qos(1), false, Bytes::new(), Some(tx))
+            .unwrap();
+        rx.await.unwrap().unwrap();
+        let (_, ids, _) = tokio::time::timeout(Duration::from_secs(5), messages.recv())
+            .await
+            .expect("delivered")
+            .unwrap();
+        assert_eq!(ids, vec![next], "tagged with the new id only");
+    }
+    // An unsubscribe naming an old id leaves the newer subscription alone.
+    pool.unsubscribe(&filter, 7);
+    assert_eq!(pool.filter_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resubscribe_with_a_new_id_embedded() {
+    resubscribe_with_a_new_id(embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resubscribe_with_a_new_id_mosquitto() {
+    resubscribe_with_a_new_id(mosquitto()).await;
 }

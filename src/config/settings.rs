@@ -71,6 +71,8 @@ pub(crate) struct UpstreamSpec {
     pub client_id_prefix: String,
     pub keep_alive_s: u64,
     pub connect_timeout_ms: u64,
+    pub max_filters: u64,
+    pub unsubscribe_delay_ms: u64,
 }
 
 impl Default for UpstreamSpec {
@@ -84,6 +86,8 @@ impl Default for UpstreamSpec {
             client_id_prefix: "cuttle".into(),
             keep_alive_s: 30,
             connect_timeout_ms: 5000,
+            max_filters: 250_000,
+            unsubscribe_delay_ms: 2000,
         }
     }
 }
@@ -101,6 +105,10 @@ pub(crate) struct LimitsSpec {
     pub handshake_timeout_ms: u64,
     pub idle_timeout_ms: u64,
     pub send_queue: u64,
+    pub send_queue_bytes: u64,
+    pub filters_per_connection: u64,
+    pub control_per_second: u64,
+    pub restore_bytes: u64,
 }
 
 impl Default for LimitsSpec {
@@ -116,6 +124,10 @@ impl Default for LimitsSpec {
             handshake_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,
             send_queue: 1024,
+            send_queue_bytes: 4 << 20,
+            filters_per_connection: 1024,
+            control_per_second: 20,
+            restore_bytes: 64 << 10,
         }
     }
 }
@@ -209,6 +221,11 @@ pub struct UpstreamSettings {
     pub client_id_prefix: String,
     pub keep_alive: Duration,
     pub connect_timeout: Duration,
+    /// Distinct upstream filters this replica holds at most (every session together).
+    pub max_filters: usize,
+    /// How long an upstream subscription outlives its last local subscriber, so that a
+    /// leave-and-rejoin (a page reload) finds it live instead of churning the broker.
+    pub unsubscribe_delay: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,6 +240,15 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub send_queue: usize,
+    /// Bytes of frames one connection's outbound queue holds at most (besides `send_queue`
+    /// frames): a consumer slower than that is closed.
+    pub send_queue_bytes: usize,
+    /// Distinct upstream filters one connection holds at most.
+    pub filters_per_connection: u32,
+    /// `subscribe`, `unsubscribe` and `setFilters` frames per second per connection.
+    pub control_per_second: u32,
+    /// Bytes of an actor's stored subscription set (reconnect restore) at most.
+    pub restore_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -458,6 +484,21 @@ pub(crate) fn validate(
         diags,
     );
 
+    let max_filters = in_range(
+        u.max_filters,
+        1,
+        crate::upstream::MAX_SUBSCRIPTION_ID as u64 / 2,
+        "upstream.max_filters",
+        diags,
+    ) as usize;
+    let unsubscribe_delay_ms = in_range(
+        u.unsubscribe_delay_ms,
+        0,
+        600_000,
+        "upstream.unsubscribe_delay_ms",
+        diags,
+    );
+
     let l = &spec.limits;
     let max_frame = in_range(
         l.max_frame_bytes,
@@ -527,6 +568,35 @@ pub(crate) fn validate(
             diags,
         )),
         send_queue: in_range(l.send_queue, 1, 1_000_000, "limits.send_queue", diags) as usize,
+        // One message of the largest size (and its frame) must always fit.
+        send_queue_bytes: in_range(
+            l.send_queue_bytes,
+            max_message + 64 * 1024,
+            1 << 30,
+            "limits.send_queue_bytes",
+            diags,
+        ) as usize,
+        filters_per_connection: in_range(
+            l.filters_per_connection,
+            1,
+            1_000_000,
+            "limits.filters_per_connection",
+            diags,
+        ) as u32,
+        control_per_second: in_range(
+            l.control_per_second,
+            1,
+            1_000_000,
+            "limits.control_per_second",
+            diags,
+        ) as u32,
+        restore_bytes: in_range(
+            l.restore_bytes,
+            1024,
+            16 << 20,
+            "limits.restore_bytes",
+            diags,
+        ) as usize,
     };
 
     let auth_cache = AuthCacheSettings {
@@ -589,6 +659,8 @@ pub(crate) fn validate(
             client_id_prefix: u.client_id_prefix.clone(),
             keep_alive: Duration::from_secs(keep_alive_s),
             connect_timeout: Duration::from_millis(connect_ms),
+            max_filters,
+            unsubscribe_delay: Duration::from_millis(unsubscribe_delay_ms),
         },
         limits,
         auth_cache,

@@ -6,6 +6,7 @@
 //! bind port 0 and run the real server in-process.
 
 mod http;
+pub mod restore;
 mod session;
 
 use std::collections::HashMap;
@@ -72,6 +73,8 @@ pub struct Proxy {
     pub store: Arc<PolicyStore>,
     pub router: Arc<Router>,
     pub pool: Arc<Pool>,
+    /// Writes reconnect-restore records, coalesced per actor.
+    pub restore: Arc<restore::RestoreWriter>,
     pub settings: Settings,
     connections: Arc<Semaphore>,
     pub(crate) actors: ActorConnections,
@@ -116,6 +119,7 @@ impl Proxy {
         let router = Router::new(store.clone());
         let pool = Pool::start(&settings.upstream, endpoint, max_packet, router.clone());
         router.attach(pool.clone());
+        let restore = restore::RestoreWriter::start(pool.clone());
         let (shutdown, _) = watch::channel(false);
         let mut instance = [0u8; 4];
         let _ = getrandom::fill(&mut instance);
@@ -123,6 +127,7 @@ impl Proxy {
             store,
             router,
             pool,
+            restore,
             connections: Arc::new(Semaphore::new(settings.limits.max_connections as usize)),
             actors: ActorConnections::default(),
             next_session: AtomicU64::new(1),

@@ -212,12 +212,15 @@ impl TopicLayout {
     }
 
     /// Where an actor's subscription set is kept (PROTOCOL §13), as a retained message:
-    /// `[prefix/]_/restore/<project>/<actor>`. The app level `_` can never be an app slug, so no
-    /// client topic or filter can address it.
-    pub fn restore_topic(&self, project: &str, actor: &str) -> String {
+    /// `[prefix/]_/restore/v2/<project>/<scope or _>/<actor>`. Keyed by scope as well as
+    /// actor: a user id is only unique within a namespace (an unlisted JWT `sub` may exist in
+    /// two scopes). The app level `_` can never be an app slug, so no client topic or filter
+    /// can address it; `v2` keeps it apart from the unversioned records of older releases.
+    pub fn restore_topic(&self, project: &str, scope: Option<&str>, actor: &str) -> String {
         format!(
-            "{}{UNSCOPED}/restore/{project}/{}",
+            "{}{UNSCOPED}/restore/v2/{project}/{}/{}",
             self.prefix,
+            scope.unwrap_or(UNSCOPED),
             super::filters::encode_group(actor)
         )
     }

@@ -1,5 +1,5 @@
-//! One upstream MQTT 5 connection: its event loop, its subscription reconciler, and publish
-//! acknowledgement tracking.
+//! One upstream MQTT 5 connection: its event loop, its subscription reconciler, and the
+//! bookkeeping that matches every request to what the broker answers.
 //!
 //! MQTT 5 because of *subscription identifiers*: every upstream filter is subscribed with its
 //! router id, and the broker tags each message with the ids of the subscriptions it matched.
@@ -9,16 +9,33 @@
 //!
 //! Two tasks per connection:
 //! - the **event loop** polls rumqttc (which reconnects when polled after an error), hands
-//!   incoming messages to the dispatcher, matches acknowledgements to waiting publishes, and
-//!   backs off between failed connects;
-//! - the **reconciler** makes the broker's subscriptions equal the desired set. The router
-//!   changes the desired set synchronously and pokes the reconciler; churn coalesces (a filter
-//!   added and removed before the reconciler runs costs nothing), and after a reconnect the
-//!   whole set is subscribed again. Its state is bounded by the number of distinct filters.
+//!   incoming messages and SUBACK results to the dispatcher, matches acknowledgements to
+//!   waiting publishes, and backs off between failed connects;
+//! - the **reconciler** makes the broker's subscriptions equal the desired set, exactly on
+//!   (filter, subscription id): a filter re-added with a new id is subscribed again (MQTT 5
+//!   replaces the subscription, id included), not skipped because the filter looks live. The
+//!   router marks filters dirty; the reconciler touches only dirty filters (all of them after
+//!   a reconnect), so its cost follows the churn, not the table size.
+//!
+//! ## Request bookkeeping
+//!
+//! rumqttc assigns packet ids inside its event loop and reports each request it takes from
+//! its channel as an `Outgoing` event, in channel order. Every request is therefore pushed
+//! onto [`Requests::queued`] *in the same critical section* as the non-blocking `try_*` send
+//! that puts it in the channel: no `.await` between them, so no cancelled caller can leave a
+//! waiter behind, and the queue order is the channel order. Each `Outgoing` event pops the
+//! front and binds it to its packet id.
+//!
+//! Reconnects: on a connection error rumqttc moves unacknowledged publishes and everything
+//! still in its channel to `EventLoop::pending`, and drops that list when the broker starts a
+//! clean session — requests (and their acknowledgements) would vanish without an event and
+//! shift every later match. The event loop takes that list when the error surfaces and hands
+//! it back after the next CONNACK, so every request queued here is sent exactly once more and
+//! reported in order; a publish re-sent with its old packet id is recognised as such.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,8 +43,8 @@ use parking_lot::Mutex;
 use rumqttc::Outgoing;
 use rumqttc::Transport;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeProperties};
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeProperties, SubscribeReasonCode};
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions, Request};
 use tokio::sync::{Notify, oneshot};
 
 use super::{Dispatch, Endpoint};
@@ -37,10 +54,14 @@ use super::{Dispatch, Endpoint};
 pub enum PublishError {
     #[error("the upstream connection is shutting down")]
     Closed,
-    #[error("the broker did not take the publish in time")]
-    Timeout,
+    #[error("the upstream connection's queue is full")]
+    Saturated,
     #[error("invalid upstream topic")]
     InvalidTopic,
+    #[error("the publish ({size} bytes) exceeds the broker's maximum packet size ({max} bytes)")]
+    TooLarge { size: usize, max: usize },
+    #[error("the upstream connection was lost before the broker acknowledged the publish")]
+    Lost,
 }
 
 type AckSender = oneshot::Sender<Result<(), PublishError>>;
@@ -53,34 +74,61 @@ pub(super) struct Options {
     pub keep_alive: Duration,
     pub connect_timeout: Duration,
     pub max_packet: usize,
+    pub max_queued_bytes: usize,
     pub connected: Arc<AtomicUsize>,
     pub dispatch: Arc<dyn Dispatch>,
 }
 
-/// Publishes waiting for the broker. rumqttc assigns packet ids inside its event loop and
-/// reports them (`Outgoing::Publish(pkid)`) in request order, so waiters queue in request
-/// order and are bound to a pkid when it is reported. A reported pkid that is already bound is
-/// a retransmission after a reconnect, not a new publish.
+/// A request in rumqttc's channel, not yet reported by its event loop.
+enum Queued {
+    Publish {
+        ack: Option<AckSender>,
+        bytes: usize,
+    },
+    Subscribe {
+        filter: Arc<str>,
+        id: usize,
+    },
+    Unsubscribe,
+}
+
+/// Requests in flight, in the order rumqttc reports them (module docs).
 #[derive(Default)]
-struct Acks {
-    unassigned: VecDeque<Option<AckSender>>,
+struct Requests {
+    queued: VecDeque<Queued>,
+    /// QoS ≥ 1 publishes written, waiting for PUBACK/PUBCOMP, by packet id.
     inflight: HashMap<u16, Option<AckSender>>,
+    /// SUBSCRIBEs written, waiting for SUBACK, by packet id.
+    subacks: HashMap<u16, (Arc<str>, usize)>,
+}
+
+/// The filters this connection should hold, and which of them changed.
+#[derive(Default)]
+struct Subscriptions {
+    /// Filter → (QoS, subscription id).
+    desired: HashMap<Arc<str>, (QoS, usize)>,
+    dirty: HashSet<Arc<str>>,
 }
 
 struct Shared {
     client_id: String,
-    /// Filter → (QoS, subscription id).
-    desired: Mutex<HashMap<String, (QoS, usize)>>,
-    /// Set on every (re)connect: the broker has forgotten our subscriptions (clean session).
+    client: AsyncClient,
+    requests: Mutex<Requests>,
+    subs: Mutex<Subscriptions>,
+    /// Set on every (re)connect: the broker has forgotten our subscriptions (clean start).
     resync: AtomicBool,
     poke: Notify,
-    acks: Mutex<Acks>,
-    /// Serialises "queue a waiter + send the request" so both happen in the same order.
-    publish_order: tokio::sync::Mutex<()>,
+    /// The broker's Maximum Packet Size (CONNACK); `u32::MAX` when it set none.
+    broker_max_packet: AtomicU32,
+    /// Payload bytes of publishes in rumqttc's channel: bounded, so a burst of large
+    /// publishes costs a known amount of memory and then fails fast.
+    queued_bytes: AtomicUsize,
+    max_queued_bytes: usize,
+    /// The event loop has ended (the pool was dropped).
+    closed: AtomicBool,
 }
 
 pub(super) struct Connection {
-    client: AsyncClient,
     shared: Arc<Shared>,
 }
 
@@ -88,6 +136,12 @@ pub(super) struct Connection {
 const REQUEST_CAPACITY: usize = 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long the reconciler waits when rumqttc's channel is full before trying again.
+const RECONCILE_RETRY: Duration = Duration::from_millis(10);
+
+/// Upper bound of a PUBLISH packet's size beyond topic and payload: fixed header (1 + up to 4
+/// length bytes), topic length (2), packet id (2), properties length (1).
+const PUBLISH_OVERHEAD: usize = 10;
 
 impl Connection {
     pub fn start(o: Options) -> Self {
@@ -112,11 +166,15 @@ impl Connection {
         let (client, eventloop) = AsyncClient::new(mqtt, REQUEST_CAPACITY);
         let shared = Arc::new(Shared {
             client_id: o.client_id.clone(),
-            desired: Mutex::new(HashMap::new()),
+            client,
+            requests: Mutex::new(Requests::default()),
+            subs: Mutex::new(Subscriptions::default()),
             resync: AtomicBool::new(false),
             poke: Notify::new(),
-            acks: Mutex::new(Acks::default()),
-            publish_order: tokio::sync::Mutex::new(()),
+            broker_max_packet: AtomicU32::new(u32::MAX),
+            queued_bytes: AtomicUsize::new(0),
+            max_queued_bytes: o.max_queued_bytes,
+            closed: AtomicBool::new(false),
         });
         tokio::spawn(run_event_loop(
             eventloop,
@@ -124,61 +182,181 @@ impl Connection {
             o.connected,
             o.dispatch,
         ));
-        tokio::spawn(reconcile(client.clone(), shared.clone()));
-        Self { client, shared }
+        tokio::spawn(reconcile(shared.clone()));
+        Self { shared }
     }
 
-    pub fn subscribe(&self, filter: &str, qos: QoS, id: usize) {
-        self.shared
-            .desired
-            .lock()
-            .insert(filter.to_string(), (qos, id));
+    pub fn subscribe(&self, filter: &Arc<str>, qos: QoS, id: usize) {
+        let mut s = self.shared.subs.lock();
+        s.desired.insert(filter.clone(), (qos, id));
+        s.dirty.insert(filter.clone());
+        drop(s);
         self.shared.poke.notify_one();
     }
 
-    pub fn unsubscribe(&self, filter: &str) {
-        self.shared.desired.lock().remove(filter);
+    /// Unsubscribes `filter` if it is still subscribed with `id` (a newer subscription of the
+    /// same filter is left alone).
+    pub fn unsubscribe(&self, filter: &Arc<str>, id: usize) {
+        let mut s = self.shared.subs.lock();
+        if s.desired.get(filter).is_some_and(|(_, have)| *have == id) {
+            s.desired.remove(filter);
+            s.dirty.insert(filter.clone());
+        }
+        drop(s);
         self.shared.poke.notify_one();
     }
 
     pub fn filter_count(&self) -> usize {
-        self.shared.desired.lock().len()
+        self.shared.subs.lock().desired.len()
     }
 
-    pub async fn publish(
+    /// The largest payload a publish to a topic of `topic_len` bytes may carry on this
+    /// connection (the broker's Maximum Packet Size, once known).
+    pub fn max_payload(&self, topic_len: usize) -> usize {
+        let max = self.shared.broker_max_packet.load(Ordering::Relaxed) as usize;
+        max.saturating_sub(topic_len + PUBLISH_OVERHEAD)
+    }
+
+    /// Hands a publish to the event loop without waiting. With `ack`, the sender completes
+    /// once the broker acknowledged (PUBACK for QoS 1, PUBCOMP for QoS 2, written to the
+    /// socket for QoS 0) or the publish was lost.
+    pub fn publish(
         &self,
         topic: String,
         qos: QoS,
         retain: bool,
         payload: Bytes,
         ack: Option<AckSender>,
-        timeout: Duration,
     ) -> Result<(), PublishError> {
+        let shared = &self.shared;
+        if shared.closed.load(Ordering::Relaxed) {
+            return Err(PublishError::Closed);
+        }
         if !rumqttc::v5::mqttbytes::valid_topic(&topic) {
             return Err(PublishError::InvalidTopic);
         }
-        let send = async {
-            let _order = self.shared.publish_order.lock().await;
-            self.shared.acks.lock().unassigned.push_back(ack);
-            if self
-                .client
-                .publish_bytes(topic, qos, retain, payload)
-                .await
-                .is_err()
-            {
-                // The request never reached the event loop: take our waiter back (it is the
-                // newest, and the order lock is still held).
-                if let Some(Some(tx)) = self.shared.acks.lock().unassigned.pop_back() {
-                    let _ = tx.send(Err(PublishError::Closed));
-                }
-                return Err(PublishError::Closed);
+        // A packet over the broker's maximum would make rumqttc fail the whole connection
+        // (and re-send it after every reconnect): refuse it to its sender instead.
+        let size = topic.len() + payload.len() + PUBLISH_OVERHEAD;
+        let max = shared.broker_max_packet.load(Ordering::Relaxed) as usize;
+        if size > max {
+            return Err(PublishError::TooLarge { size, max });
+        }
+        let bytes = payload.len();
+        if shared.queued_bytes.load(Ordering::Relaxed) + bytes > shared.max_queued_bytes {
+            return Err(PublishError::Saturated);
+        }
+        let mut requests = shared.requests.lock();
+        requests.queued.push_back(Queued::Publish { ack, bytes });
+        match shared.client.try_publish(topic, qos, retain, payload) {
+            Ok(()) => {
+                shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+                Ok(())
             }
-            Ok(())
-        };
-        tokio::time::timeout(timeout, send)
-            .await
-            .unwrap_or(Err(PublishError::Timeout))
+            Err(_) => {
+                // Still under the lock: the entry just pushed is the newest.
+                requests.queued.pop_back();
+                Err(if shared.closed.load(Ordering::Relaxed) {
+                    PublishError::Closed
+                } else {
+                    PublishError::Saturated
+                })
+            }
+        }
     }
+}
+
+impl Shared {
+    /// Sends a SUBSCRIBE for one filter with its id. `false`: the channel is full.
+    fn try_subscribe(&self, filter: &Arc<str>, qos: QoS, id: usize) -> bool {
+        let props = SubscribeProperties {
+            id: Some(id),
+            user_properties: Vec::new(),
+        };
+        let mut requests = self.requests.lock();
+        requests.queued.push_back(Queued::Subscribe {
+            filter: filter.clone(),
+            id,
+        });
+        let sent = self
+            .client
+            .try_subscribe_with_properties(filter.to_string(), qos, props)
+            .is_ok();
+        if !sent {
+            requests.queued.pop_back();
+        }
+        sent
+    }
+
+    fn try_unsubscribe(&self, filter: &str) -> bool {
+        let mut requests = self.requests.lock();
+        requests.queued.push_back(Queued::Unsubscribe);
+        let sent = self.client.try_unsubscribe(filter.to_string()).is_ok();
+        if !sent {
+            requests.queued.pop_back();
+        }
+        sent
+    }
+
+    /// rumqttc reported a request it took from its channel: bind it.
+    fn on_outgoing(&self, out: &Outgoing) {
+        let mut r = self.requests.lock();
+        match *out {
+            Outgoing::Publish(pkid) => {
+                if pkid != 0 && r.inflight.contains_key(&pkid) {
+                    return; // re-sent after a reconnect with its old packet id
+                }
+                match r.queued.pop_front() {
+                    Some(Queued::Publish { ack, bytes }) => {
+                        self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                        if pkid == 0 {
+                            // QoS 0: written to the socket is all the acknowledgement there is.
+                            if let Some(tx) = ack {
+                                let _ = tx.send(Ok(()));
+                            }
+                        } else {
+                            r.inflight.insert(pkid, ack);
+                        }
+                    }
+                    other => self.out_of_step("publish", other),
+                }
+            }
+            Outgoing::Subscribe(pkid) => match r.queued.pop_front() {
+                Some(Queued::Subscribe { filter, id }) => {
+                    r.subacks.insert(pkid, (filter, id));
+                }
+                other => self.out_of_step("subscribe", other),
+            },
+            Outgoing::Unsubscribe(_) => match r.queued.pop_front() {
+                Some(Queued::Unsubscribe) => {}
+                other => self.out_of_step("unsubscribe", other),
+            },
+            _ => {}
+        }
+    }
+
+    /// A report that does not match the oldest request: a bug here or a rumqttc change. Logged
+    /// loudly; the match resumes with the next request.
+    fn out_of_step(&self, reported: &str, queued: Option<Queued>) {
+        let queued = match queued {
+            Some(Queued::Publish { .. }) => "publish",
+            Some(Queued::Subscribe { .. }) => "subscribe",
+            Some(Queued::Unsubscribe) => "unsubscribe",
+            None => "nothing",
+        };
+        tracing::error!(client_id = %self.client_id, reported, queued, "upstream request bookkeeping out of step");
+    }
+
+    fn resolve(&self, pkid: u16) {
+        if let Some(Some(tx)) = self.requests.lock().inflight.remove(&pkid) {
+            let _ = tx.send(Ok(()));
+        }
+    }
+}
+
+/// Whether a SUBACK reason code grants the subscription.
+fn granted(code: &SubscribeReasonCode) -> bool {
+    matches!(code, SubscribeReasonCode::Success(_))
 }
 
 async fn run_event_loop(
@@ -189,6 +367,8 @@ async fn run_event_loop(
 ) {
     let mut is_connected = false;
     let mut backoff = BACKOFF_MIN;
+    // Requests rumqttc would drop at the next clean session (module docs).
+    let mut carried: Vec<Request> = Vec::new();
     let endpoint = format!(
         "{}:{}",
         eventloop.options.broker_address().0,
@@ -208,10 +388,8 @@ async fn run_event_loop(
                 }
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                let ids = ack
-                    .properties
-                    .as_ref()
-                    .and_then(|p| p.subscription_identifiers_available);
+                let props = ack.properties.as_ref();
+                let ids = props.and_then(|p| p.subscription_identifiers_available);
                 if ids == Some(0) {
                     // Without ids every message would reach the router unroutable: refuse to
                     // count this connection as up, so /readyz says why nothing works.
@@ -223,35 +401,49 @@ async fn run_event_loop(
                     tokio::time::sleep(BACKOFF_MAX).await;
                     continue;
                 }
+                let max_packet = props.and_then(|p| p.max_packet_size).unwrap_or(u32::MAX);
+                shared
+                    .broker_max_packet
+                    .store(max_packet, Ordering::Relaxed);
                 if !is_connected {
                     is_connected = true;
                     connected.fetch_add(1, Ordering::Relaxed);
                 }
                 backoff = BACKOFF_MIN;
-                tracing::info!(client_id = %shared.client_id, %endpoint, "upstream connected");
+                tracing::info!(client_id = %shared.client_id, %endpoint, max_packet, "upstream connected");
+                // SUBSCRIBEs of the old session will never be acknowledged; the resync
+                // subscribes everything again.
+                shared.requests.lock().subacks.clear();
+                // Requests carried over go out first, in their order, before anything new.
+                eventloop.pending.extend(carried.drain(..));
                 shared.resync.store(true, Ordering::Release);
                 shared.poke.notify_one();
             }
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                let mut acks = shared.acks.lock();
-                if pkid != 0 && acks.inflight.contains_key(&pkid) {
-                    continue; // retransmission after a reconnect
-                }
-                if let Some(waiter) = acks.unassigned.pop_front() {
-                    if pkid == 0 {
-                        // QoS 0: written to the socket is all the acknowledgement there is.
-                        if let Some(tx) = waiter {
-                            let _ = tx.send(Ok(()));
-                        }
-                    } else {
-                        acks.inflight.insert(pkid, waiter);
+            Ok(Event::Outgoing(out)) => shared.on_outgoing(&out),
+            Ok(Event::Incoming(Packet::PubAck(a))) => shared.resolve(a.pkid),
+            Ok(Event::Incoming(Packet::PubComp(c))) => shared.resolve(c.pkid),
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let sub = shared.requests.lock().subacks.remove(&ack.pkid);
+                if let Some((filter, id)) = sub {
+                    let ok = ack.return_codes.first().is_some_and(granted);
+                    if !ok {
+                        tracing::warn!(client_id = %shared.client_id, %filter, code = ?ack.return_codes.first(), "the broker refused a subscription");
                     }
+                    dispatch.subscription_result(&filter, id, ok);
                 }
             }
-            Ok(Event::Incoming(Packet::PubAck(a))) => resolve(&shared, a.pkid),
-            Ok(Event::Incoming(Packet::PubComp(c))) => resolve(&shared, c.pkid),
             Ok(_) => {}
             Err(e) => {
+                // rumqttc has just moved what it will drop into `pending`: keep it.
+                carried.extend(eventloop.pending.drain(..).filter(|r| {
+                    matches!(
+                        r,
+                        Request::Publish(_)
+                            | Request::PubRel(_)
+                            | Request::Subscribe(_)
+                            | Request::Unsubscribe(_)
+                    )
+                }));
                 if is_connected {
                     is_connected = false;
                     connected.fetch_sub(1, Ordering::Relaxed);
@@ -260,6 +452,7 @@ async fn run_event_loop(
                     tracing::debug!(client_id = %shared.client_id, %endpoint, error = %e, "upstream connect failed");
                 }
                 if matches!(e, rumqttc::v5::ConnectionError::RequestsDone) {
+                    shut_down(&shared);
                     return; // every client handle is gone: the pool was dropped
                 }
                 tokio::time::sleep(backoff).await;
@@ -269,54 +462,71 @@ async fn run_event_loop(
     }
 }
 
-fn resolve(shared: &Shared, pkid: u16) {
-    if let Some(Some(tx)) = shared.acks.lock().inflight.remove(&pkid) {
-        let _ = tx.send(Ok(()));
+/// Fails every waiting publish: the event loop is gone.
+fn shut_down(shared: &Shared) {
+    shared.closed.store(true, Ordering::Relaxed);
+    let mut r = shared.requests.lock();
+    for q in r.queued.drain(..) {
+        if let Queued::Publish { ack: Some(tx), .. } = q {
+            let _ = tx.send(Err(PublishError::Closed));
+        }
+    }
+    for (_, tx) in r.inflight.drain() {
+        if let Some(tx) = tx {
+            let _ = tx.send(Err(PublishError::Lost));
+        }
     }
 }
 
-/// Keeps the broker's subscriptions equal to the desired set.
-async fn reconcile(client: AsyncClient, shared: Arc<Shared>) {
-    let mut actual: HashSet<String> = HashSet::new();
+/// Keeps the broker's subscriptions equal to the desired set, on (filter, id).
+async fn reconcile(shared: Arc<Shared>) {
+    // What this connection has asked the broker for: filter → subscription id.
+    let mut actual: HashMap<Arc<str>, usize> = HashMap::new();
+    // Dirty filters not yet handled (rumqttc's channel was full).
+    let mut backlog: VecDeque<Arc<str>> = VecDeque::new();
     loop {
-        shared.poke.notified().await;
-        if shared.resync.swap(false, Ordering::AcqRel) {
-            actual.clear();
+        if backlog.is_empty() {
+            shared.poke.notified().await;
         }
-        let desired: Vec<(String, QoS, usize)> = shared
-            .desired
-            .lock()
-            .iter()
-            .map(|(f, (q, id))| (f.clone(), *q, *id))
-            .collect();
-        let wanted: HashSet<&str> = desired.iter().map(|(f, _, _)| f.as_str()).collect();
-        let stale: Vec<String> = actual
-            .iter()
-            .filter(|f| !wanted.contains(f.as_str()))
-            .cloned()
-            .collect();
-        for f in stale {
-            if client.unsubscribe(f.clone()).await.is_err() {
-                return;
-            }
-            actual.remove(&f);
+        if shared.closed.load(Ordering::Relaxed) {
+            return;
         }
-        for (f, q, id) in desired {
-            if actual.contains(&f) {
-                continue;
+        {
+            let mut subs = shared.subs.lock();
+            if shared.resync.swap(false, Ordering::AcqRel) {
+                actual.clear();
+                backlog.clear();
+                subs.dirty.clear();
+                backlog.extend(subs.desired.keys().cloned());
+            } else {
+                backlog.extend(subs.dirty.drain());
             }
-            let props = SubscribeProperties {
-                id: Some(id),
-                user_properties: Vec::new(),
+        }
+        while let Some(filter) = backlog.pop_front() {
+            let want = shared.subs.lock().desired.get(&filter).copied();
+            let have = actual.get(&filter).copied();
+            let sent = match (want, have) {
+                (Some((qos, id)), have) if have != Some(id) => {
+                    let sent = shared.try_subscribe(&filter, qos, id);
+                    if sent {
+                        actual.insert(filter.clone(), id);
+                    }
+                    sent
+                }
+                (None, Some(_)) => {
+                    let sent = shared.try_unsubscribe(&filter);
+                    if sent {
+                        actual.remove(&filter);
+                    }
+                    sent
+                }
+                _ => true,
             };
-            if client
-                .subscribe_with_properties(f.clone(), q, props)
-                .await
-                .is_err()
-            {
-                return;
+            if !sent {
+                backlog.push_front(filter);
+                tokio::time::sleep(RECONCILE_RETRY).await;
+                break;
             }
-            actual.insert(f);
         }
     }
 }

@@ -5,10 +5,14 @@
 //!   hash), so a broker message reaches the proxy once. After a reconnect the connection
 //!   re-subscribes everything assigned to it.
 //! - **Publishes** of one topic always use the same connection, so they keep their order.
-//!   A publish that asks for an acknowledgement completes when the broker acknowledged it
-//!   (PUBACK for QoS 1, PUBCOMP for QoS 2, written to the socket for QoS 0).
-//! - **Incoming messages** are handed to a [`Dispatch`] on the connection's event-loop task;
-//!   dispatching must never block (the router only does `try_send`s).
+//!   Publishing never waits: a full connection (requests or bytes) refuses at once
+//!   ([`PublishError::Saturated`]), and a publish larger than the broker's Maximum Packet Size
+//!   is refused to its sender ([`PublishError::TooLarge`]) instead of costing the shared
+//!   connection. A publish that asks for an acknowledgement completes when the broker
+//!   acknowledged it (PUBACK for QoS 1, PUBCOMP for QoS 2, written to the socket for QoS 0).
+//! - **Incoming messages** and **SUBACK results** are handed to a [`Dispatch`] on the
+//!   connection's event-loop task; dispatching must never block (the router only does
+//!   `try_send`s).
 //!
 //! Reconnects back off exponentially (100 ms → 5 s); `connected()` feeds `/readyz`.
 
@@ -17,7 +21,6 @@ mod connection;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS;
@@ -31,7 +34,15 @@ pub use connection::PublishError;
 /// matched. Called on a connection's event-loop task: must not block or await.
 pub trait Dispatch: Send + Sync + 'static {
     fn dispatch(&self, topic: &str, subscription_ids: &[usize], payload: Bytes);
+
+    /// The broker answered the SUBSCRIBE of `filter` with subscription id `id`: granted or
+    /// refused. From here on (when granted) every matching message carries `id`.
+    fn subscription_result(&self, filter: &str, id: usize, granted: bool);
 }
+
+/// Payload bytes of publishes one connection holds before the broker has them: at least this,
+/// and room for a few messages of the largest size.
+const QUEUED_BYTES_MIN: usize = 32 << 20;
 
 /// Largest MQTT 5 subscription identifier.
 pub const MAX_SUBSCRIPTION_ID: usize = 268_435_455;
@@ -103,6 +114,7 @@ impl Pool {
                     keep_alive: settings.keep_alive,
                     connect_timeout: settings.connect_timeout,
                     max_packet,
+                    max_queued_bytes: QUEUED_BYTES_MIN.max(4 * max_packet),
                     connected: connected.clone(),
                     dispatch: dispatch.clone(),
                 })
@@ -136,14 +148,22 @@ impl Pool {
     }
 
     /// Subscribes `filter` with subscription identifier `id` (1..=[`MAX_SUBSCRIPTION_ID`];
-    /// called by the router when its first local subscriber arrives).
-    pub fn subscribe(&self, filter: &str, qos: QoS, id: usize) {
+    /// called by the router when its first local subscriber arrives). A filter subscribed
+    /// again with another id is re-subscribed upstream with the new id.
+    pub fn subscribe(&self, filter: &Arc<str>, qos: QoS, id: usize) {
         self.pick(filter).subscribe(filter, qos, id);
     }
 
-    /// Unsubscribes `filter` (called when its last local subscriber leaves).
-    pub fn unsubscribe(&self, filter: &str) {
-        self.pick(filter).unsubscribe(filter);
+    /// Unsubscribes `filter` if it is still subscribed with `id` (called when the router
+    /// drops the entry).
+    pub fn unsubscribe(&self, filter: &Arc<str>, id: usize) {
+        self.pick(filter).unsubscribe(filter, id);
+    }
+
+    /// The largest payload a publish to `topic` may carry (the broker's Maximum Packet Size
+    /// less the packet's own bytes; unlimited until a broker said otherwise).
+    pub fn max_payload(&self, topic: &str) -> usize {
+        self.pick(topic).max_payload(topic.len())
     }
 
     /// Number of distinct upstream filters wanted.
@@ -151,19 +171,17 @@ impl Pool {
         self.conns.iter().map(|c| c.filter_count()).sum()
     }
 
-    /// Publishes. With `ack`, the returned receiver completes once the broker acknowledged.
-    pub async fn publish(
+    /// Publishes without waiting (see [`PublishError`] for refusals). With `ack`, the sender
+    /// completes once the broker acknowledged, or with the reason it never will.
+    pub fn publish(
         &self,
         topic: String,
         qos: QoS,
         retain: bool,
         payload: Bytes,
         ack: Option<oneshot::Sender<Result<(), PublishError>>>,
-        timeout: Duration,
     ) -> Result<(), PublishError> {
-        let conn = self.pick(&topic);
-        conn.publish(topic, qos, retain, payload, ack, timeout)
-            .await
+        self.pick(&topic).publish(topic, qos, retain, payload, ack)
     }
 }
 

@@ -179,6 +179,176 @@ impl ErrorFrame<'_> {
     }
 }
 
+/// The error frames the proxy sends (PROTOCOL §8), one constructor per condition, so the
+/// strings and codes the SDK matches on live in one place.
+pub mod errors {
+    use bytes::Bytes;
+
+    use super::ErrorFrame;
+
+    /// A bare `{type:"error", error}`.
+    pub fn plain(error: &str) -> Bytes {
+        ErrorFrame {
+            error,
+            ..Default::default()
+        }
+        .encode()
+    }
+
+    pub fn not_authenticated() -> Bytes {
+        plain("not_authenticated")
+    }
+
+    /// A frame that is not a MessagePack map of a known shape.
+    pub fn invalid_frame(hint: &str) -> Bytes {
+        ErrorFrame {
+            error: "invalid_frame",
+            hint: Some(hint),
+            ..Default::default()
+        }
+        .encode()
+    }
+
+    /// 42910: a publish over the per-socket rate.
+    pub fn rate_limited(topic: &str, msg_ref: Option<&str>) -> Bytes {
+        ErrorFrame {
+            error: "rate_limit_exceeded",
+            code: Some(42910),
+            topic: Some(topic),
+            msg_ref,
+            ..Default::default()
+        }
+        .encode()
+    }
+
+    /// A `subscribe`, `unsubscribe` or `setFilters` over `limits.control_per_second`. The
+    /// SDK matches `/rate_limit/`; the hint names the limit.
+    pub fn control_rate_limited(topic: &str) -> Bytes {
+        ErrorFrame {
+            error: "rate_limit_exceeded",
+            code: Some(42910),
+            topic: Some(topic),
+            hint: Some("limits.control_per_second"),
+            ..Default::default()
+        }
+        .encode()
+    }
+
+    /// 42930: `data` over the limit (or over what the broker accepts).
+    pub fn message_too_large(topic: &str, msg_ref: Option<&str>, max: usize) -> Bytes {
+        ErrorFrame {
+            error: "message_too_large",
+            code: Some(42930),
+            topic: Some(topic),
+            msg_ref,
+            max_size_bytes: Some(max as u64),
+            ..Default::default()
+        }
+        .encode()
+    }
+
+    pub fn invalid_topic(topic: &str, hint: &str, msg_ref: Option<&str>) -> Bytes {
+        ErrorFrame {
+            error: "invalid_topic",
+            topic: Some(topic),
+            hint: Some(hint),
+            msg_ref,
+            ..Default::default()
+        }
+        .encode()
+    }
+
+    /// A filter or group error; `error` is the filter error's own text (PROTOCOL §8).
+    pub fn filter_error(error: &str, topic: &str, msg_ref: Option<&str>) -> Bytes {
+        ErrorFrame {
+            error,
+            topic: Some(topic),
+            msg_ref,
+            ..Default::default()
+        }
+        .encode()
+    }
+
+    /// A denied subscribe or publish: `not_authorized` for v1, 42940 with a hint for v2.
+    pub fn denied(version: u32, topic: &str, hint: &str, msg_ref: Option<&str>) -> Bytes {
+        use crate::policy::authorize::{DENIAL_CODE_V2, DENIAL_ERROR_V1, DENIAL_ERROR_V2};
+        if version >= 2 {
+            ErrorFrame {
+                error: DENIAL_ERROR_V2,
+                code: Some(DENIAL_CODE_V2),
+                topic: Some(topic),
+                hint: Some(hint),
+                msg_ref,
+                ..Default::default()
+            }
+            .encode()
+        } else {
+            ErrorFrame {
+                error: DENIAL_ERROR_V1,
+                topic: Some(topic),
+                msg_ref,
+                ..Default::default()
+            }
+            .encode()
+        }
+    }
+
+    pub fn not_subscribed(topic: &str) -> Bytes {
+        ErrorFrame {
+            error: "not_subscribed",
+            topic: Some(topic),
+            ..Default::default()
+        }
+        .encode()
+    }
+
+    /// A subscription over one of the connection's or replica's subscription limits; the hint
+    /// names the limit.
+    pub fn too_many_subscriptions(topic: &str, limit: &str) -> Bytes {
+        ErrorFrame {
+            error: "too_many_subscriptions",
+            topic: Some(topic),
+            hint: Some(limit),
+            ..Default::default()
+        }
+        .encode()
+    }
+
+    /// The upstream pool cannot take the publish now (down or saturated).
+    pub fn broker_unavailable(topic: &str, msg_ref: Option<&str>) -> Bytes {
+        ErrorFrame {
+            error: "broker_unavailable",
+            topic: Some(topic),
+            msg_ref,
+            ..Default::default()
+        }
+        .encode()
+    }
+
+    /// A `msgRef` publish the broker never acknowledged.
+    pub fn publish_failed(topic: &str, msg_ref: &str) -> Bytes {
+        ErrorFrame {
+            error: "publish_failed",
+            topic: Some(topic),
+            msg_ref: Some(msg_ref),
+            hint: Some("the broker did not acknowledge the publish"),
+            ..Default::default()
+        }
+        .encode()
+    }
+
+    /// A subscription the broker refused (SUBACK failure).
+    pub fn subscription_failed(topic: &str) -> Bytes {
+        ErrorFrame {
+            error: "subscription_failed",
+            topic: Some(topic),
+            hint: Some("the broker refused the subscription"),
+            ..Default::default()
+        }
+        .encode()
+    }
+}
+
 /// `{type:"message", topic, data[, filter]}`: `topic` is the subscriber's own subscription
 /// string (the SDK routes on it byte for byte), `data` the publisher's exact bytes.
 pub fn message(topic: &str, data: &[u8], filter: Option<&str>) -> Bytes {

@@ -52,6 +52,24 @@ pub async fn start_proxy(broker: TestBroker, extra: &str) -> TestProxy {
 
 /// Starts a proxy with the test policy on the broker `broker_line` (`embedded` or a URL).
 pub async fn start_proxy_on(broker_line: &str, extra: &str) -> TestProxy {
+    start_proxy_full(broker_line, "", extra).await
+}
+
+/// Like [`start_proxy`], with more `upstream` keys (`key: value, …`).
+pub async fn start_proxy_upstream(broker: TestBroker, upstream: &str, extra: &str) -> TestProxy {
+    let broker_line = match broker {
+        TestBroker::Embedded => "embedded".to_string(),
+        TestBroker::Mosquitto => mosquitto_url(),
+    };
+    start_proxy_full(&broker_line, upstream, extra).await
+}
+
+async fn start_proxy_full(broker_line: &str, upstream: &str, extra: &str) -> TestProxy {
+    let upstream = if upstream.is_empty() {
+        String::new()
+    } else {
+        format!(", {upstream}")
+    };
     let dir = tempfile::tempdir().unwrap();
     copy_key_fixtures(dir.path());
     // A unique prefix per proxy keeps tests sharing one Mosquitto apart.
@@ -60,7 +78,7 @@ pub async fn start_proxy_on(broker_line: &str, extra: &str) -> TestProxy {
     let prefix = format!("t{}", hex::encode(b));
     let indented: String = policy_yaml().lines().map(|l| format!("  {l}\n")).collect();
     let text = format!(
-        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nupstream: {{ broker: \"{broker_line}\", pool: 2, topic_prefix: {prefix} }}\n{extra}\npolicy:\n{indented}"
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nupstream: {{ broker: \"{broker_line}\", pool: 2, topic_prefix: {prefix}{upstream} }}\n{extra}\npolicy:\n{indented}"
     );
     let path = dir.path().join("proxy.yaml");
     std::fs::write(&path, text).unwrap();

@@ -1,0 +1,540 @@
+//! One client connection: the driver that owns the WebSocket, the timers and the outbound
+//! queue, around the protocol state machine in [`machine`].
+//!
+//! One task per connection; it is the only writer of its socket. Before authentication it
+//! runs the auth handshake (PROTOCOL §4) under `limits.auth_timeout_ms`, closing at once on
+//! shutdown. After it, each turn of the loop first checks the conditions that end a session
+//! (queue overflow → 1013, shutdown → 1001, credential expiry → 4001, idle → 1000, a policy
+//! reload that revokes the actor), then serves *one* of: a client frame, or a batch of queued
+//! frames (at most [`WRITE_BATCH`], one flush). Which of the two is served when both are ready
+//! is random (an unbiased `select!`), so a subscriber whose queue never empties is still read
+//! — its heartbeats keep it alive — and a client that floods frames still gets its queue
+//! written.
+//!
+//! Every close is a close handshake: the close frame goes out, then what the client still
+//! sends is read and discarded until it answers (or [`CLOSE_TIMEOUT`]), so the client sees
+//! the code instead of a reset. A message over `limits.max_frame_bytes` closes with 1009
+//! before and after authentication; its unread remainder is drained from the raw stream.
+//! Read and write failures are classified and logged once, with the peer's actor.
+
+mod machine;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tracing::Instrument;
+
+use super::Proxy;
+use crate::auth::Actor;
+use crate::auth::session_token::now_unix;
+use crate::router::{Outbox, OutboxReceiver, Overflow};
+use crate::wire::encode::{self, errors};
+use machine::{Machine, PreAuth};
+
+/// How long one write to the client may take before the client counts as gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a reconnecting client's handshake waits for its stored subscription set. A broker
+/// sends nothing when there is no retained message, so this is also the cost of restoring
+/// an empty set.
+const RESTORE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long the handshake waits for restored subscriptions that are new upstream to be
+/// granted, so that the `auth` reply means "live" for them too.
+const RESTORE_LIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Frames written per turn before flushing: batches fan-out bursts into few syscalls, and
+/// bounds how long a turn keeps the session from reading.
+const WRITE_BATCH: usize = 64;
+/// How long a close handshake may take: the close frame going out, and the client's answer.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why the proxy closed a connection: the WebSocket close code and reason a client can log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    Idle,
+    AuthTimeout,
+    AuthFailed(&'static str),
+    SlowConsumer,
+    TokenExpired,
+    Revoked,
+    ScopeChanged,
+    ShuttingDown,
+    WriteTimeout,
+    TooBig,
+}
+
+impl CloseReason {
+    pub fn code(self) -> u16 {
+        match self {
+            CloseReason::Idle => 1000,
+            CloseReason::ShuttingDown => 1001,
+            CloseReason::AuthTimeout | CloseReason::AuthFailed(_) => 1008,
+            CloseReason::SlowConsumer | CloseReason::WriteTimeout => 1013,
+            CloseReason::TooBig => 1009,
+            CloseReason::TokenExpired | CloseReason::Revoked | CloseReason::ScopeChanged => 4001,
+        }
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            CloseReason::Idle => "idle timeout",
+            CloseReason::AuthTimeout => "auth timeout",
+            CloseReason::AuthFailed(e) => e,
+            CloseReason::SlowConsumer => "slow consumer: send queue full",
+            CloseReason::TokenExpired => "token_expired",
+            CloseReason::Revoked => "access_revoked",
+            CloseReason::ScopeChanged => "scope_changed",
+            CloseReason::ShuttingDown => "server shutting down",
+            CloseReason::WriteTimeout => "write timeout",
+            CloseReason::TooBig => "message too big",
+        }
+    }
+}
+
+/// How a session ended, for the one log line at its end.
+#[derive(Debug)]
+enum End {
+    /// The proxy closes, for this reason.
+    Close(CloseReason),
+    /// The client closed (close frame or EOF).
+    ClientClosed,
+    /// Reading failed: the client's connection broke (reset, TLS error, protocol violation).
+    ReadError(WsError),
+}
+
+type Ws<S> = WebSocketStream<S>;
+
+/// Runs a session on an upgraded WebSocket until it ends.
+pub(super) async fn run<S>(proxy: Arc<Proxy>, ws: Ws<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (id, socket_id) = proxy.new_session_id();
+    let span = tracing::info_span!("session", id);
+    proxy.session_started();
+    let guard = SessionCount(proxy.clone());
+    async move {
+        let _guard = guard;
+        let mut ws = ws;
+        let authenticated = match authenticate(&proxy, &mut ws).await {
+            Ok(a) => a,
+            Err(end) => {
+                finish(&mut ws, end, None).await;
+                return;
+            }
+        };
+        let Authenticated {
+            actor,
+            version,
+            generation,
+            slot: _slot,
+            reconnect,
+        } = authenticated;
+        tracing::debug!(actor = %actor.id, kind = %actor.kind, project = %actor.project, "authenticated");
+        let limits = proxy.settings.limits;
+        let (outbox, rx, overflow) = Outbox::channel(limits.send_queue, limits.send_queue_bytes);
+        let mut machine = Machine::new(proxy.clone(), id, socket_id, actor.clone(), version, outbox);
+        // PROTOCOL §13: on an automatic reconnect the SDK never re-subscribes; the server
+        // restores what the actor had, re-checked against the current policy.
+        let restored = if reconnect {
+            restore(&mut machine).await
+        } else {
+            Vec::new()
+        };
+        let ok = encode::auth_ok(&actor.id, &actor.project, actor.kind.as_str(), version, &restored);
+        let end = match send(&mut ws, ok).await {
+            Err(reason) => End::Close(reason),
+            Ok(()) => main_loop(&proxy, &mut machine, &mut ws, rx, &overflow, generation).await,
+        };
+        // Leave the router before the close handshake: nothing more is queued for us.
+        drop(machine);
+        finish(&mut ws, end, Some(&actor)).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// Logs how the session ended and closes it.
+async fn finish<S>(ws: &mut Ws<S>, end: End, actor: Option<&Arc<Actor>>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let actor = actor.map(|a| a.id.to_string());
+    match end {
+        End::Close(reason) => {
+            tracing::debug!(
+                actor,
+                code = reason.code(),
+                reason = reason.reason(),
+                "closing"
+            );
+            close(ws, reason).await;
+        }
+        End::ClientClosed => tracing::debug!(actor, "client closed"),
+        End::ReadError(e) => {
+            tracing::debug!(actor, error = %e, kind = read_error_kind(&e), "connection broken")
+        }
+    }
+}
+
+/// A read error's class, for the log: whose fault and what kind.
+fn read_error_kind(e: &WsError) -> &'static str {
+    match e {
+        WsError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionReset => "reset by peer",
+        WsError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => "eof mid-frame",
+        WsError::Io(_) => "io",
+        WsError::Protocol(_) => "protocol violation",
+        WsError::Utf8(_) => "invalid utf-8",
+        WsError::Capacity(_) => "too big",
+        WsError::Tls(_) => "tls",
+        _ => "other",
+    }
+}
+
+/// Reads the stored set, restores it, and waits (bounded) until what it subscribed is live.
+async fn restore(machine: &mut Machine) -> Vec<Bytes> {
+    let Some(payload) = machine.fetch_record(RESTORE_TIMEOUT).await else {
+        return Vec::new();
+    };
+    let (restored, later, live) = machine.restore(&payload);
+    if later > 0 {
+        let n = u32::try_from(later).unwrap_or(u32::MAX);
+        if tokio::time::timeout(RESTORE_LIVE_TIMEOUT, live.acquire_many(n))
+            .await
+            .is_err()
+        {
+            tracing::debug!(
+                pending = later,
+                "restored subscriptions not yet granted upstream"
+            );
+        }
+    }
+    restored
+}
+
+/// Decrements the open-session gauge however the session ends (including a panic unwinding
+/// or the task being aborted).
+struct SessionCount(Arc<Proxy>);
+
+impl Drop for SessionCount {
+    fn drop(&mut self) {
+        self.0.session_ended();
+    }
+}
+
+async fn send<S>(ws: &mut Ws<S>, frame: Bytes) -> Result<(), CloseReason>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(WRITE_TIMEOUT, ws.send(Message::Binary(frame))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) | Err(_) => Err(CloseReason::WriteTimeout),
+    }
+}
+
+/// Sends the close frame, then reads (and discards) what the client still sends until it
+/// answers or [`CLOSE_TIMEOUT`] passes: closing a socket with unread data resets it, and the
+/// client would see 1006 instead of the code.
+async fn close<S>(ws: &mut Ws<S>, reason: CloseReason)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let frame = CloseFrame {
+        code: CloseCode::from(reason.code()),
+        reason: reason.reason().into(),
+    };
+    let handshake = async {
+        if ws.close(Some(frame)).await.is_err() {
+            return;
+        }
+        if reason == CloseReason::TooBig {
+            // The rest of the oversized message is still in the stream, unparsed: frames
+            // after it cannot be found, so drain raw bytes until the client hangs up.
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = ws.get_mut().read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        } else {
+            while let Some(Ok(_)) = ws.next().await {}
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, handshake).await;
+}
+
+/// A successful handshake: the actor, the negotiated version, and the policy generation the
+/// actor was authenticated under.
+struct Authenticated {
+    actor: Arc<Actor>,
+    version: u32,
+    generation: u64,
+    slot: ActorSlot,
+    /// The auth frame had `reconnect: true`: restore the actor's subscriptions.
+    reconnect: bool,
+}
+
+/// One of an actor's `connections_per_actor` slots, released however the session ends.
+struct ActorSlot(Arc<Proxy>, Arc<Actor>);
+
+impl Drop for ActorSlot {
+    fn drop(&mut self) {
+        self.0.actors.release(&self.1.project, &self.1.id);
+    }
+}
+
+/// The auth handshake (PROTOCOL §4), within `limits.auth_timeout_ms`; ends at once (1001) if
+/// the proxy starts draining.
+async fn authenticate<S>(proxy: &Arc<Proxy>, ws: &mut Ws<S>) -> Result<Authenticated, End>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let deadline = tokio::time::Instant::now() + proxy.settings.limits.auth_timeout;
+    let mut shutdown = proxy.shutdown_signal();
+    loop {
+        let msg = tokio::select! {
+            _ = super::shutting_down(&mut shutdown) => {
+                return Err(End::Close(CloseReason::ShuttingDown));
+            }
+            m = tokio::time::timeout_at(deadline, ws.next()) => m,
+        };
+        let msg = match msg {
+            Err(_) => return Err(End::Close(CloseReason::AuthTimeout)),
+            Ok(None) => return Err(End::ClientClosed),
+            // PROTOCOL §1: a message over the frame limit closes with 1009, before auth too.
+            Ok(Some(Err(WsError::Capacity(_)))) => return Err(End::Close(CloseReason::TooBig)),
+            Ok(Some(Err(e))) => return Err(End::ReadError(e)),
+            Ok(Some(Ok(m))) => m,
+        };
+        let bytes = match msg {
+            Message::Binary(b) => b,
+            Message::Text(_) => {
+                send(ws, errors::invalid_frame("binary frames only"))
+                    .await
+                    .map_err(End::Close)?;
+                continue;
+            }
+            Message::Close(_) => return Err(End::ClientClosed),
+            _ => continue,
+        };
+        let (token, reconnect, version) = match machine::pre_auth(&bytes) {
+            PreAuth::Ignore => continue,
+            PreAuth::Reply(frame) => {
+                send(ws, frame).await.map_err(End::Close)?;
+                continue;
+            }
+            PreAuth::Auth {
+                token,
+                reconnect,
+                version,
+            } => (token, reconnect, version),
+        };
+        let snapshot = proxy.store.load();
+        let actor = match snapshot.auth.authenticate(token) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::info!(reason = %e, "authentication failed");
+                let wire = e.wire_error();
+                send(ws, encode::auth_failed(wire))
+                    .await
+                    .map_err(End::Close)?;
+                return Err(End::Close(CloseReason::AuthFailed(wire)));
+            }
+        };
+        let max = proxy.settings.limits.connections_per_actor;
+        if !proxy.actors.acquire(&actor.project, &actor.id, max) {
+            let wire = "connection_limit_reached";
+            send(ws, encode::auth_failed(wire))
+                .await
+                .map_err(End::Close)?;
+            return Err(End::Close(CloseReason::AuthFailed(wire)));
+        }
+        let slot = ActorSlot(proxy.clone(), actor.clone());
+        return Ok(Authenticated {
+            actor,
+            version,
+            generation: snapshot.generation,
+            slot,
+            reconnect,
+        });
+    }
+}
+
+/// Longest wait a timer is set for: a token can claim any `exp`, and `Instant` arithmetic
+/// panics on overflow.
+const MAX_TIMER: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Instant at which a unix time (seconds) is reached, from now (at most [`MAX_TIMER`] away).
+fn instant_at(unix: u64) -> tokio::time::Instant {
+    let wait = Duration::from_secs(unix.saturating_sub(now_unix())).min(MAX_TIMER);
+    tokio::time::Instant::now() + wait
+}
+
+/// What one turn of the loop got.
+enum Turn {
+    Stop(End),
+    Client(Message),
+    Queued(Bytes),
+    Reload,
+}
+
+async fn main_loop<S>(
+    proxy: &Arc<Proxy>,
+    machine: &mut Machine,
+    ws: &mut Ws<S>,
+    mut rx: OutboxReceiver,
+    overflow: &Overflow,
+    authenticated_under: u64,
+) -> End
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let idle_timeout = proxy.settings.limits.idle_timeout;
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
+    let expiry = tokio::time::sleep_until(match machine.actor().expires_at {
+        Some(t) => instant_at(t),
+        None => tokio::time::Instant::now() + MAX_TIMER,
+    });
+    tokio::pin!(expiry);
+    let mut shutdown = proxy.shutdown_signal();
+    let mut policy = proxy.store.subscribe();
+    let mut replies: Vec<Bytes> = Vec::new();
+    // A reload may have landed between authentication and here: catch up before serving.
+    let mut reload = *policy.borrow_and_update() != authenticated_under;
+
+    loop {
+        if reload {
+            reload = false;
+            if let Err(reason) = machine.reevaluate(&mut replies) {
+                return End::Close(reason);
+            }
+            if let Err(reason) = write_replies(ws, &mut replies).await {
+                return End::Close(reason);
+            }
+        }
+        // The conditions that end a session come first, every turn.
+        let turn = tokio::select! {
+            biased;
+            _ = overflow.wait() => Turn::Stop(End::Close(CloseReason::SlowConsumer)),
+            _ = super::shutting_down(&mut shutdown) => Turn::Stop(End::Close(CloseReason::ShuttingDown)),
+            _ = &mut expiry => Turn::Stop(End::Close(CloseReason::TokenExpired)),
+            _ = &mut idle => Turn::Stop(End::Close(CloseReason::Idle)),
+            changed = policy.changed() => match changed {
+                Ok(()) => Turn::Reload,
+                Err(_) => Turn::Stop(End::Close(CloseReason::ShuttingDown)),
+            },
+            // Reading and writing share what is left fairly: whichever is ready, at random.
+            turn = serve_one(ws, &mut rx) => turn,
+        };
+        match turn {
+            Turn::Stop(end) => return end,
+            Turn::Reload => reload = true,
+            Turn::Queued(first) => {
+                // A client that stops reading blocks this write; its queue then overflows,
+                // which must end the session at once, not after the write timeout.
+                let written = tokio::select! {
+                    biased;
+                    _ = overflow.wait() => Err(CloseReason::SlowConsumer),
+                    r = write_batch(ws, first, &mut rx) => r,
+                };
+                if let Err(reason) = written {
+                    return End::Close(reason);
+                }
+            }
+            Turn::Client(msg) => {
+                idle.as_mut()
+                    .reset(tokio::time::Instant::now() + idle_timeout);
+                match msg {
+                    Message::Binary(b) => machine.on_frame(&b, &mut replies),
+                    Message::Text(_) => replies.push(errors::invalid_frame("binary frames only")),
+                    Message::Close(_) => return End::ClientClosed,
+                    // Pings are answered by tungstenite on the next write or flush.
+                    Message::Ping(_)
+                        if tokio::time::timeout(WRITE_TIMEOUT, ws.flush())
+                            .await
+                            .is_err() =>
+                    {
+                        return End::Close(CloseReason::WriteTimeout);
+                    }
+                    _ => {}
+                }
+                if let Err(reason) = write_replies(ws, &mut replies).await {
+                    return End::Close(reason);
+                }
+            }
+        }
+    }
+}
+
+/// Waits for a client frame or a queued frame, whichever comes first (at random when both
+/// are ready).
+async fn serve_one<S>(ws: &mut Ws<S>, rx: &mut OutboxReceiver) -> Turn
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio::select! {
+        msg = ws.next() => match msg {
+            None => Turn::Stop(End::ClientClosed),
+            // PROTOCOL §1: a message over the frame limit closes with 1009.
+            Some(Err(WsError::Capacity(_))) => Turn::Stop(End::Close(CloseReason::TooBig)),
+            Some(Err(e)) => Turn::Stop(End::ReadError(e)),
+            Some(Ok(m)) => Turn::Client(m),
+        },
+        frame = rx.recv() => match frame {
+            Some(f) => Turn::Queued(f),
+            // Unreachable while the machine holds an outbox sender; end cleanly if not.
+            None => Turn::Stop(End::Close(CloseReason::ShuttingDown)),
+        },
+    }
+}
+
+/// Writes the machine's replies (in order) with one flush.
+async fn write_replies<S>(ws: &mut Ws<S>, replies: &mut Vec<Bytes>) -> Result<(), CloseReason>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if replies.is_empty() {
+        return Ok(());
+    }
+    let write = async {
+        for r in replies.drain(..) {
+            ws.feed(Message::Binary(r)).await?;
+        }
+        ws.flush().await
+    };
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(CloseReason::WriteTimeout),
+    }
+}
+
+/// Writes `first` and whatever else is queued (up to a batch), then flushes once.
+async fn write_batch<S>(
+    ws: &mut Ws<S>,
+    first: Bytes,
+    rx: &mut OutboxReceiver,
+) -> Result<(), CloseReason>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let write = async {
+        ws.feed(Message::Binary(first)).await?;
+        for _ in 1..WRITE_BATCH {
+            match rx.try_recv() {
+                Some(f) => ws.feed(Message::Binary(f)).await?,
+                None => break,
+            }
+        }
+        ws.flush().await
+    };
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(CloseReason::WriteTimeout),
+    }
+}
