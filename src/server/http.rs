@@ -1,16 +1,30 @@
 //! HTTP on both listeners: the accept loop, TLS on the client listener, the WebSocket upgrade
 //! at `GET /ws`, and the admin endpoints.
 //!
-//! The accept loop takes a connection permit *before* accepting (so the listen backlog, not
-//! memory, absorbs a connection flood), backs off on accept errors such as EMFILE, and does
-//! everything else — the TLS handshake, HTTP parsing, the upgrade, authentication — inside the
-//! spawned task under timeouts, so a slow client never holds up `accept`. The TLS handshake
-//! and the HTTP request share one deadline, `limits.handshake_timeout_ms`. The admin listener
-//! is always plain HTTP: it serves probes on a private port.
+//! The accept loop takes a connection slot (a semaphore permit) *before* accepting, so the
+//! listen backlog, not memory, absorbs a connection flood; it backs off on accept errors such
+//! as EMFILE, and does everything else — the TLS handshake, HTTP parsing, the upgrade,
+//! authentication — inside the spawned task under timeouts, so a slow client never holds up
+//! `accept`. The admin listener is always plain HTTP: it serves probes on a private port.
+//!
+//! Neither port can be held by a client that is not a session ([`Bounds`]):
+//! - **Client port**, before an upgrade: one request per connection (every response but the
+//!   101 says `connection: close`, and hyper closes once it is written), and one deadline,
+//!   `limits.handshake_timeout_ms` from `accept`, for all of it — TLS, the request head, any
+//!   body, the response. At the deadline the connection is dropped whatever it is doing, so a
+//!   slow-loris head, a trickled body or a response never read costs a `max_connections` slot
+//!   for at most that long, and a keep-alive client's slot comes back with its response. An
+//!   upgrade moves the slot into the session, which has its own limits.
+//! - **Admin port**: its own [`ADMIN_MAX_CONNECTIONS`] slots (the client port's never touch
+//!   it), 1 s per request head (and idle time between keep-alive requests), 100 requests and
+//!   5 s per connection. A probe on a new connection finds a slot while a hundred bad clients
+//!   hammer the port; more than 256 could still fill it (each for at most 5 s), which is why
+//!   the port stays private.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -43,17 +57,61 @@ pub(super) enum Role {
 
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+/// A listener's connection limit: the semaphore the accept loop takes a permit from before
+/// `accept`, and how many accepted connections hold one. The permit taken ahead of the next
+/// `accept` is not counted, so an idle listener holds 0.
+#[derive(Debug)]
+pub(super) struct Slots {
+    permits: Arc<Semaphore>,
+    held: AtomicUsize,
+}
+
+impl Slots {
+    pub(super) fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            permits: Arc::new(Semaphore::new(max)),
+            held: AtomicUsize::new(0),
+        })
+    }
+
+    /// Accepted connections holding a slot (handshaking, serving HTTP, or in a session).
+    pub(super) fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    fn hold(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> Slot {
+        self.held.fetch_add(1, Ordering::Relaxed);
+        Slot {
+            _permit: permit,
+            slots: self.clone(),
+        }
+    }
+}
+
+/// An accepted connection's share of its listener's limit. It moves into the session on an
+/// upgrade; dropping it frees the slot.
+pub(super) struct Slot {
+    _permit: OwnedSemaphorePermit,
+    slots: Arc<Slots>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.slots.held.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 pub(super) async fn accept_loop(
     proxy: Arc<Proxy>,
     listener: TcpListener,
-    permits: Arc<Semaphore>,
+    slots: Arc<Slots>,
     role: Role,
 ) {
     let mut shutdown = proxy.shutdown_signal();
     let mut backoff = Duration::from_millis(5);
     loop {
         let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p {
+            p = slots.permits.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => return,
             },
@@ -74,55 +132,144 @@ pub(super) async fn accept_loop(
         };
         backoff = Duration::from_millis(5);
         let _ = stream.set_nodelay(true);
+        let slot = slots.hold(permit);
         let proxy = proxy.clone();
         tokio::spawn(async move {
-            let deadline = Instant::now() + proxy.settings.limits.handshake_timeout;
-            // Loaded once per connection: a rotated certificate serves the next one.
-            let tls = match role {
-                Role::Client => proxy.store.tls_config(),
-                Role::Admin => None,
-            };
-            match tls {
-                None => serve_http(proxy, role, stream, permit, peer, deadline).await,
-                Some(config) => {
-                    if let Some(stream) = tls_handshake(config, stream, peer, deadline).await {
-                        serve_http(proxy, role, stream, permit, peer, deadline).await;
+            let accepted = Instant::now();
+            match role {
+                Role::Client => {
+                    let deadline = accepted + proxy.settings.limits.handshake_timeout;
+                    // Loaded once per connection: a rotated certificate serves the next one.
+                    match proxy.store.tls_config() {
+                        None => {
+                            serve_http(proxy, role, stream, slot, peer, Bounds::client(deadline))
+                                .await
+                        }
+                        Some(config) => {
+                            if let Some(stream) =
+                                tls_handshake(config, stream, peer, deadline).await
+                            {
+                                let bounds = Bounds::client(deadline);
+                                serve_http(proxy, role, stream, slot, peer, bounds).await;
+                            }
+                        }
                     }
+                }
+                Role::Admin => {
+                    serve_http(proxy, role, stream, slot, peer, Bounds::admin(accepted)).await
                 }
             }
         });
     }
 }
 
-/// Serves HTTP/1.1 on one connection (plain or TLS). The request head must arrive by
-/// `deadline`.
+/// The admin port serves kubelet probes — a new connection per probe, keep-alive off, a 1 s
+/// timeout by default — and, later, Prometheus scrapes (one keep-alive connection per
+/// scraper, a request every 15–60 s). Nothing legitimate there needs more than a few
+/// connections or more than milliseconds per request, so its bounds are tight, fixed and its
+/// own: nothing on the client port, and no handful of misbehaving clients on the pod network,
+/// keeps a probe from a slot. (Before these bounds 64 HTTP keep-alive clients held all 64
+/// admin slots forever, and liveness failed.)
+///
+/// Connections at once: two orders of magnitude above legitimate use (≈ 3 probes, 1–2
+/// scrapers), still a bound on memory: ~10 KiB each (hyper's 8 KiB read buffer and a task),
+/// ~2.5 MiB in all.
+pub(super) const ADMIN_MAX_CONNECTIONS: usize = 256;
+/// Time to send a request head and, on a keep-alive connection, to start the next one (hyper
+/// restarts the timer for each head). A probe slower than this has already failed the
+/// kubelet's default 1 s timeout; an idle scraper just reconnects for its next scrape.
+const ADMIN_HEAD_TIMEOUT: Duration = Duration::from_secs(1);
+/// Requests on one keep-alive connection; the last response says `connection: close`, so a
+/// client hammering the port keeps going back through `accept` for a slot.
+const ADMIN_MAX_REQUESTS: u32 = 100;
+/// A connection's whole life, whatever it is doing (a trickled body, a response it does not
+/// read). No slot is held longer, so keeping all ADMIN_MAX_CONNECTIONS busy takes more than
+/// 50 new connections a second, every second.
+const ADMIN_LIFETIME: Duration = Duration::from_secs(5);
+
+/// How long one HTTP connection may last and how much it may ask. On the client port these
+/// cover the exchange up to the WebSocket upgrade; a session has its own limits.
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    /// The connection is dropped at this instant, whatever it is doing.
+    end: Instant,
+    /// For each request head, from when hyper starts waiting for it.
+    head_timeout: Duration,
+    /// Responses on one connection; the last one says `connection: close`.
+    max_requests: u32,
+    /// hyper's read buffer cap, i.e. the largest request head (hyper's minimum is 8 KiB).
+    max_buf: usize,
+}
+
+impl Bounds {
+    /// The client port: one request per connection, and everything — TLS, the request
+    /// head, any body, the response — by the handshake deadline. So a client that is not
+    /// upgrading holds its `max_connections` slot until its response is written, and no
+    /// client holds one for longer than `limits.handshake_timeout` without a session.
+    fn client(deadline: Instant) -> Self {
+        Self {
+            end: deadline,
+            head_timeout: deadline.saturating_duration_since(Instant::now()),
+            max_requests: 1,
+            max_buf: 16 * 1024,
+        }
+    }
+
+    fn admin(accepted: Instant) -> Self {
+        Self {
+            end: accepted + ADMIN_LIFETIME,
+            head_timeout: ADMIN_HEAD_TIMEOUT,
+            max_requests: ADMIN_MAX_REQUESTS,
+            max_buf: 8 * 1024,
+        }
+    }
+}
+
+/// Serves HTTP/1.1 on one connection (plain or TLS) within `bounds`.
 async fn serve_http<I>(
     proxy: Arc<Proxy>,
     role: Role,
     io: I,
-    permit: OwnedSemaphorePermit,
+    slot: Slot,
     peer: SocketAddr,
-    deadline: Instant,
+    bounds: Bounds,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // The permit bounds *connections*, so an upgrade takes it along into the session;
+    // The slot bounds *connections*, so an upgrade takes it along into the session;
     // otherwise it is released when this HTTP connection ends.
-    let permit = Arc::new(Mutex::new(Some(permit)));
-    let header_timeout = deadline.saturating_duration_since(Instant::now());
+    let slot = Arc::new(Mutex::new(Some(slot)));
+    let served = AtomicU32::new(0);
     let svc = hyper::service::service_fn(move |req| {
         let proxy = proxy.clone();
-        let permit = permit.clone();
-        async move { Ok::<_, Infallible>(route(proxy, role, req, &permit)) }
+        let slot = slot.clone();
+        let nth = served.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        async move {
+            let mut response = route(proxy, role, req, &slot);
+            // `connection: close` makes hyper end the connection once this response is
+            // written. Not hyper's `keep_alive(false)`: that would answer the upgrade with
+            // `connection: Upgrade, close`, a contradiction a strict client or an
+            // intermediary may act on.
+            if nth >= bounds.max_requests && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                response
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(response)
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
-        .header_read_timeout(header_timeout)
+        .header_read_timeout(bounds.head_timeout)
         .timer(hyper_util::rt::TokioTimer::new())
-        .max_buf_size(16 * 1024)
+        .max_buf_size(bounds.max_buf)
         .serve_connection(TokioIo::new(io), svc)
         .with_upgrades();
-    if let Err(e) = conn.await {
-        tracing::debug!(%peer, error = %e, "http connection ended with an error");
+    // After an upgrade `conn` completes at once (the socket moves to the session), so the
+    // cut-off only ever applies to HTTP.
+    match tokio::time::timeout_at(bounds.end, conn).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "http connection ended with an error"),
+        Err(_) => tracing::debug!(%peer, ?role, "http connection cut off at its deadline"),
     }
 }
 
@@ -201,13 +348,14 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     r
 }
 
-type PermitSlot = Mutex<Option<OwnedSemaphorePermit>>;
+/// Where a connection's slot waits until an upgrade takes it.
+type SlotCell = Mutex<Option<Slot>>;
 
 fn route(
     proxy: Arc<Proxy>,
     role: Role,
     req: Request<Incoming>,
-    permit: &PermitSlot,
+    slot: &SlotCell,
 ) -> Response<Full<Bytes>> {
     match (role, req.method(), req.uri().path()) {
         (Role::Admin, &Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
@@ -219,7 +367,7 @@ fn route(
             }
         }
         // The query string is ignored (PROTOCOL §1).
-        (Role::Client, &Method::GET, "/ws") => upgrade(proxy, req, permit),
+        (Role::Client, &Method::GET, "/ws") => upgrade(proxy, req, slot),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -228,7 +376,7 @@ fn route(
 fn upgrade(
     proxy: Arc<Proxy>,
     mut req: Request<Incoming>,
-    permit: &PermitSlot,
+    slot: &SlotCell,
 ) -> Response<Full<Bytes>> {
     let is_upgrade = req
         .headers()
@@ -248,9 +396,9 @@ fn upgrade(
     let accept = derive_accept_key(key.as_bytes());
     let limits = proxy.settings.limits;
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let permit = permit.lock().take();
+    let slot = slot.lock().take();
     tokio::spawn(async move {
-        let _permit = permit;
+        let _slot = slot;
         let upgraded = match tokio::time::timeout(limits.handshake_timeout, on_upgrade).await {
             Ok(Ok(u)) => u,
             Ok(Err(e)) => {

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 use crate::config::{Broker, Loaded, Settings};
 use crate::reload::PolicyStore;
@@ -76,7 +76,9 @@ pub struct Proxy {
     /// Writes reconnect-restore records, coalesced per actor.
     pub restore: Arc<restore::RestoreWriter>,
     pub settings: Settings,
-    connections: Arc<Semaphore>,
+    /// `limits.max_connections`, shared by handshakes and sessions.
+    connections: Arc<http::Slots>,
+    admin_slots: Arc<http::Slots>,
     pub(crate) actors: ActorConnections,
     next_session: AtomicU64,
     /// WebSocket sessions currently running.
@@ -128,7 +130,8 @@ impl Proxy {
             router,
             pool,
             restore,
-            connections: Arc::new(Semaphore::new(settings.limits.max_connections as usize)),
+            connections: http::Slots::new(settings.limits.max_connections as usize),
+            admin_slots: http::Slots::new(http::ADMIN_MAX_CONNECTIONS),
             actors: ActorConnections::default(),
             next_session: AtomicU64::new(1),
             sessions: AtomicUsize::new(0),
@@ -168,7 +171,7 @@ impl Proxy {
         let admin = tokio::spawn(http::accept_loop(
             self.clone(),
             admin,
-            Arc::new(Semaphore::new(64)),
+            self.admin_slots.clone(),
             http::Role::Admin,
         ));
         let _ = clients.await;
@@ -178,6 +181,17 @@ impl Proxy {
     /// WebSocket sessions currently open.
     pub fn open_connections(&self) -> usize {
         self.sessions.load(Ordering::Relaxed)
+    }
+
+    /// Client-port connections holding a `limits.max_connections` slot: those still in their
+    /// handshake or HTTP exchange, and WebSocket sessions.
+    pub fn connection_slots_in_use(&self) -> usize {
+        self.connections.held()
+    }
+
+    /// Admin-port connections open.
+    pub fn admin_slots_in_use(&self) -> usize {
+        self.admin_slots.held()
     }
 
     pub(crate) fn session_started(&self) {
