@@ -20,6 +20,7 @@ use crate::auth::session_token::{self, MintRequest};
 use crate::config::{self, DEFAULT_CONFIG_PATH, Loaded};
 use crate::diagnostics::Diagnostics;
 use crate::reload;
+use crate::secret::Secret;
 
 #[derive(Debug, Parser)]
 #[command(name = "cuttle", version, about = "A stateless realtime edge proxy", long_about = None)]
@@ -41,7 +42,8 @@ pub enum Command {
     HashToken {
         /// The token; omit it (or pass `-`) to read it from stdin and keep it out of shell
         /// history.
-        token: Option<String>,
+        #[arg(value_parser = secret_arg)]
+        token: Option<Secret<String>>,
     },
     /// Mint a session token from a project's session secret.
     SessionToken {
@@ -127,8 +129,13 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-fn hash_token(token: Option<String>) -> ExitCode {
-    let token = match token.as_deref() {
+/// A command-line value that is a credential: `Debug` of the parsed [`Cli`] redacts it.
+fn secret_arg(value: &str) -> Result<Secret<String>, std::convert::Infallible> {
+    Ok(Secret::new(value.to_string()))
+}
+
+fn hash_token(token: Option<Secret<String>>) -> ExitCode {
+    let token = match token.as_ref().map(|t| t.expose().as_str()) {
         Some("-") | None => {
             let mut line = String::new();
             if let Err(e) = std::io::stdin().lock().read_line(&mut line) {

@@ -12,6 +12,7 @@
 //! - [`config`]: `proxy.yaml`, its defaults and validation;
 //! - [`reload`]: the live policy snapshot (and TLS certificate) and hot reload;
 //! - [`tls`]: the client listener's certificate and key, checked, as a rustls config;
+//! - [`secret`]: the wrapper that keeps passwords, keys and tokens out of logs;
 //! - [`cli`]: the `cuttle` command line.
 
 pub mod auth;
@@ -23,6 +24,7 @@ pub mod logging;
 pub mod policy;
 pub mod reload;
 pub mod router;
+pub mod secret;
 pub mod server;
 pub mod tls;
 pub mod topic;

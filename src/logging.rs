@@ -2,8 +2,17 @@
 //!
 //! The config chooses format and level; `CUTTLE_LOG_FORMAT` (`pretty`/`json`) and `RUST_LOG`
 //! override them without editing the file, which is what operators reach for first.
+//!
+//! Whatever the filter says, some records are never written ([`is_withheld`]): `tungstenite`
+//! traces every WebSocket frame with its payload (in hex and as bytes), and the first frame
+//! of every connection carries the client's credential (PROTOCOL §4). The proxy's own logs
+//! name actors and reasons, never tokens; `crate::secret` keeps secrets out of `Debug`.
 
+use tracing::{Level, Metadata};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::{SubscriberInitExt, TryInitError};
 
 use crate::config::{LogFormat, LogSettings};
 
@@ -24,11 +33,29 @@ pub fn init(settings: &LogSettings) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Pretty => builder.try_init(),
-    };
+    let _ = try_init(format, filter, std::io::stderr);
+}
+
+/// Installs the global subscriber: what `filter` enables, less what [`is_withheld`], written
+/// to `writer` in `format`; `log` records are forwarded to it. Fails when a global subscriber
+/// is already set (tests use this to capture the output).
+pub fn try_init<W>(format: LogFormat, filter: EnvFilter, writer: W) -> Result<(), TryInitError>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let withheld = tracing_subscriber::filter::filter_fn(|m| !is_withheld(m));
+    let registry = tracing_subscriber::registry().with(filter).with(withheld);
+    let layer = tracing_subscriber::fmt::layer().with_writer(writer);
+    match format {
+        LogFormat::Json => registry.with(layer.json().flatten_event(true)).try_init(),
+        LogFormat::Pretty => registry.with(layer).try_init(),
+    }
+}
+
+/// Records never written, whatever `RUST_LOG` or `log.level` say: `tungstenite`'s TRACE
+/// records, which dump WebSocket frames — client tokens included — byte for byte.
+pub fn is_withheld(metadata: &Metadata<'_>) -> bool {
+    let target = metadata.target();
+    *metadata.level() == Level::TRACE
+        && (target == "tungstenite" || target.starts_with("tungstenite::"))
 }

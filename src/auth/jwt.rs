@@ -359,6 +359,7 @@ fn load_key(
             }
             match cx.secret(var, &format!("{path}.secret_env"), diags) {
                 Some(secret) => {
+                    let secret = secret.into_exposed();
                     KeyLoad::Loaded(DecodingKey::from_secret(secret.as_bytes()), secret.into())
                 }
                 None => KeyLoad::Disabled,

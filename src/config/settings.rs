@@ -11,6 +11,7 @@ use crate::auth::AuthCacheSettings;
 use crate::diagnostics::{Diagnostics, quoted};
 use crate::policy::CompileContext;
 use crate::policy::spec::PolicySpec;
+use crate::secret::Secret;
 use crate::topic::upstream::TopicLayout;
 
 // ---------------------------------------------------------------------------------------
@@ -215,8 +216,8 @@ pub struct UpstreamSettings {
     pub broker: Broker,
     pub pool: usize,
     pub username: Option<String>,
-    /// Resolved from `password_env` at load time; never printed.
-    pub password: Option<String>,
+    /// Resolved from `password_env` at load time; printed as `<redacted>`.
+    pub password: Option<Secret<String>>,
     pub layout: TopicLayout,
     pub client_id_prefix: String,
     pub keep_alive: Duration,
@@ -339,7 +340,7 @@ fn parse_broker(value: &str, diags: &mut Diagnostics) -> Option<Broker> {
             PATH,
             format!(
                 "invalid broker {}: {why} (expected `embedded`, mqtt://host[:port] or mqtts://host[:port])",
-                quoted(value)
+                quoted(&without_userinfo(value))
             ),
         );
         None
@@ -398,6 +399,19 @@ fn parse_broker(value: &str, diags: &mut Diagnostics) -> Option<Broker> {
         port,
         tls,
     })
+}
+
+/// `value` with the `user:password@` part of a URL replaced: a broker URL carrying credentials
+/// is refused, and the message saying so must not repeat the password.
+fn without_userinfo(value: &str) -> String {
+    let Some((scheme, rest)) = value.split_once("://") else {
+        return value.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://<redacted>{}", &rest[at..]),
+        None => value.to_string(),
+    }
 }
 
 /// Validates settings, reporting every problem. `None` when any error was reported.
@@ -463,7 +477,7 @@ pub(crate) fn validate(
                     ),
                 );
             }
-            value
+            value.map(Secret::new)
         }
     };
     if password.is_some() && u.username.is_none() {
@@ -726,5 +740,22 @@ mod tests {
             assert_eq!(parse_broker(bad, &mut d), None, "{bad}");
             assert!(d.to_string().contains("upstream.broker"), "{d}");
         }
+    }
+
+    #[test]
+    fn credentials_in_a_broker_url_are_refused_without_being_repeated() {
+        for url in [
+            "mqtt://cuttle:hunter2-pw@broker:1883",
+            "mqtts://hunter2-pw@broker",
+            "mqtt://cuttle:hunter2-pw@broker/x?y",
+        ] {
+            let mut d = Diagnostics::new();
+            assert_eq!(parse_broker(url, &mut d), None, "{url}");
+            let message = d.to_string();
+            assert!(message.contains("<redacted>@broker"), "{message}");
+            assert!(!message.contains("hunter2"), "{message}");
+        }
+        assert_eq!(without_userinfo("mqtt://h:1/a@b"), "mqtt://h:1/a@b");
+        assert_eq!(without_userinfo("embedded"), "embedded");
     }
 }

@@ -213,7 +213,7 @@ fn compile_project(
         SessionSettings {
             secret: cx
                 .secret(&s.secret_env, &format!("{sp}.secret_env"), diags)
-                .map(|v| SessionSecret::new(v.as_bytes())),
+                .map(|v| SessionSecret::new(v.expose().as_bytes())),
             max_ttl_s: s.max_ttl_s,
         }
     });

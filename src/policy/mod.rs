@@ -24,6 +24,7 @@ pub use model::{
 pub use slug::{check_actor_id, check_slug};
 
 use crate::diagnostics::{Diagnostics, quoted};
+use crate::secret::Secret;
 
 /// HMAC secrets (JWT and session) shorter than this are refused: a short shared secret can be
 /// brute-forced offline from any one token.
@@ -63,8 +64,9 @@ impl<'a> CompileContext<'a> {
         self.read.borrow().clone()
     }
     /// Reads the environment variable `var` named at YAML `path`. Unset: a warning (the
-    /// credential kind is disabled, failing closed). Too short: an error.
-    pub fn secret(&self, var: &str, path: &str, diags: &mut Diagnostics) -> Option<String> {
+    /// credential kind is disabled, failing closed). Too short: an error (naming its length,
+    /// never its value).
+    pub fn secret(&self, var: &str, path: &str, diags: &mut Diagnostics) -> Option<Secret<String>> {
         if var.is_empty() {
             diags.error(path, "must name an environment variable");
             return None;
@@ -88,7 +90,7 @@ impl<'a> CompileContext<'a> {
                 );
                 None
             }
-            Some(v) => Some(v),
+            Some(v) => Some(Secret::new(v)),
         }
     }
 

@@ -48,6 +48,7 @@ use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions, Request};
 use tokio::sync::{Notify, oneshot};
 
 use super::{Dispatch, Endpoint};
+use crate::secret::Secret;
 
 /// Why a publish did not reach the broker.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -70,7 +71,7 @@ pub(super) struct Options {
     pub client_id: String,
     pub endpoint: Endpoint,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret<String>>,
     pub keep_alive: Duration,
     pub connect_timeout: Duration,
     pub max_packet: usize,
@@ -158,7 +159,10 @@ impl Connection {
         network.set_tcp_nodelay(true);
         mqtt.set_network_options(network);
         if let Some(user) = &o.username {
-            mqtt.set_credentials(user, o.password.clone().unwrap_or_default());
+            // From here the password is in rumqttc's `MqttOptions`, whose `Debug` prints it:
+            // never format `mqtt` or the event loop's `options`.
+            let password = o.password.as_ref().map(Secret::expose);
+            mqtt.set_credentials(user, password.cloned().unwrap_or_default());
         }
         if o.endpoint.tls {
             mqtt.set_transport(Transport::tls_with_default_config());

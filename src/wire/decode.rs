@@ -13,6 +13,7 @@
 //! field of the wrong type) is a [`FrameError`], answered with an error frame.
 
 use super::msgpack::{MsgpackError, Reader};
+use crate::secret::Secret;
 use crate::topic::filters::FilterItem;
 
 use crate::topic::filters::MAX_FILTERS;
@@ -37,7 +38,8 @@ pub enum FrameError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuthFrame<'a> {
     /// `None` when the frame has no string `token` (PROTOCOL §4: treated as unauthenticated).
-    pub token: Option<&'a str>,
+    /// A credential: printed as `<redacted>`.
+    pub token: Option<Secret<&'a str>>,
     pub reconnect: bool,
     /// As sent; negotiation is the session's (missing, invalid or < 1 means 1).
     pub protocol_version: u32,
@@ -293,7 +295,7 @@ pub fn decode(buf: &[u8]) -> Result<ClientFrame<'_>, FrameError> {
     };
     Ok(match kind {
         "auth" => ClientFrame::Auth(AuthFrame {
-            token: as_str(f.token),
+            token: as_str(f.token).map(Secret::new),
             reconnect: literal_bool(f.reconnect) == Some(true),
             protocol_version: match f.protocol_version.map(|r| Reader::new(r).number()) {
                 Some(Ok(v)) if v >= 1.0 && v.is_finite() => v.min(u32::MAX as f64) as u32,
@@ -399,7 +401,7 @@ mod tests {
         assert_eq!(
             decode(&f),
             Ok(ClientFrame::Auth(AuthFrame {
-                token: Some("t"),
+                token: Some(Secret::new("t")),
                 reconnect: false,
                 protocol_version: 1,
                 project_id: None
@@ -419,6 +421,18 @@ mod tests {
             panic!()
         };
         assert_eq!((a.token, a.reconnect, a.protocol_version), (None, true, 2));
+    }
+
+    #[test]
+    fn the_auth_token_is_never_printed() {
+        let f = frame(&[("type", &s("auth")), ("token", &s("tok-do-not-log-me"))]);
+        let decoded = decode(&f);
+        let printed = format!("{decoded:?} {decoded:#?}");
+        assert!(!printed.contains("tok-do-not-log-me"), "{printed}");
+        let Ok(ClientFrame::Auth(a)) = decoded else {
+            panic!("{printed}")
+        };
+        assert_eq!(a.token.map(|t| *t.expose()), Some("tok-do-not-log-me"));
     }
 
     #[test]

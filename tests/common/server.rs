@@ -52,7 +52,7 @@ pub async fn start_proxy(broker: TestBroker, extra: &str) -> TestProxy {
 
 /// Starts a proxy with the test policy on the broker `broker_line` (`embedded` or a URL).
 pub async fn start_proxy_on(broker_line: &str, extra: &str) -> TestProxy {
-    start_proxy_full(broker_line, "", extra).await
+    start_proxy_with(broker_line, "", extra, &test_env).await
 }
 
 /// Like [`start_proxy`], with more `upstream` keys (`key: value, …`).
@@ -61,15 +61,17 @@ pub async fn start_proxy_upstream(broker: TestBroker, upstream: &str, extra: &st
         TestBroker::Embedded => "embedded".to_string(),
         TestBroker::Mosquitto => mosquitto_url(),
     };
-    start_proxy_full(&broker_line, upstream, extra).await
+    start_proxy_with(&broker_line, &format!(", {upstream}"), extra, &test_env).await
 }
 
-async fn start_proxy_full(broker_line: &str, upstream: &str, extra: &str) -> TestProxy {
-    let upstream = if upstream.is_empty() {
-        String::new()
-    } else {
-        format!(", {upstream}")
-    };
+/// [`start_proxy_on`] with more `upstream` keys (`upstream_extra`, e.g.
+/// `", username: u, password_env: VAR"`) and the secrets of `env`.
+pub async fn start_proxy_with(
+    broker_line: &str,
+    upstream_extra: &str,
+    extra: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> TestProxy {
     let dir = tempfile::tempdir().unwrap();
     copy_key_fixtures(dir.path());
     // A unique prefix per proxy keeps tests sharing one Mosquitto apart.
@@ -78,11 +80,11 @@ async fn start_proxy_full(broker_line: &str, upstream: &str, extra: &str) -> Tes
     let prefix = format!("t{}", hex::encode(b));
     let indented: String = policy_yaml().lines().map(|l| format!("  {l}\n")).collect();
     let text = format!(
-        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nupstream: {{ broker: \"{broker_line}\", pool: 2, topic_prefix: {prefix}{upstream} }}\n{extra}\npolicy:\n{indented}"
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nupstream: {{ broker: \"{broker_line}\", pool: 2, topic_prefix: {prefix}{upstream_extra} }}\n{extra}\npolicy:\n{indented}"
     );
     let path = dir.path().join("proxy.yaml");
     std::fs::write(&path, text).unwrap();
-    let loaded = cuttle::config::load_with_env(&path, &test_env).unwrap_or_else(|d| panic!("{d}"));
+    let loaded = cuttle::config::load_with_env(&path, env).unwrap_or_else(|d| panic!("{d}"));
     let proxy = cuttle::server::Proxy::start(loaded).expect("proxy starts");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -587,7 +587,7 @@ pub(super) enum PreAuth<'a> {
     Ignore,
     Reply(Bytes),
     Auth {
-        token: &'a str,
+        token: crate::secret::Secret<&'a str>,
         reconnect: bool,
         version: u32,
     },

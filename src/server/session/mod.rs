@@ -335,7 +335,7 @@ where
             } => (token, reconnect, version),
         };
         let snapshot = proxy.store.load();
-        let actor = match snapshot.auth.authenticate(token) {
+        let actor = match snapshot.auth.authenticate(token.expose()) {
             Ok(a) => a,
             Err(e) => {
                 tracing::info!(reason = %e, "authentication failed");
