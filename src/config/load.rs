@@ -162,8 +162,25 @@ fn read_file(path: &Path, diags: &mut Diagnostics) -> Option<String> {
             return None;
         }
     }
-    match std::fs::read_to_string(path) {
+    // The size checked above is only what the file system reports: a device or a `/proc` file
+    // reports 0 and may never end, so the read itself is bounded too.
+    let text = crate::policy::read_bounded(path, MAX_CONFIG_BYTES).and_then(|bytes| {
+        String::from_utf8(bytes).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "stream did not contain valid UTF-8",
+            )
+        })
+    });
+    match text {
         Ok(text) => Some(text),
+        Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => {
+            diags.error(
+                "",
+                format!("{display} is larger than {MAX_CONFIG_BYTES} bytes"),
+            );
+            None
+        }
         Err(e) => {
             diags.error("", format!("cannot read {display}: {e}"));
             None
@@ -246,6 +263,13 @@ fn ignored_path(root: &str, path: &serde_ignored::Path<'_>) -> String {
 mod tests {
     use super::*;
 
+    fn errors(text: &str) -> String {
+        match load_str(text, Path::new("/nonexistent/proxy.yaml"), &|_| None) {
+            Ok(_) => panic!("should not load:\n{text}"),
+            Err(d) => d.to_string(),
+        }
+    }
+
     #[test]
     fn load_str_is_load_without_the_read() {
         let dir = tempfile::tempdir().unwrap();
@@ -256,5 +280,19 @@ mod tests {
         let from_str = load_str(text, &path, &|_| None).unwrap();
         assert_eq!(from_file.digest, from_str.digest);
         assert_eq!(from_file.sources, from_str.sources);
+    }
+
+    /// Reads used to be bounded only by the size `metadata` reports, which is 0 for a device:
+    /// `policy_file: /dev/zero` (or a key file there) read until memory ran out, in `cuttle
+    /// check`, at start-up, or in a hot reload of a running proxy.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn endless_files_are_refused_not_read_forever() {
+        let e = errors("policy_file: /dev/zero\n");
+        assert!(e.contains("/dev/zero is larger than"), "{e}");
+        let e = errors(
+            "policy:\n  projects:\n    - id: p\n      jwt: { issuer: https://i, audience: a, algorithms: [RS256], public_key_file: /dev/zero }\n",
+        );
+        assert!(e.contains("cannot read /dev/zero: larger than"), "{e}");
     }
 }
