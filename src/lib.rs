@@ -16,6 +16,7 @@
 //! - [`cli`]: the `cuttle` command line.
 
 pub mod auth;
+#[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod cli;
 pub mod config;

@@ -69,10 +69,24 @@ pub fn load_with_env(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Loaded, Diagnostics> {
     let mut diags = Diagnostics::new();
+    let text = read_file(path, &mut diags).ok_or(diags)?;
+    load_str(&text, path, env)
+}
+
+/// Loads configuration `text` as if it had been read from `path`, which is not read: relative
+/// paths in the text (`policy_file`, key files, `tls`) resolve against `path`'s directory, and
+/// [`Sources::config`] names `path`. [`load_with_env`] is this after reading the file; the
+/// split exists so that the YAML layers can be driven from memory (the `config_load` fuzz
+/// target feeds arbitrary text here, without a temporary file per input).
+pub fn load_str(
+    text: &str,
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Loaded, Diagnostics> {
+    let mut diags = Diagnostics::new();
     let mut hasher = Sha256::new();
-    let text = read_file(path, &mut diags).ok_or_else(|| diags.clone())?;
-    hasher.update(&text);
-    let spec: SettingsSpec = parse_yaml(&text, "", &mut diags).ok_or_else(|| diags.clone())?;
+    hasher.update(text);
+    let spec: SettingsSpec = parse_yaml(text, "", &mut diags).ok_or_else(|| diags.clone())?;
 
     let base_dir = path.parent().unwrap_or(Path::new("."));
     let cx = CompileContext::new(base_dir, env);
@@ -148,8 +162,25 @@ fn read_file(path: &Path, diags: &mut Diagnostics) -> Option<String> {
             return None;
         }
     }
-    match std::fs::read_to_string(path) {
+    // The size checked above is only what the file system reports: a device or a `/proc` file
+    // reports 0 and may never end, so the read itself is bounded too.
+    let text = crate::policy::read_bounded(path, MAX_CONFIG_BYTES).and_then(|bytes| {
+        String::from_utf8(bytes).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "stream did not contain valid UTF-8",
+            )
+        })
+    });
+    match text {
         Ok(text) => Some(text),
+        Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => {
+            diags.error(
+                "",
+                format!("{display} is larger than {MAX_CONFIG_BYTES} bytes"),
+            );
+            None
+        }
         Err(e) => {
             diags.error("", format!("cannot read {display}: {e}"));
             None
@@ -226,4 +257,42 @@ fn ignored_path(root: &str, path: &serde_ignored::Path<'_>) -> String {
     let mut out = root.to_string();
     walk(path, &mut out);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> String {
+        match load_str(text, Path::new("/nonexistent/proxy.yaml"), &|_| None) {
+            Ok(_) => panic!("should not load:\n{text}"),
+            Err(d) => d.to_string(),
+        }
+    }
+
+    #[test]
+    fn load_str_is_load_without_the_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.yaml");
+        let text = "policy:\n  projects:\n    - id: demo\n";
+        std::fs::write(&path, text).unwrap();
+        let from_file = load_with_env(&path, &|_| None).unwrap();
+        let from_str = load_str(text, &path, &|_| None).unwrap();
+        assert_eq!(from_file.digest, from_str.digest);
+        assert_eq!(from_file.sources, from_str.sources);
+    }
+
+    /// Reads used to be bounded only by the size `metadata` reports, which is 0 for a device:
+    /// `policy_file: /dev/zero` (or a key file there) read until memory ran out, in `cuttle
+    /// check`, at start-up, or in a hot reload of a running proxy.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn endless_files_are_refused_not_read_forever() {
+        let e = errors("policy_file: /dev/zero\n");
+        assert!(e.contains("/dev/zero is larger than"), "{e}");
+        let e = errors(
+            "policy:\n  projects:\n    - id: p\n      jwt: { issuer: https://i, audience: a, algorithms: [RS256], public_key_file: /dev/zero }\n",
+        );
+        assert!(e.contains("cannot read /dev/zero: larger than"), "{e}");
+    }
 }

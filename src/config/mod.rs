@@ -9,7 +9,7 @@
 mod load;
 mod settings;
 
-pub use load::{Loaded, Sources, load, load_with_env, parse_policy_file, parse_yaml};
+pub use load::{Loaded, Sources, load, load_str, load_with_env, parse_policy_file, parse_yaml};
 pub use settings::{
     Broker, Limits, LogFormat, LogSettings, ReloadSettings, Settings, TlsSettings, UpstreamSettings,
 };

@@ -49,10 +49,11 @@ impl<'a> CompileContext<'a> {
         }
     }
 
-    /// Reads a file the policy refers to, recording its path and content hash.
+    /// Reads a file the policy refers to (at most [`MAX_KEY_FILE_BYTES`]), recording its path
+    /// and content hash.
     pub fn read_file(&self, path: &Path) -> std::io::Result<Vec<u8>> {
         use sha2::{Digest, Sha256};
-        let bytes = std::fs::read(path)?;
+        let bytes = read_bounded(path, MAX_KEY_FILE_BYTES)?;
         self.read
             .borrow_mut()
             .push((path.to_path_buf(), Sha256::digest(&bytes).into()));
@@ -101,6 +102,28 @@ impl<'a> CompileContext<'a> {
             self.base_dir.join(file)
         }
     }
+}
+
+/// Longest file a policy may refer to (JWT public keys, a few KiB of PEM each), in bytes.
+pub const MAX_KEY_FILE_BYTES: u64 = 1 << 20;
+
+/// Reads at most `max` bytes of `path`; a longer file is an error of kind
+/// [`std::io::ErrorKind::FileTooLarge`]. The bound holds while reading, whatever size the file
+/// system reports: a device or a `/proc` file reports 0 bytes and may never end, and
+/// `policy_file: /dev/zero` once read until memory ran out.
+pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(max.saturating_add(1))
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::FileTooLarge,
+            format!("larger than {max} bytes"),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// The process environment, for [`CompileContext::env`].

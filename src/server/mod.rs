@@ -31,8 +31,12 @@ const PACKET_OVERHEAD: usize = 64 * 1024;
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[cfg(feature = "embedded-broker")]
     #[error(transparent)]
     Broker(#[from] crate::broker::BrokerError),
+    #[cfg(not(feature = "embedded-broker"))]
+    #[error("upstream.broker is `embedded`, but this build has no embedded broker")]
+    NoEmbeddedBroker,
     #[error("cannot bind {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
 }
@@ -103,6 +107,7 @@ impl Proxy {
         let settings = loaded.settings.clone();
         let max_packet = settings.limits.max_frame_bytes + PACKET_OVERHEAD;
         let endpoint = match &settings.upstream.broker {
+            #[cfg(feature = "embedded-broker")]
             Broker::Embedded => {
                 let b = crate::broker::start(max_packet, settings.upstream.pool * 4 + 64)?;
                 Endpoint {
@@ -111,6 +116,8 @@ impl Proxy {
                     tls: false,
                 }
             }
+            #[cfg(not(feature = "embedded-broker"))]
+            Broker::Embedded => return Err(StartError::NoEmbeddedBroker),
             Broker::Remote { host, port, tls } => Endpoint {
                 host: host.clone(),
                 port: *port,
