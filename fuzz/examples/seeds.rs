@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use cuttle::auth::session_token::{self, MintRequest};
 use cuttle::topic::filters::FilterItem;
-use cuttle::wire::restore::{self, Entry};
+use cuttle::wire::restore::{self, Entry, Record};
 use cuttle_fuzz::{NOW, WORLD};
 
 /// A MessagePack value as the SDK would send it.
@@ -420,15 +420,29 @@ fn restore_records(c: &Corpus) {
     };
     let one = |s: &str| FilterItem::One(s.into());
     let all = |v: &[&str]| FilterItem::All(v.iter().map(|s| s.to_string()).collect());
+    let scoped = |entries: &[Entry]| {
+        restore::encode(&Record {
+            scope: Some("acme".into()),
+            actor: "alice".into(),
+            entries: entries.to_vec(),
+        })
+    };
+    let unscoped = |entries: &[Entry]| {
+        restore::encode(&Record {
+            scope: None,
+            actor: "bob".into(),
+            entries: entries.to_vec(),
+        })
+    };
     c.put("cleared", b"");
-    c.put("empty-set", restore::encode(&[]));
+    c.put("empty-set", scoped(&[]));
     c.put(
         "one-exact",
-        restore::encode(&[entry("chat/general/messages", false, None, vec![])]),
+        unscoped(&[entry("chat/general/messages", false, None, vec![])]),
     );
     c.put(
         "mixed",
-        restore::encode(&[
+        scoped(&[
             entry("chat/general/messages", false, None, vec![]),
             entry(
                 "chat/+/orders",
@@ -440,7 +454,7 @@ fn restore_records(c: &Corpus) {
             entry("chat/vip/+", false, None, vec![all(&[])]),
         ]),
     );
-    // What a newer writer might add: an unknown key is skipped.
+    // What releases before the versioned record wrote: a bare array (refused as legacy).
     let mut extra = Vec::new();
     write(
         &mut extra,
@@ -452,8 +466,12 @@ fn restore_records(c: &Corpus) {
             ("since", Int(1_767_225_600)),
         ])]),
     );
-    c.put("unknown-key", extra);
-    let mut full = restore::encode(&[entry("chat/general/messages", false, None, vec![])]).to_vec();
+    c.put("legacy-array", extra);
+    // A future version is refused whole.
+    let mut future = Vec::new();
+    write(&mut future, &Map(vec![("v", Int(3)), ("subs", Arr(vec![]))]));
+    c.put("future-version", future);
+    let mut full = scoped(&[entry("chat/general/messages", false, None, vec![])]).to_vec();
     full.truncate(full.len() - 3);
     c.put("truncated", full);
     c.put("huge-count", [0xdd, 0xff, 0xff, 0xff, 0xff]);

@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
     match frame {
         ClientFrame::Auth(a) => {
             if let Some(token) = a.token {
-                authenticate(world, token);
+                authenticate(world, token.expose());
             }
         }
         ClientFrame::Publish(p) => publish(world, &p),
