@@ -57,3 +57,48 @@ async fn node_client_against_embedded_broker() {
 async fn node_client_against_mosquitto() {
     run(TestBroker::Mosquitto).await;
 }
+
+/// Close codes as a Node `ws` client sees them: 1009 for an oversize frame before and after
+/// auth (with a real close handshake, not a reset), 1001 for authenticated and
+/// unauthenticated sockets the moment the proxy drains (`tests/node/close_codes.mjs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_client_sees_real_close_codes() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node");
+    ensure_node_modules(&dir);
+    let p = start_proxy(TestBroker::Embedded, "").await;
+    let mut child = tokio::process::Command::new("node")
+        .arg(dir.join("close_codes.mjs"))
+        .args([p.url.as_str(), SENSOR1_TOKEN])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node runs");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(std::time::Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("the script reaches its drain phase")
+        .unwrap();
+    if ready.as_deref() == Some("ready") {
+        p.proxy.begin_shutdown();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"go\n").await.unwrap();
+    }
+    let out = tokio::time::timeout(std::time::Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("the script ends")
+        .unwrap();
+    let mut rest = String::new();
+    while let Ok(Some(l)) = lines.next_line().await {
+        rest.push_str(&l);
+        rest.push('\n');
+    }
+    println!("{rest}");
+    assert!(
+        out.status.success() && ready.as_deref() == Some("ready"),
+        "close codes failed (first line {ready:?}):\n{rest}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -560,3 +560,58 @@ async fn resubscribe_with_a_new_id_embedded() {
 async fn resubscribe_with_a_new_id_mosquitto() {
     resubscribe_with_a_new_id(mosquitto()).await;
 }
+
+/// Regression: rumqttc draws SUBSCRIBE packet ids from the same 1..=Receive-Maximum cycle as
+/// publishes without checking them (Mosquitto's Receive Maximum is 20), so a burst of more
+/// subscribes than that — one 100-filter `subscribe` frame — reused ids still waiting for their
+/// SUBACK; the SUBACKs matched the wrong filters and some subscriptions never became live
+/// (the client's `subscribed` never came). Every SUBACK now finds its own filter.
+async fn a_burst_of_subscribes_larger_than_receive_maximum(endpoint: Endpoint) {
+    const BURST: usize = 150;
+    let (dispatch, mut messages, mut subacks) = collect_all();
+    let pool = Pool::start(&settings(1), endpoint, 1 << 20, dispatch);
+    wait_ready(&pool).await;
+    let base = unique("burst");
+    for i in 0..BURST {
+        pool.subscribe(&arc(format!("{base}/{i}")), qos(1), 1000 + i);
+    }
+    let mut granted = std::collections::HashMap::new();
+    while granted.len() < BURST {
+        let (filter, id, ok) = tokio::time::timeout(Duration::from_secs(5), subacks.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {BURST} SUBACKs matched", granted.len()))
+            .unwrap();
+        assert!(ok, "{filter} refused");
+        assert_eq!(
+            filter,
+            format!("{base}/{}", id - 1000),
+            "SUBACK matched to another filter"
+        );
+        assert!(
+            granted.insert(id, filter).is_none(),
+            "id {id} acknowledged twice"
+        );
+    }
+    // And every one of them is live: a publish to each is delivered with its own id.
+    for i in [0, BURST / 2, BURST - 1] {
+        let (tx, rx) = oneshot::channel();
+        pool.publish(format!("{base}/{i}"), qos(1), false, Bytes::new(), Some(tx))
+            .unwrap();
+        rx.await.unwrap().unwrap();
+        let (_, ids, _) = tokio::time::timeout(Duration::from_secs(5), messages.recv())
+            .await
+            .expect("delivered")
+            .unwrap();
+        assert_eq!(ids, vec![1000 + i]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_subscribes_larger_than_receive_maximum_embedded() {
+    a_burst_of_subscribes_larger_than_receive_maximum(embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_subscribes_larger_than_receive_maximum_mosquitto() {
+    a_burst_of_subscribes_larger_than_receive_maximum(mosquitto()).await;
+}

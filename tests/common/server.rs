@@ -39,6 +39,8 @@ pub struct TestProxy {
     pub url: String,
     pub admin: std::net::SocketAddr,
     pub dir: tempfile::TempDir,
+    /// The upstream topic prefix (unique per proxy), to observe the broker side.
+    pub prefix: String,
 }
 
 /// Starts a proxy with the test policy, `extra` top-level YAML (e.g. limits), on `broker`.
@@ -106,6 +108,7 @@ pub async fn start_proxy_with(
         url,
         admin: admin_addr,
         dir,
+        prefix,
     }
 }
 
