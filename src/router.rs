@@ -885,3 +885,29 @@ impl Drop for Membership {
         self.clear();
     }
 }
+
+#[cfg(test)]
+impl Router {
+    /// The subscription ids a broker holding exactly this router's subscriptions would tag a
+    /// message on `topic` with: every entry whose filter matches. Unit tests, which have no
+    /// broker, stand in for one with this.
+    pub(crate) fn matching_ids(&self, topic: &str) -> Vec<usize> {
+        let mut ids: Vec<usize> = self
+            .shards
+            .iter()
+            .flat_map(|s| {
+                s.read()
+                    .entries
+                    .iter()
+                    .filter(|(_, e)| tests::mqtt_matches(&e.filter, topic))
+                    .map(|(id, _)| *id)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -148,6 +148,43 @@ impl Proxy {
         }))
     }
 
+    /// A proxy for unit tests of the session machinery, with no broker and no listener.
+    ///
+    /// The router has no pool attached, so every new upstream filter is live at once (nothing
+    /// would answer a SUBSCRIBE) and an emptied entry is dropped at once (no linger). The pool
+    /// exists because publishes and the restore writer need one; it points at a loopback port
+    /// nothing listens on, so it never connects: publishes are accepted into its queue and
+    /// never acknowledged. Must be called inside a Tokio runtime.
+    #[cfg(test)]
+    pub(crate) fn without_broker(loaded: Loaded) -> Arc<Self> {
+        let settings = loaded.settings.clone();
+        let endpoint = Endpoint {
+            host: "127.0.0.1".into(),
+            port: 1,
+            tls: false,
+        };
+        let max_packet = settings.limits.max_frame_bytes + PACKET_OVERHEAD;
+        let store = PolicyStore::new(loaded);
+        let router = Router::new(store.clone());
+        let pool = Pool::start(&settings.upstream, endpoint, max_packet, router.clone());
+        let restore = restore::RestoreWriter::start(pool.clone());
+        let (shutdown, _) = watch::channel(false);
+        Arc::new(Self {
+            store,
+            router,
+            pool,
+            restore,
+            connections: http::Slots::new(settings.limits.max_connections as usize),
+            admin_slots: http::Slots::new(http::ADMIN_MAX_CONNECTIONS),
+            actors: ActorConnections::default(),
+            next_session: AtomicU64::new(1),
+            sessions: AtomicUsize::new(0),
+            instance: "test".into(),
+            settings,
+            shutdown,
+        })
+    }
+
     /// Ready: policy loaded (always, once constructed), upstream connected, not draining.
     pub fn is_ready(&self) -> bool {
         self.pool.is_ready() && !*self.shutdown.borrow()

@@ -7,8 +7,10 @@
 //! stored set. Its other effects go to the shared machinery it is handed: subscriptions to the
 //! router (through the session's [`Membership`]), publishes to the upstream pool (which never
 //! waits), the subscription set to the restore writer. The driver (`super`) owns the socket,
-//! the clock-driven closes and the outbound queue; every limit and every frame type is unit
-//! tested here without a socket.
+//! the clock-driven closes and the outbound queue. Every frame type and every limit is unit
+//! tested (`tests`) without a socket or a broker; what only a broker can show (its Maximum
+//! Packet Size, the `published` reply, replies that wait for a SUBACK) is left to the
+//! integration tests.
 //!
 //! Limits enforced here, per connection: publishes per second (fixed window, PROTOCOL §9),
 //! `subscribe`/`unsubscribe`/`setFilters` per second (token bucket,
@@ -183,7 +185,6 @@ impl Machine {
                 if let Some(reply) = self.subscribe(s) {
                     out.push(reply);
                 }
-                self.submit_restore();
             }
             ClientFrame::Unsubscribe { topic } => {
                 if !self.control.take(now) {
@@ -205,7 +206,6 @@ impl Machine {
                 if let Some(reply) = self.set_filters(topic, filters) {
                     out.push(reply);
                 }
-                self.submit_restore();
             }
             // A second `auth` is ignored (PROTOCOL §7). Presence and lobbies (PROTOCOL §11–12)
             // are not served by this build; acks only matter with message recording, which is
@@ -420,11 +420,8 @@ impl Machine {
             s.qos,
         );
         let reply = encode::subscribed(s.topic, s.load_balance);
-        match self.join(s.topic, state, Reply::Frame(reply.clone())) {
-            Ok(Readiness::Now) => Some(reply),
-            Ok(Readiness::Later) => None,
-            Err(refusal) => Some(refusal),
-        }
+        let joined = self.join(s.topic, state, Reply::Frame(reply.clone()));
+        self.answer(joined, reply)
     }
 
     fn set_filters(&mut self, topic: &str, items: Vec<FilterItem>) -> Option<Bytes> {
@@ -435,9 +432,19 @@ impl Machine {
         // PROTOCOL §9: setFilters subscriptions use QoS 1.
         let state = Self::sub_state(topic, current.load_balance, current.group.clone(), items, 1);
         let reply = encode::filters_updated(topic, echoed);
-        match self.join(topic, state, Reply::Frame(reply.clone())) {
-            Ok(Readiness::Now) => Some(reply),
-            Ok(Readiness::Later) => None,
+        let joined = self.join(topic, state, Reply::Frame(reply.clone()));
+        self.answer(joined, reply)
+    }
+
+    /// The reply to a subscribe or setFilters now, if any; a change is stored. A refused one
+    /// changed nothing and stores nothing: a fresh session (nothing submitted yet) would
+    /// otherwise write its empty set and clear the actor's stored one.
+    fn answer(&mut self, joined: Result<Readiness, Refusal>, reply: Bytes) -> Option<Bytes> {
+        match joined {
+            Ok(ready) => {
+                self.submit_restore();
+                (ready == Readiness::Now).then_some(reply)
+            }
             Err(refusal) => Some(refusal),
         }
     }
@@ -609,3 +616,6 @@ pub(super) fn pre_auth(bytes: &[u8]) -> PreAuth<'_> {
         Err(e) => PreAuth::Reply(frame_error(&e)),
     }
 }
+
+#[cfg(test)]
+mod tests;
