@@ -615,3 +615,87 @@ async fn a_burst_of_subscribes_larger_than_receive_maximum_embedded() {
 async fn a_burst_of_subscribes_larger_than_receive_maximum_mosquitto() {
     a_burst_of_subscribes_larger_than_receive_maximum(mosquitto()).await;
 }
+
+/// Regression (rumqttd 0.20, patched in vendor/rumqttd): an UNSUBSCRIBE of a shared filter
+/// left its data request in place, so the broker kept delivering for it (without an id) and,
+/// after a re-SUBSCRIBE, delivered every message twice under the new id — the churn test
+/// without linger saw a load-balanced subscriber get one message twice. Mosquitto is the
+/// reference behaviour.
+async fn an_unsubscribed_shared_subscription_delivers_nothing(endpoint: Endpoint) {
+    let (dispatch, mut messages, mut subacks) = collect_all();
+    let pool = Pool::start(&settings(1), endpoint, 1 << 20, dispatch);
+    wait_ready(&pool).await;
+    let base = unique("share");
+    let shared = arc(format!("$share/g{base}/{base}/#"));
+    let plain = arc(format!("{base}/plain/#"));
+    // What one publish to `<base>/plain/x` reaches: the subscription ids of each copy.
+    let publish = async |messages: &mut Messages| {
+        let (tx, rx) = oneshot::channel();
+        pool.publish(
+            format!("{base}/plain/x"),
+            qos(1),
+            false,
+            Bytes::new(),
+            Some(tx),
+        )
+        .unwrap();
+        rx.await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut copies = Vec::new();
+        while let Ok((_, ids, _)) = messages.try_recv() {
+            copies.push(ids);
+        }
+        copies.sort();
+        copies
+    };
+    let granted = async |subacks: &mut SubAcks, want: usize| {
+        let (_, id, ok) = tokio::time::timeout(Duration::from_secs(5), subacks.recv())
+            .await
+            .expect("SUBACK")
+            .unwrap();
+        assert_eq!((id, ok), (want, true));
+    };
+    pool.subscribe(&shared, qos(1), 1);
+    granted(&mut subacks, 1).await;
+    pool.subscribe(&plain, qos(1), 2);
+    granted(&mut subacks, 2).await;
+    assert_eq!(publish(&mut messages).await, [vec![1], vec![2]]);
+
+    pool.unsubscribe(&shared, 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(publish(&mut messages).await, [vec![2]], "after UNSUBSCRIBE");
+
+    pool.subscribe(&shared, qos(1), 3);
+    granted(&mut subacks, 3).await;
+    assert_eq!(
+        publish(&mut messages).await,
+        [vec![2], vec![3]],
+        "after re-SUBSCRIBE"
+    );
+
+    // Leave and rejoin at once (no linger), twice.
+    for id in [4, 5] {
+        pool.unsubscribe(&shared, id - 1);
+        pool.subscribe(&shared, qos(1), id);
+        granted(&mut subacks, id).await;
+        assert_eq!(
+            publish(&mut messages).await,
+            [vec![2], vec![id]],
+            "rejoin {id}"
+        );
+    }
+    // The plain subscription's UNSUBSCRIBE does not disturb the shared one.
+    pool.unsubscribe(&plain, 2);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(publish(&mut messages).await, [vec![5]]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsubscribed_shared_subscription_delivers_nothing_embedded() {
+    an_unsubscribed_shared_subscription_delivers_nothing(embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsubscribed_shared_subscription_delivers_nothing_mosquitto() {
+    an_unsubscribed_shared_subscription_delivers_nothing(mosquitto()).await;
+}

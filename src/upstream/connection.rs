@@ -391,7 +391,10 @@ async fn run_event_loop(
                     .map(|props| props.subscription_identifiers.as_slice())
                     .unwrap_or_default();
                 match std::str::from_utf8(&p.topic) {
-                    Ok(topic) => dispatch.dispatch(topic, ids, p.payload),
+                    Ok(topic) => {
+                        tracing::trace!(client_id = %shared.client_id, topic, ?ids, "upstream publish");
+                        dispatch.dispatch(topic, ids, p.payload)
+                    }
                     Err(_) => tracing::debug!("upstream message with a non-UTF-8 topic dropped"),
                 }
             }
@@ -444,6 +447,7 @@ async fn run_event_loop(
                         None => None,
                     }
                 };
+                tracing::trace!(client_id = %shared.client_id, pkid = ack.pkid, ?sub, "SUBACK");
                 if let Some((filter, id)) = sub {
                     let ok = ack.return_codes.first().is_some_and(granted);
                     if !ok {
@@ -528,6 +532,7 @@ async fn reconcile(shared: Arc<Shared>) {
             let sent = match (want, have) {
                 (Some((qos, id)), have) if have != Some(id) => {
                     let sent = shared.try_subscribe(&filter, qos, id);
+                    tracing::trace!(client_id = %shared.client_id, %filter, id, sent, "SUBSCRIBE");
                     if sent {
                         actual.insert(filter.clone(), id);
                     }
@@ -535,6 +540,7 @@ async fn reconcile(shared: Arc<Shared>) {
                 }
                 (None, Some(_)) => {
                     let sent = shared.try_unsubscribe(&filter);
+                    tracing::trace!(client_id = %shared.client_id, %filter, sent, "UNSUBSCRIBE");
                     if sent {
                         actual.remove(&filter);
                     }
