@@ -124,49 +124,22 @@ impl Proxy {
                 tls: *tls,
             },
         };
-        let store = PolicyStore::new(loaded);
-        let router = Router::new(store.clone());
-        let pool = Pool::start(&settings.upstream, endpoint, max_packet, router.clone());
-        router.attach(pool.clone());
-        let restore = restore::RestoreWriter::start(pool.clone());
-        let (shutdown, _) = watch::channel(false);
         let mut instance = [0u8; 4];
         let _ = getrandom::fill(&mut instance);
-        Ok(Arc::new(Self {
-            store,
-            router,
-            pool,
-            restore,
-            connections: http::Slots::new(settings.limits.max_connections as usize),
-            admin_slots: http::Slots::new(http::ADMIN_MAX_CONNECTIONS),
-            actors: ActorConnections::default(),
-            next_session: AtomicU64::new(1),
-            sessions: AtomicUsize::new(0),
-            instance: hex::encode(instance),
-            settings,
-            shutdown,
-        }))
+        Ok(Self::assemble(loaded, endpoint, hex::encode(instance), true))
     }
 
-    /// A proxy for unit tests of the session machinery, with no broker and no listener.
-    ///
-    /// The router has no pool attached, so every new upstream filter is live at once (nothing
-    /// would answer a SUBSCRIBE) and an emptied entry is dropped at once (no linger). The pool
-    /// exists because publishes and the restore writer need one; it points at a loopback port
-    /// nothing listens on, so it never connects: publishes are accepted into its queue and
-    /// never acknowledged. Must be called inside a Tokio runtime.
-    #[cfg(test)]
-    pub(crate) fn without_broker(loaded: Loaded) -> Arc<Self> {
+    /// The proxy's parts on a pool to `endpoint`; `attach`: the router waits for the broker's
+    /// SUBACKs and unsubscribes through the pool (always, but in unit tests).
+    fn assemble(loaded: Loaded, endpoint: Endpoint, instance: String, attach: bool) -> Arc<Self> {
         let settings = loaded.settings.clone();
-        let endpoint = Endpoint {
-            host: "127.0.0.1".into(),
-            port: 1,
-            tls: false,
-        };
         let max_packet = settings.limits.max_frame_bytes + PACKET_OVERHEAD;
         let store = PolicyStore::new(loaded);
         let router = Router::new(store.clone());
         let pool = Pool::start(&settings.upstream, endpoint, max_packet, router.clone());
+        if attach {
+            router.attach(pool.clone());
+        }
         let restore = restore::RestoreWriter::start(pool.clone());
         let (shutdown, _) = watch::channel(false);
         Arc::new(Self {
@@ -179,10 +152,27 @@ impl Proxy {
             actors: ActorConnections::default(),
             next_session: AtomicU64::new(1),
             sessions: AtomicUsize::new(0),
-            instance: "test".into(),
+            instance,
             settings,
             shutdown,
         })
+    }
+
+    /// A proxy for unit tests of the session machinery, with no broker and no listener.
+    ///
+    /// The router has no pool attached, so every new upstream filter is live at once (nothing
+    /// would answer a SUBSCRIBE) and an emptied entry is dropped at once (no linger). The pool
+    /// exists because publishes and the restore writer need one; it points at a loopback port
+    /// nothing listens on, so it never connects: publishes are accepted into its queue and
+    /// never acknowledged. Must be called inside a Tokio runtime.
+    #[cfg(test)]
+    pub(crate) fn without_broker(loaded: Loaded) -> Arc<Self> {
+        let endpoint = Endpoint {
+            host: "127.0.0.1".into(),
+            port: 1,
+            tls: false,
+        };
+        Self::assemble(loaded, endpoint, "test".into(), false)
     }
 
     /// Ready: policy loaded (always, once constructed), upstream connected, not draining.
