@@ -99,8 +99,12 @@ struct Requests {
     queued: VecDeque<Queued>,
     /// QoS ≥ 1 publishes written, waiting for PUBACK/PUBCOMP, by packet id.
     inflight: HashMap<u16, Option<AckSender>>,
-    /// SUBSCRIBEs written, waiting for SUBACK, by packet id.
-    subacks: HashMap<u16, (Arc<str>, usize)>,
+    /// SUBSCRIBEs written, waiting for SUBACK, by packet id, oldest first. rumqttc numbers
+    /// SUBSCRIBEs from the same 1..=Receive Maximum cycle as publishes without checking that
+    /// a number is free: against Mosquitto (Receive Maximum 20) a burst of more than 20
+    /// SUBSCRIBEs reuses ids still waiting. The broker answers one connection's SUBSCRIBEs in
+    /// order, so the SUBACK for an id belongs to the oldest SUBSCRIBE written with it.
+    subacks: HashMap<u16, VecDeque<(Arc<str>, usize)>>,
 }
 
 /// The filters this connection should hold, and which of them changed.
@@ -327,7 +331,7 @@ impl Shared {
             }
             Outgoing::Subscribe(pkid) => match r.queued.pop_front() {
                 Some(Queued::Subscribe { filter, id }) => {
-                    r.subacks.insert(pkid, (filter, id));
+                    r.subacks.entry(pkid).or_default().push_back((filter, id));
                 }
                 other => self.out_of_step("subscribe", other),
             },
@@ -427,7 +431,15 @@ async fn run_event_loop(
             Ok(Event::Incoming(Packet::PubAck(a))) => shared.resolve(a.pkid),
             Ok(Event::Incoming(Packet::PubComp(c))) => shared.resolve(c.pkid),
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                let sub = shared.requests.lock().subacks.remove(&ack.pkid);
+                let sub = {
+                    let mut r = shared.requests.lock();
+                    let waiting = r.subacks.get_mut(&ack.pkid);
+                    let sub = waiting.and_then(VecDeque::pop_front);
+                    if r.subacks.get(&ack.pkid).is_some_and(VecDeque::is_empty) {
+                        r.subacks.remove(&ack.pkid);
+                    }
+                    sub
+                };
                 if let Some((filter, id)) = sub {
                     let ok = ack.return_codes.first().is_some_and(granted);
                     if !ok {
