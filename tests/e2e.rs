@@ -36,6 +36,7 @@ on_both_brokers!(
     adversarial_frames_then_a_healthy_session,
     publish_limits,
     filters_select_sub_topics,
+    a_burst_of_subscribes_is_confirmed,
     load_balanced_delivery_reaches_exactly_one_member,
     session_allow_list_and_expiry_close,
     slow_consumer_is_disconnected_and_others_are_unaffected,
@@ -405,6 +406,22 @@ fn subscribe_frame(topic: &str, extra: &[(&str, Value)]) -> Value {
     ];
     pairs.extend(extra.iter().cloned());
     map(&pairs)
+}
+
+/// 100 filters are 100 SUBSCRIBEs on the pool, more than Mosquitto's Receive Maximum (20):
+/// rumqttc then reuses packet ids still waiting for their SUBACK, and every SUBACK must still
+/// be matched to its filter, or `subscribed` never comes (found by the noisy-neighbour
+/// benchmark).
+async fn a_burst_of_subscribes_is_confirmed(b: TestBroker) {
+    let p = start_proxy(b, "").await;
+    let mut c = Client::login(&p.url, SENSOR1_TOKEN).await;
+    let filters: Vec<Value> = (0..100).map(|i| Value::from(format!("f{i}"))).collect();
+    c.send(subscribe_frame(
+        "chat/general/messages",
+        &[("filters", Value::Array(filters))],
+    ))
+    .await;
+    assert_eq!(get_str(&c.frame().await, "type"), Some("subscribed"));
 }
 
 async fn filters_select_sub_topics(b: TestBroker) {

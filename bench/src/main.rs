@@ -8,12 +8,14 @@
 //! ```
 //!
 //! Layout: [`wire`] speaks each protocol as a client; [`targets`] starts and stops the
-//! servers; [`scenario`] drives fan-out, fan-in, idle and connect; [`report`] writes the
+//! servers; [`scenario`] drives fan-out, fan-in, idle and connect; [`noisy`] measures one
+//! tenant's latency while another attacks the proxy (cuttle only); [`report`] writes the
 //! tables, ratios and plots; [`broadcast`] is the ceiling baseline server; [`sys`] reads /proc.
 //! The proxy itself runs as a child process of this binary (`serve-proxy`, exactly the
 //! `cuttle` command line) so its memory and CPU are measured apart from the load generator.
 
 mod broadcast;
+mod noisy;
 mod report;
 mod scenario;
 mod sys;
@@ -44,6 +46,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the `run` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run scenarios against targets; write results JSON, plots and (optionally) the report.
@@ -78,7 +82,8 @@ struct RunArgs {
     #[arg(long, value_delimiter = ',', default_values_t = Target::ALL.to_vec())]
     targets: Vec<Target>,
     /// Scenarios to run, in order.
-    #[arg(long, value_delimiter = ',', default_values_t = ["fanout".to_string(), "fanin".into(), "connect".into(), "idle".into()])]
+    /// (`noisy`, the noisy-neighbour scenario, runs against the cuttle targets only.)
+    #[arg(long, value_delimiter = ',', default_values_t = ["fanout".to_string(), "fanin".into(), "connect".into(), "idle".into(), "noisy".into()])]
     scenarios: Vec<String>,
     #[arg(long, value_delimiter = ',', default_values_t = [100, 1000, 5000])]
     fanout_n: Vec<usize>,
@@ -101,6 +106,10 @@ struct RunArgs {
     /// Outstanding deliveries per subscriber in the max-rate fan-out.
     #[arg(long, default_value_t = 128)]
     window: u32,
+    /// The noisy-neighbour attacks to run (all by default): restore-amplification,
+    /// unsubscribe-flood, slow-consumer, keepalive-slots.
+    #[arg(long, value_delimiter = ',')]
+    attacks: Vec<String>,
     /// Concurrent clients in the connect scenario.
     #[arg(long, default_value_t = 32)]
     connect_concurrency: usize,
@@ -182,13 +191,24 @@ fn write_report(
         .with_context(|| format!("cannot read {}", input.display()))?;
     let results: Results = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a results file", input.display()))?;
-    report::plots(&results, plots)?;
+    // A run of the noisy-neighbour scenario alone has its own block and no plots: it leaves
+    // the comparison's figures as they are.
+    let comparison = results.records.iter().any(|r| r.scenario != "noisy");
+    if comparison {
+        report::plots(&results, plots)?;
+    }
     if let Some(md) = report_md {
-        // Plot links are relative to the report's directory.
-        let base = md.parent().unwrap_or(std::path::Path::new(""));
-        let rel = pathdiff(plots, base);
-        report::splice(md, &report::markdown(&results, &rel))?;
-        eprintln!("wrote {} and plots in {}", md.display(), plots.display());
+        if comparison {
+            // Plot links are relative to the report's directory.
+            let base = md.parent().unwrap_or(std::path::Path::new(""));
+            let rel = pathdiff(plots, base);
+            report::splice(md, &report::markdown(&results, &rel))?;
+            eprintln!("wrote {} and plots in {}", md.display(), plots.display());
+        }
+        if let Some(block) = report::noisy_markdown(&results) {
+            report::splice_named(md, "noisy", &block)?;
+            eprintln!("wrote the noisy-neighbour block of {}", md.display());
+        }
     }
     Ok(())
 }
@@ -232,6 +252,15 @@ async fn run(mut args: RunArgs) -> Result<()> {
         window_per_subscriber: args.window,
         fanin_window: 512,
         connect_concurrency: args.connect_concurrency,
+        noisy: {
+            let mut shape = if args.smoke {
+                noisy::Shape::smoke()
+            } else {
+                noisy::Shape::full(args.duration)
+            };
+            shape.attacks = noisy::Attack::parse_list(&args.attacks)?;
+            shape
+        },
         ramp_concurrency: 128,
         settle: if args.smoke {
             Duration::from_millis(300)
@@ -321,7 +350,8 @@ fn smoke_check(results: &Results, args: &RunArgs) -> Result<()> {
                 .iter()
                 .filter(|r| r.target == target.name() && r.scenario == *scenario)
                 .collect();
-            if rows.is_empty() {
+            let tenants = matches!(target, Target::CuttleEmbedded | Target::CuttleMosquitto);
+            if rows.is_empty() && (scenario != "noisy" || tenants) {
                 problems.push(format!("{target} {scenario}: no figures"));
             }
             for r in rows {
@@ -331,6 +361,13 @@ fn smoke_check(results: &Results, args: &RunArgs) -> Result<()> {
                     }
                     "idle" => r.rss_per_conn_kib.is_some(),
                     "connect" => r.connects_per_s.is_some_and(|v| v > 0.0),
+                    // Every phase measured the victim; every attack got onto the wire.
+                    "noisy" => {
+                        r.p99_us.is_some()
+                            && r.noisy.as_ref().is_some_and(|f| {
+                                r.mode.starts_with(noisy::ALONE) || f.attacker_sent_per_s > 0.0
+                            })
+                    }
                     _ => false,
                 };
                 if r.mode == "failed" || !measured || r.errors > 0 || r.lost.unwrap_or(0) > 0 {

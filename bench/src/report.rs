@@ -314,16 +314,185 @@ pub fn markdown(r: &Results, plots: &str) -> String {
     out
 }
 
+/// The noisy-neighbour block (between the `noisy` markers): per cuttle target, the victim's
+/// latency alone and under each attack, the ratio to alone, and what contained the attack.
+/// None when the results hold no noisy-neighbour figures.
+pub fn noisy_markdown(r: &Results) -> Option<String> {
+    use crate::noisy::{ALONE, ALONE_AGAIN};
+    if !r.records.iter().any(|x| x.scenario == "noisy") {
+        return None;
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Run of {} on {}: `{}`.\n",
+        r.started, r.machine, r.command
+    );
+    for target in CUTTLES {
+        let rows: Vec<&Record> = r
+            .records
+            .iter()
+            .filter(|x| x.target == target.name() && x.scenario == "noisy")
+            .collect();
+        let Some(first) = rows.first() else {
+            continue;
+        };
+        let alone = rows.iter().find(|x| x.mode == ALONE).and_then(|x| x.p99_us);
+        let _ = writeln!(
+            out,
+            "#### {target}: victim {} subscribers · {}, {:.0} publishes/s\n",
+            first.n,
+            payload_name(first.payload),
+            first.published_per_s.unwrap_or(0.0)
+        );
+        out.push_str(
+            "| phase | victim p50 | victim p99 | p99 ÷ alone | ≤ 1.5× | attacker sent | what the attacker got | proxy RSS growth | pool → broker | new victim connect (max) | proxy cores |\n\
+             |---|---:|---:|---:|:---:|---|---|---:|---:|---:|---:|\n",
+        );
+        for x in &rows {
+            let f = x.noisy.clone().unwrap_or_default();
+            let p50 = cell(Some(x), |x| x.p50_us.map(latency));
+            let p99 = cell(Some(x), |x| x.p99_us.map(latency));
+            let ratio = match (x.p99_us, alone) {
+                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+                _ => None,
+            };
+            let is_alone = x.mode == ALONE || x.mode == ALONE_AGAIN;
+            let (sent, got) = noisy_attack_cells(&x.mode, &f);
+            let mut got = got;
+            if f.foreign > 0 {
+                got.push_str(&format!(
+                    "; ⚠ {} attacker messages reached the victim",
+                    f.foreign
+                ));
+            }
+            let _ = writeln!(
+                out,
+                "| {} | {p50} | {p99} | {} | {} | {sent} | {got} | {:+.1} MiB | {} | {} | {} |",
+                x.mode,
+                ratio.map_or("–".into(), |v| format!("{v:.2}×")),
+                match (is_alone, ratio) {
+                    (true, _) => "",
+                    (false, Some(v)) if v <= 1.5 => "yes",
+                    (false, Some(_)) => "**no**",
+                    (false, None) => "–",
+                },
+                f.rss_growth_mib,
+                f.to_broker_kib_s
+                    .map_or("–".into(), |v| format!("{} KiB/s", rate(v))),
+                match (f.probe_max_ms, f.probe_failures) {
+                    (Some(ms), 0) => format!("{ms:.1} ms ({})", f.probes),
+                    (Some(ms), n) => format!("{ms:.1} ms ({}), ⚠ {n} failed", f.probes),
+                    (None, n) => format!("⚠ {n} failed"),
+                },
+                x.server_cores.map_or("–".into(), |c| format!("{c:.2}")),
+            );
+        }
+        out.push('\n');
+    }
+    Some(out)
+}
+
+/// "attacker sent" and "what the attacker got" of one noisy-neighbour phase.
+fn noisy_attack_cells(mode: &str, f: &crate::noisy::Figures) -> (String, String) {
+    let refused = || {
+        f.refused
+            .iter()
+            .map(|(e, n)| format!("{} `{e}`", rate(*n as f64)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let closes = || {
+        f.closed
+            .iter()
+            .map(|(code, n)| {
+                if *code == 0 {
+                    format!("{n} ended without close frame")
+                } else {
+                    format!("{n} closed {code}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match mode {
+        "restore-amplification" => {
+            let total = (f.rate_limited + f.accepted + f.refused.values().sum::<u64>()).max(1);
+            let mut got = format!(
+                "{} rate-limited ({:.1} %), {} done",
+                rate(f.rate_limited as f64),
+                100.0 * f.rate_limited as f64 / total as f64,
+                rate(f.accepted as f64),
+            );
+            if !f.refused.is_empty() {
+                got.push_str(&format!(", {}", refused()));
+            }
+            (
+                format!(
+                    "{} subscribe/setFilters frames/s (100 × 96 B filters) on {} sockets of one actor",
+                    rate(f.attacker_sent_per_s),
+                    f.attacker_connections
+                ),
+                got,
+            )
+        }
+        "unsubscribe-flood" => (
+            format!(
+                "{} unsubscribe frames/s from {} connections holding {} filters (+{:.0} MiB RSS)",
+                rate(f.attacker_sent_per_s),
+                f.attacker_connections,
+                rate(f.preloaded_filters as f64),
+                f.setup_rss_mib
+            ),
+            format!(
+                "{} `unsubscribed`, {} rate-limited",
+                rate(f.accepted as f64),
+                rate(f.rate_limited as f64)
+            ),
+        ),
+        "slow-consumer" => (
+            format!(
+                "{:.0} messages/s of 900 KB to non-reading subscribers ({} connections in all)",
+                f.attacker_sent_per_s, f.attacker_connections
+            ),
+            format!("{}; {} still open after their hold", closes(), f.survived),
+        ),
+        "keepalive-slots" => (
+            format!(
+                "{} `GET /nope`/s on keep-alive ({} connections in all)",
+                rate(f.attacker_sent_per_s),
+                rate(f.attacker_connections as f64)
+            ),
+            format!(
+                "{} responses, at most {} per connection, {} without `connection: close`",
+                rate(f.accepted as f64),
+                f.max_responses_per_connection,
+                f.kept_alive
+            ),
+        ),
+        _ => ("–".into(), "–".into()),
+    }
+}
+
 /// Replaces the text between `<!-- results:begin -->` and `<!-- results:end -->` in `path`.
 pub fn splice(path: &Path, block: &str) -> Result<()> {
+    splice_named(path, "results", block)
+}
+
+/// Replaces the text between `<!-- {name}:begin -->` and `<!-- {name}:end -->` in `path`.
+pub fn splice_named(path: &Path, name: &str, block: &str) -> Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let (begin, end) = ("<!-- results:begin -->", "<!-- results:end -->");
+    let (begin, end) = (
+        format!("<!-- {name}:begin -->"),
+        format!("<!-- {name}:end -->"),
+    );
+    let (begin, end) = (begin.as_str(), end.as_str());
     let (Some(b), Some(e)) = (text.find(begin), text.find(end)) else {
         bail!("{} has no `{begin}` … `{end}` markers", path.display());
     };
     if e < b {
-        bail!("{}: the results markers are out of order", path.display());
+        bail!("{}: the {name} markers are out of order", path.display());
     }
     let updated = format!("{}{begin}\n{block}\n{}", &text[..b], &text[e..]);
     std::fs::write(path, updated)?;

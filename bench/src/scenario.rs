@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::targets::{Running, Target};
+use crate::targets::{Profile, Running, Target};
 use crate::wire::{Client, Endpoint, Payload, STEP_TIMEOUT};
 use crate::{sys, tls};
 
@@ -45,6 +45,8 @@ pub struct Plan {
     pub fanin_window: u32,
     /// Concurrent clients in the connect scenario.
     pub connect_concurrency: usize,
+    /// The noisy-neighbour scenario's victim and attacks.
+    pub noisy: crate::noisy::Shape,
     /// Concurrent connection attempts while building up N clients.
     pub ramp_concurrency: usize,
     /// Time to let a server settle before reading its RSS.
@@ -78,16 +80,23 @@ pub struct Record {
     pub connects_per_s: Option<f64>,
     /// Server CPU time over wall time during the phase (1.0 = one core busy).
     pub server_cores: Option<f64>,
+    /// Noisy neighbour: what the attacker did and got during the victim's phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noisy: Option<crate::noisy::Figures>,
 }
 
 const SHARDS: usize = 16;
 
+/// The phase id of payloads no measurement owns: the noisy-neighbour attacker stamps its
+/// messages with it, so a victim that ever receives one counts it (see [`Shared::foreign`]).
+pub const FOREIGN_PHASE: u32 = u32::MAX;
+
 /// One measurement's shared state.
-struct Phase {
-    id: u32,
+pub(crate) struct Phase {
+    pub(crate) id: u32,
     window: Arc<Semaphore>,
     histograms: Vec<Mutex<Histogram<u64>>>,
-    delivered: AtomicU64,
+    pub(crate) delivered: AtomicU64,
 }
 
 impl Phase {
@@ -109,7 +118,7 @@ impl Phase {
         }))
     }
 
-    fn merged(&self) -> Result<Histogram<u64>> {
+    pub(crate) fn merged(&self) -> Result<Histogram<u64>> {
         let mut total = Histogram::new_with_bounds(1_000, 60_000_000_000, 3)?;
         for h in &self.histograms {
             total.add(&*h.lock())?;
@@ -119,22 +128,25 @@ impl Phase {
 }
 
 /// State shared by the subscriber tasks of one target.
-struct Shared {
+pub(crate) struct Shared {
     current: ArcSwap<Phase>,
     next_id: AtomicU32,
-    disconnected: AtomicU64,
+    pub(crate) disconnected: AtomicU64,
+    /// Deliveries stamped [`FOREIGN_PHASE`]: another tenant's messages, which must never come.
+    pub(crate) foreign: AtomicU64,
 }
 
 impl Shared {
-    fn new() -> Result<Arc<Shared>> {
+    pub(crate) fn new() -> Result<Arc<Shared>> {
         Ok(Arc::new(Shared {
             current: ArcSwap::new(Phase::new(0, 0)?),
             next_id: AtomicU32::new(1),
             disconnected: AtomicU64::new(0),
+            foreign: AtomicU64::new(0),
         }))
     }
 
-    fn begin(&self, window: usize) -> Result<Arc<Phase>> {
+    pub(crate) fn begin(&self, window: usize) -> Result<Arc<Phase>> {
         let phase = Phase::new(self.next_id.fetch_add(1, Ordering::Relaxed), window)?;
         self.current.store(Arc::clone(&phase));
         Ok(phase)
@@ -142,13 +154,17 @@ impl Shared {
 }
 
 /// Reads deliveries until the connection ends; records those of the current phase.
-async fn subscriber_loop(index: usize, mut client: Client, shared: Arc<Shared>) {
+pub(crate) async fn subscriber_loop(index: usize, mut client: Client, shared: Arc<Shared>) {
     loop {
         match client.next_payload().await {
             Ok(Some(payload)) => {
                 let Some((phase_id, sent)) = Payload::read(&payload) else {
                     continue;
                 };
+                if phase_id == FOREIGN_PHASE {
+                    shared.foreign.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 let phase = shared.current.load();
                 if phase.id != phase_id {
                     continue;
@@ -168,7 +184,7 @@ async fn subscriber_loop(index: usize, mut client: Client, shared: Arc<Shared>) 
 
 /// Connects `count` clients starting at `first_index`, `concurrency` at a time, running
 /// `setup` on each; returns the clients and the number that failed.
-async fn connect_many<F, Fut>(
+pub(crate) async fn connect_many<F, Fut>(
     ep: &Endpoint,
     first_index: usize,
     count: usize,
@@ -209,7 +225,7 @@ where
     (clients, failed)
 }
 
-fn percentiles(rec: &mut Record, h: &Histogram<u64>) {
+pub(crate) fn percentiles(rec: &mut Record, h: &Histogram<u64>) {
     if h.is_empty() {
         return;
     }
@@ -220,27 +236,33 @@ fn percentiles(rec: &mut Record, h: &Histogram<u64>) {
     rec.max_us = Some(us(h.max()));
 }
 
-struct CpuMeter {
+pub(crate) struct CpuMeter {
     pid: u32,
     start_cpu: Option<f64>,
     start: Instant,
 }
 
 impl CpuMeter {
-    fn start(pid: u32) -> Self {
+    pub(crate) fn start(pid: u32) -> Self {
         CpuMeter {
             pid,
             start_cpu: sys::cpu_seconds(pid),
             start: Instant::now(),
         }
     }
-    fn cores(&self) -> Option<f64> {
+    pub(crate) fn cores(&self) -> Option<f64> {
         let now = sys::cpu_seconds(self.pid)?;
         Some((now - self.start_cpu?) / self.start.elapsed().as_secs_f64())
     }
 }
 
-fn base_record(running: &Running, scenario: &str, n: usize, payload: usize, mode: &str) -> Record {
+pub(crate) fn base_record(
+    running: &Running,
+    scenario: &str,
+    n: usize,
+    payload: usize,
+    mode: &str,
+) -> Record {
     Record {
         target: running.target.name().to_string(),
         scenario: scenario.into(),
@@ -412,7 +434,7 @@ async fn fanout_phase(
 /// Waits until `expected` deliveries of `phase` have arrived, as long as they keep coming
 /// (a backlogged broker is slow, not lossy: it gets up to 30 s), so that what is still
 /// missing afterwards was really lost and no backlog spills into the next phase.
-async fn drain(phase: &Phase, expected: u64) {
+pub(crate) async fn drain(phase: &Phase, expected: u64) {
     let give_up = Instant::now() + Duration::from_secs(30);
     let mut last = phase.delivered.load(Ordering::Relaxed);
     let mut last_progress = Instant::now();
@@ -704,14 +726,26 @@ pub async fn run_target(
         "{target}: serving at {} (server pid {})",
         running.endpoint.addr, running.server_pid
     );
+    let tenants = matches!(target, Target::CuttleEmbedded | Target::CuttleMosquitto);
     for (i, scenario) in scenarios.iter().enumerate() {
-        if scenario == "idle" && i > 0 && running.restartable() {
+        if scenario == "noisy" && !tenants {
+            // The baselines have no tenants to isolate: nothing to measure.
+            continue;
+        }
+        let profile = if scenario == "noisy" {
+            Profile::Noisy
+        } else {
+            Profile::Standard
+        };
+        if (scenario == "idle" && i > 0 || running.profile != profile) && running.restartable() {
             // Memory per connection needs a fresh process: after fan-out the allocator holds
-            // freed memory that new connections reuse, which would make them look free.
+            // freed memory that new connections reuse, which would make them look free. The
+            // noisy-neighbour scenario has a policy (two tenants) and limits of its own.
             drop(running);
-            running = crate::targets::start(target).await?;
+            running = crate::targets::start_with(target, profile).await?;
         }
         let result = match scenario.as_str() {
+            "noisy" => crate::noisy::run(&running, plan, out).await,
             "fanout" => fanout(&running, plan, out).await,
             "fanin" => fanin(&running, plan, out).await,
             "idle" => idle(&running, plan, out).await,

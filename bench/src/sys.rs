@@ -198,3 +198,41 @@ pub fn machine() -> String {
         kernel.trim()
     )
 }
+
+/// Bytes the broker has received and sent so far on the connections it accepted on `port`
+/// (`bytes_received` / `bytes_sent` of each socket's `tcp_info`, read with `ss`): the traffic
+/// between the proxy's pool and the broker. None when `ss` is missing or fails. Sockets closed
+/// in between drop out of the sum, so this is meant for the pool's long-lived connections.
+pub fn broker_traffic(port: u16) -> Option<(u64, u64)> {
+    let out = std::process::Command::new("ss")
+        .args([
+            "-tinH",
+            "state",
+            "established",
+            &format!("( sport = :{port} )"),
+        ])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let sum = |key: &str| -> u64 {
+        text.split_whitespace()
+            .filter_map(|w| w.strip_prefix(key))
+            .filter_map(|n| n.parse::<u64>().ok())
+            .sum()
+    };
+    Some((sum("bytes_received:"), sum("bytes_sent:")))
+}
+
+/// Lowers the calling thread's scheduling priority (Linux: nice is per thread), so that load
+/// it generates yields the CPU to the server under test and to the measuring clients.
+pub fn nice_this_thread(nice: i32) {
+    // SAFETY: gettid and setpriority have no memory preconditions; a failure only leaves the
+    // priority unchanged.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice);
+    }
+}

@@ -89,6 +89,35 @@ pub const RABBITMQ_WEB_MQTT_PORT: u16 = 15675;
 /// the baselines have no tenants, and across scopes cuttle would (rightly) deliver nothing.
 const CUTTLE_ACTORS: usize = 1000;
 
+/// Which configuration a cuttle target is started with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// The comparison runs: one scope, limits raised where the benchmark would trip them.
+    Standard,
+    /// The noisy-neighbour scenario: a victim scope and an attacker scope, default limits.
+    Noisy,
+}
+
+/// Actors of each tenant in the noisy-neighbour policy.
+pub const NOISY_VICTIM_ACTORS: usize = 50;
+pub const NOISY_ATTACKER_ACTORS: usize = 200;
+/// Rooms `a0`… of the noisy-neighbour app, so that an attacker connection can hold many
+/// distinct subscriptions (`bench/a<k>/t`, `bench/a<k>/u`).
+pub const NOISY_ROOMS: usize = 16;
+/// `limits.max_connections` of the noisy-neighbour proxy: the keep-alive attacker opens at
+/// least this many connections, so connections that held their slot would lock everyone out.
+pub const NOISY_MAX_CONNECTIONS: usize = 1000;
+
+/// Tokens of the victim tenant (scope `acme`) or of the attacker tenant (scope `evil`).
+pub fn noisy_tokens(attacker: bool) -> Arc<Vec<String>> {
+    let (who, n) = if attacker {
+        ("attacker", NOISY_ATTACKER_ACTORS)
+    } else {
+        ("victim", NOISY_VICTIM_ACTORS)
+    };
+    Arc::new((0..n).map(|i| format!("noisy-{who}-{i}-token")).collect())
+}
+
 /// A started target.
 pub struct Running {
     pub target: Target,
@@ -100,6 +129,7 @@ pub struct Running {
     /// The port on which the broker accepts its connections, to count them; None for the
     /// broadcast server, which has no broker.
     pub broker_port: Option<u16>,
+    pub profile: Profile,
     children: Vec<Child>,
     dir: PathBuf,
 }
@@ -324,8 +354,49 @@ fn cuttle_config(
     )
 }
 
+/// The noisy-neighbour proxy: two tenants of one project, every limit at its default except
+/// `idle_timeout_ms` (the measuring clients send no heartbeats) and `max_connections` (see
+/// [`NOISY_MAX_CONNECTIONS`]). Both tenants use the same app, rooms and topics: only the scope
+/// the proxy injects keeps them apart.
+fn noisy_config(listen: u16, admin: u16, broker: &str) -> String {
+    let mut actors = String::new();
+    for (tenant, scope, attacker) in [("v", "acme", false), ("e", "evil", true)] {
+        for (i, token) in noisy_tokens(attacker).iter().enumerate() {
+            let hash = hex::encode(Sha256::digest(token.as_bytes()));
+            actors.push_str(&format!(
+                "        - {{ id: {tenant}{i}, type: device, token_sha256: \"{hash}\", scope: {scope} }}\n"
+            ));
+        }
+    }
+    let mut rooms = String::from("            - slug: r\n");
+    for k in 0..NOISY_ROOMS {
+        rooms.push_str(&format!("            - slug: a{k}\n"));
+    }
+    format!(
+        "listen: 127.0.0.1:{listen}\n\
+         admin: 127.0.0.1:{admin}\n\
+         upstream:\n  broker: {broker}\n  pool: 4\n\
+         limits:\n  idle_timeout_ms: 3600000\n  max_connections: {NOISY_MAX_CONNECTIONS}\n\
+         log:\n  level: warn\n\
+         policy:\n  projects:\n    - id: bench\n\
+         \x20     scopes: [ {{ slug: acme }}, {{ slug: evil }} ]\n\
+         \x20     apps:\n        - slug: bench\n          topics:\n            t: {{ device: read-write }}\n            u: {{ device: read-write }}\n          rooms:\n{rooms}\
+         \x20     actors:\n{actors}"
+    )
+}
+
 /// Starts `target` and waits until it serves.
 pub async fn start(target: Target) -> Result<Running> {
+    start_with(target, Profile::Standard).await
+}
+
+/// Starts `target` (a cuttle one, for [`Profile::Noisy`]) with `profile`'s configuration.
+pub async fn start_with(target: Target, profile: Profile) -> Result<Running> {
+    if profile == Profile::Noisy
+        && !matches!(target, Target::CuttleEmbedded | Target::CuttleMosquitto)
+    {
+        bail!("{target} has no tenants: the noisy-neighbour scenario needs a cuttle target");
+    }
     let dir = std::env::temp_dir().join(format!(
         "cuttle-bench-{}-{}",
         std::process::id(),
@@ -349,7 +420,11 @@ pub async fn start(target: Target) -> Result<Running> {
                 broker.map_or("embedded".to_string(), |p| format!("mqtt://127.0.0.1:{p}"));
             let (listen, admin) = (sys::free_port()?, sys::free_port()?);
             let config = dir.join("proxy.yaml");
-            std::fs::write(&config, cuttle_config(listen, admin, &broker_url, None))?;
+            let text = match profile {
+                Profile::Standard => cuttle_config(listen, admin, &broker_url, None),
+                Profile::Noisy => noisy_config(listen, admin, &broker_url),
+            };
+            std::fs::write(&config, text)?;
             let config_s = config.to_string_lossy().into_owned();
             let mut child = spawn(&dir, "cuttle", &me, &["serve-proxy", "--config", &config_s])?;
             wait_listening(admin, &mut child, &dir, "cuttle").await?;
@@ -378,7 +453,10 @@ pub async fn start(target: Target) -> Result<Running> {
                     protocol: Protocol::NoLag,
                     addr: localhost(listen),
                     path: "/ws",
-                    tokens: tokens(),
+                    tokens: match profile {
+                        Profile::Standard => tokens(),
+                        Profile::Noisy => noisy_tokens(false),
+                    },
                     source_addresses: 1,
                 },
                 Some(broker_url),
@@ -489,6 +567,7 @@ pub async fn start(target: Target) -> Result<Running> {
         cuttle_broker,
         server_pid,
         broker_port,
+        profile,
         children,
         dir,
     })

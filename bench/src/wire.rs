@@ -375,6 +375,15 @@ impl Client {
         }
     }
 
+    /// The WebSocket under a logged-in client, for callers that read and write it at once
+    /// (split) or not at all (the slow consumer).
+    pub fn into_ws(self) -> Result<WebSocketStream<BoxIo>> {
+        match self.transport {
+            Transport::Ws(ws) => Ok(*ws),
+            Transport::Tcp(_) => bail!("not a WebSocket client"),
+        }
+    }
+
     /// Closes politely where the protocol has a goodbye, then drops the socket.
     pub async fn close(mut self) {
         if let Protocol::MqttTcp | Protocol::MqttWs = self.protocol {
@@ -564,6 +573,8 @@ fn short(t: &Utf8Bytes) -> String {
 /// The fields of a server frame the tool looks at: `type`, and `data` as a bin's byte range.
 struct NoLagFrame<'a> {
     kind: &'a str,
+    /// An `error` frame's `error` string.
+    error: Option<&'a str>,
     data: Option<(usize, usize)>,
 }
 
@@ -572,6 +583,7 @@ impl<'a> NoLagFrame<'a> {
         let mut rd = frame;
         let len = rmp::decode::read_map_len(&mut rd).map_err(|e| anyhow!("frame: {e}"))?;
         let mut kind = "";
+        let mut error = None;
         let mut data = None;
         for _ in 0..len {
             let (key, rest) =
@@ -599,8 +611,10 @@ impl<'a> NoLagFrame<'a> {
                 0xa0..=0xbf | 0xd9..=0xdb => {
                     let (value, rest) =
                         rmp::decode::read_str_from_slice(rd).map_err(|e| anyhow!("str: {e}"))?;
-                    if key == "type" {
-                        kind = value;
+                    match key {
+                        "type" => kind = value,
+                        "error" => error = Some(value),
+                        _ => {}
                     }
                     rd = rest;
                 }
@@ -609,7 +623,7 @@ impl<'a> NoLagFrame<'a> {
                 _ => break,
             }
         }
-        Ok(NoLagFrame { kind, data })
+        Ok(NoLagFrame { kind, error, data })
     }
 }
 
@@ -636,6 +650,66 @@ fn describe_frame(frame: &[u8]) -> String {
         .split_whitespace()
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// `type` and (for error frames) `error` of a cuttle frame; None for a heartbeat or a frame
+/// the tool cannot read.
+pub fn frame_kind(frame: &[u8]) -> Option<(String, Option<String>)> {
+    let f = NoLagFrame::parse(frame).ok()?;
+    (!f.kind.is_empty()).then(|| (f.kind.to_string(), f.error.map(str::to_string)))
+}
+
+/// Control frames of the NoLag protocol as raw bytes, for clients that drive a socket
+/// themselves (the noisy-neighbour attackers): `subscribe` with sub-topic filters,
+/// `setFilters`, `unsubscribe` (PROTOCOL §6).
+pub mod nolag {
+    use bytes::Bytes;
+
+    use super::put_str;
+
+    fn filters_field(frame: &mut Vec<u8>, filters: &[String]) {
+        put_str(frame, "filters");
+        let _ = rmp::encode::write_array_len(frame, filters.len() as u32);
+        for f in filters {
+            put_str(frame, f);
+        }
+    }
+
+    pub fn subscribe(topic: &str, filters: &[String]) -> Bytes {
+        let mut frame = Vec::with_capacity(64 + filters.len() * 16);
+        let _ = rmp::encode::write_map_len(&mut frame, if filters.is_empty() { 3 } else { 4 });
+        put_str(&mut frame, "type");
+        put_str(&mut frame, "subscribe");
+        put_str(&mut frame, "topic");
+        put_str(&mut frame, topic);
+        put_str(&mut frame, "qos");
+        let _ = rmp::encode::write_uint(&mut frame, 0);
+        if !filters.is_empty() {
+            filters_field(&mut frame, filters);
+        }
+        frame.into()
+    }
+
+    pub fn set_filters(topic: &str, filters: &[String]) -> Bytes {
+        let mut frame = Vec::with_capacity(64 + filters.len() * 16);
+        let _ = rmp::encode::write_map_len(&mut frame, 3);
+        put_str(&mut frame, "type");
+        put_str(&mut frame, "setFilters");
+        put_str(&mut frame, "topic");
+        put_str(&mut frame, topic);
+        filters_field(&mut frame, filters);
+        frame.into()
+    }
+
+    pub fn unsubscribe(topic: &str) -> Bytes {
+        let mut frame = Vec::with_capacity(64);
+        let _ = rmp::encode::write_map_len(&mut frame, 2);
+        put_str(&mut frame, "type");
+        put_str(&mut frame, "unsubscribe");
+        put_str(&mut frame, "topic");
+        put_str(&mut frame, topic);
+        frame.into()
+    }
 }
 
 /// How long any single protocol step may take before the tool gives up on the client.
