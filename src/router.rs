@@ -760,6 +760,25 @@ impl Membership {
         self.subs.contains_key(topic)
     }
 
+    /// What making subscription `topic` exactly `filters` would change in this session's
+    /// distinct upstream filters: (joined, left). What a change costs upstream, at most.
+    pub fn changes(&self, topic: &str, filters: &[String]) -> (usize, usize) {
+        let added = filters
+            .iter()
+            .filter(|f| !self.filters.contains_key(f.as_str()))
+            .count();
+        let removed = self.subs.get(topic).map_or(0, |j| {
+            j.filters
+                .iter()
+                .filter(|(f, _)| {
+                    !filters.iter().any(|n| n.as_str() == &**f)
+                        && self.filters.get(f).copied() == Some(1)
+                })
+                .count()
+        });
+        (added, removed)
+    }
+
     /// Makes the subscription `sub.topic` exactly `filters`: new filters are joined first,
     /// then filters no longer wanted are left, so switching filters (or between broadcast and
     /// load-balanced) loses no message and does not churn an upstream subscription both sets
@@ -773,25 +792,12 @@ impl Membership {
         sub: &Subscriber,
         reply: Reply,
     ) -> Result<Readiness, JoinError> {
-        let old = self.subs.get(&*sub.topic);
-        let key = match old {
+        let key = match self.subs.get(&*sub.topic) {
             Some(j) => j.key,
             None => self.router.next_key.fetch_add(1, Ordering::Relaxed),
         };
         // The connection's cap counts distinct filters, as the broker does.
-        let added = filters
-            .iter()
-            .filter(|f| !self.filters.contains_key(f.as_str()))
-            .count();
-        let removed = old.map_or(0, |j| {
-            j.filters
-                .iter()
-                .filter(|(f, _)| {
-                    !filters.iter().any(|n| n.as_str() == &**f)
-                        && self.filters.get(f).copied() == Some(1)
-                })
-                .count()
-        });
+        let (added, removed) = self.changes(&sub.topic, filters);
         if self.filters.len() + added - removed > self.max_filters {
             return Err(JoinError::ConnectionLimit);
         }

@@ -109,6 +109,7 @@ pub(crate) struct LimitsSpec {
     pub send_queue_bytes: u64,
     pub filters_per_connection: u64,
     pub control_per_second: u64,
+    pub filters_per_second: u64,
     pub restore_bytes: u64,
 }
 
@@ -128,6 +129,7 @@ impl Default for LimitsSpec {
             send_queue_bytes: 4 << 20,
             filters_per_connection: 1024,
             control_per_second: 20,
+            filters_per_second: 200,
             restore_bytes: 64 << 10,
         }
     }
@@ -248,6 +250,9 @@ pub struct Limits {
     pub filters_per_connection: u32,
     /// `subscribe`, `unsubscribe` and `setFilters` frames per second per connection.
     pub control_per_second: u32,
+    /// Upstream filters a connection may join per second (bursts of `filters_per_connection`):
+    /// what a subscription change costs the broker, whatever the number of frames.
+    pub filters_per_second: u32,
     /// Bytes of an actor's stored subscription set (reconnect restore) at most.
     pub restore_bytes: usize,
 }
@@ -602,6 +607,13 @@ pub(crate) fn validate(
             1,
             1_000_000,
             "limits.control_per_second",
+            diags,
+        ) as u32,
+        filters_per_second: in_range(
+            l.filters_per_second,
+            1,
+            1_000_000,
+            "limits.filters_per_second",
             diags,
         ) as u32,
         restore_bytes: in_range(

@@ -126,7 +126,12 @@ impl Proxy {
         };
         let mut instance = [0u8; 4];
         let _ = getrandom::fill(&mut instance);
-        Ok(Self::assemble(loaded, endpoint, hex::encode(instance), true))
+        Ok(Self::assemble(
+            loaded,
+            endpoint,
+            hex::encode(instance),
+            true,
+        ))
     }
 
     /// The proxy's parts on a pool to `endpoint`; `attach`: the router waits for the broker's

@@ -234,6 +234,19 @@ pub mod errors {
         .encode()
     }
 
+    /// A `subscribe` or `setFilters` that would join more new upstream filters than
+    /// `limits.filters_per_second` has left; the hint names the limit.
+    pub fn filters_rate_limited(topic: &str) -> Bytes {
+        ErrorFrame {
+            error: "rate_limit_exceeded",
+            code: Some(42910),
+            topic: Some(topic),
+            hint: Some("limits.filters_per_second"),
+            ..Default::default()
+        }
+        .encode()
+    }
+
     /// 42930: `data` over the limit (or over what the broker accepts).
     pub fn message_too_large(topic: &str, msg_ref: Option<&str>, max: usize) -> Bytes {
         ErrorFrame {

@@ -14,7 +14,8 @@
 //!
 //! Limits enforced here, per connection: publishes per second (fixed window, PROTOCOL §9),
 //! `subscribe`/`unsubscribe`/`setFilters` per second (token bucket,
-//! `limits.control_per_second`; heartbeats share it, beyond which they get no echo),
+//! `limits.control_per_second`; heartbeats share it, beyond which they get no echo), new
+//! upstream filters per second (`limits.filters_per_second`, bursts of a connection's cap),
 //! subscriptions per connection, upstream filters per connection and per replica (the
 //! router), bytes of the stored subscription set (`limits.restore_bytes`), message size,
 //! and what the broker accepts (its Maximum Packet Size).
@@ -67,31 +68,58 @@ impl SubState {
 
 /// A token bucket: `rate` per second, bursts of up to `rate`.
 #[derive(Debug)]
-struct Bucket {
+pub(super) struct Bucket {
     rate: f64,
+    burst: f64,
     tokens: f64,
     at: Instant,
 }
 
 impl Bucket {
-    fn new(rate: u32, now: Instant) -> Self {
+    pub(super) fn new(rate: u32, now: Instant) -> Self {
+        Self::with_burst(rate, rate, now)
+    }
+
+    /// `rate` per second, bursts of up to `burst` (at least `rate`).
+    pub(super) fn with_burst(rate: u32, burst: u32, now: Instant) -> Self {
+        let rate = f64::from(rate.max(1));
+        let burst = f64::from(burst).max(rate);
         Self {
-            rate: f64::from(rate),
-            tokens: f64::from(rate),
+            rate,
+            burst,
+            tokens: burst,
             at: now,
         }
     }
 
-    fn take(&mut self, now: Instant) -> bool {
+    fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
         self.at = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+    }
+
+    pub(super) fn take(&mut self, now: Instant) -> bool {
+        self.take_n(1, now)
+    }
+
+    /// Takes `n` tokens if there are that many; takes none otherwise.
+    pub(super) fn take_n(&mut self, n: usize, now: Instant) -> bool {
+        self.refill(now);
+        let n = n as f64;
+        if self.tokens >= n {
+            self.tokens -= n;
             true
         } else {
             false
         }
+    }
+
+    /// Takes a token even when there is none, going into debt: for work already done (a frame
+    /// already read). `Some(t)`: the bucket is in debt until `t`.
+    pub(super) fn charge(&mut self, now: Instant) -> Option<Instant> {
+        self.refill(now);
+        self.tokens -= 1.0;
+        (self.tokens < 0.0).then(|| now + Duration::from_secs_f64(-self.tokens / self.rate))
     }
 }
 
@@ -108,6 +136,8 @@ pub(super) struct Machine {
     rate_second: u64,
     rate_count: u32,
     control: Bucket,
+    /// `limits.filters_per_second`: new upstream filters joined.
+    filter_joins: Bucket,
     /// Sum of `record_bytes` over `subs`.
     record_bytes: usize,
     restore_topic: String,
@@ -147,6 +177,11 @@ impl Machine {
             rate_second: 0,
             rate_count: 0,
             control: Bucket::new(limits.control_per_second, Instant::now()),
+            filter_joins: Bucket::with_burst(
+                limits.filters_per_second,
+                limits.filters_per_connection,
+                Instant::now(),
+            ),
             record_bytes: 0,
             restore_topic,
             submitted: None,
@@ -377,6 +412,14 @@ impl Machine {
             state.load_balance,
             state.group.as_deref(),
         )?;
+        // What the change costs the broker: one SUBSCRIBE per filter new to this session
+        // (and, later, one UNSUBSCRIBE each). Over the connection's cap, `replace` refuses it.
+        let (joins, _) = self.membership.changes(topic, &upstream);
+        if joins <= limits.filters_per_connection as usize
+            && !self.filter_joins.take_n(joins, Instant::now())
+        {
+            return Err(errors::filters_rate_limited(topic));
+        }
         let sub = self.subscriber(topic, grant);
         let ready = self
             .membership

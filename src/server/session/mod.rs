@@ -11,6 +11,12 @@
 //! — its heartbeats keep it alive — and a client that floods frames still gets its queue
 //! written.
 //!
+//! A connection is read at most `publish_per_second + control_per_second` frames per second
+//! (a token bucket of that burst): frames beyond the per-kind limits are refused with error
+//! frames until that budget is spent, and then the socket is simply not read until it refills,
+//! so a flood costs the proxy a bounded amount of work per connection and its sender TCP
+//! backpressure.
+//!
 //! Every close is a close handshake: the close frame goes out, then what the client still
 //! sends is read and discarded until it answers (or [`CLOSE_TIMEOUT`]), so the client sees
 //! the code instead of a reset. A message over `limits.max_frame_bytes` closes with 1009
@@ -36,7 +42,7 @@ use crate::auth::Actor;
 use crate::auth::session_token::now_unix;
 use crate::router::{Outbox, OutboxReceiver, Overflow};
 use crate::wire::encode::{self, errors};
-use machine::{Machine, PreAuth};
+use machine::{Bucket, Machine, PreAuth};
 
 /// How long one write to the client may take before the client counts as gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -381,6 +387,8 @@ enum Turn {
     Client(Message),
     Queued(Bytes),
     Reload,
+    /// The read budget refilled: the socket is read again.
+    Resume,
 }
 
 async fn main_loop<S>(
@@ -405,6 +413,17 @@ where
     let mut shutdown = proxy.shutdown_signal();
     let mut policy = proxy.store.subscribe();
     let mut replies: Vec<Bytes> = Vec::new();
+    // Every frame the client sends costs a decode and usually a reply, refused ones too: a
+    // connection is read at most as fast as its limits admit frames, beyond which its socket
+    // waits (TCP backpressure on the sender, no work here) until the budget refills.
+    let limits = &proxy.settings.limits;
+    let mut reads = Bucket::new(
+        limits
+            .publish_per_second
+            .saturating_add(limits.control_per_second),
+        tokio::time::Instant::now(),
+    );
+    let mut paused_until: Option<tokio::time::Instant> = None;
     // A reload may have landed between authentication and here: catch up before serving.
     let mut reload = *policy.borrow_and_update() != authenticated_under;
 
@@ -430,11 +449,12 @@ where
                 Err(_) => Turn::Stop(End::Close(CloseReason::ShuttingDown)),
             },
             // Reading and writing share what is left fairly: whichever is ready, at random.
-            turn = serve_one(ws, &mut rx) => turn,
+            turn = serve_one(ws, &mut rx, paused_until) => turn,
         };
         match turn {
             Turn::Stop(end) => return end,
             Turn::Reload => reload = true,
+            Turn::Resume => paused_until = None,
             Turn::Queued(first) => {
                 // A client that stops reading blocks this write; its queue then overflows,
                 // which must end the session at once, not after the write timeout.
@@ -448,8 +468,9 @@ where
                 }
             }
             Turn::Client(msg) => {
-                idle.as_mut()
-                    .reset(tokio::time::Instant::now() + idle_timeout);
+                let now = tokio::time::Instant::now();
+                idle.as_mut().reset(now + idle_timeout);
+                paused_until = reads.charge(now);
                 match msg {
                     Message::Binary(b) => machine.on_frame(&b, &mut replies),
                     Message::Text(_) => replies.push(errors::invalid_frame("binary frames only")),
@@ -474,12 +495,19 @@ where
 
 /// Waits for a client frame or a queued frame, whichever comes first (at random when both
 /// are ready).
-async fn serve_one<S>(ws: &mut Ws<S>, rx: &mut OutboxReceiver) -> Turn
+async fn serve_one<S>(
+    ws: &mut Ws<S>,
+    rx: &mut OutboxReceiver,
+    paused_until: Option<tokio::time::Instant>,
+) -> Turn
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let paused = paused_until.is_some();
+    let resume = tokio::time::sleep_until(paused_until.unwrap_or_else(tokio::time::Instant::now));
     tokio::select! {
-        msg = ws.next() => match msg {
+        _ = resume, if paused => Turn::Resume,
+        msg = ws.next(), if !paused => match msg {
             None => Turn::Stop(End::ClientClosed),
             // PROTOCOL §1: a message over the frame limit closes with 1009.
             Some(Err(WsError::Capacity(_))) => Turn::Stop(End::Close(CloseReason::TooBig)),

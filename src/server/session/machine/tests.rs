@@ -1295,6 +1295,61 @@ async fn control_frames_share_a_token_bucket() {
     );
 }
 
+/// `limits.filters_per_second` bounds what subscription changes cost the broker: each
+/// accepted `subscribe`/`setFilters` may join up to 100 new upstream filters (the restore
+/// amplification attack changed 100 filters per frame); a burst of the connection's cap is
+/// allowed, then joins refill at the rate. Re-joining filters the session holds is free.
+#[tokio::test(start_paused = true)]
+async fn new_upstream_filters_are_rate_limited() {
+    let proxy = proxy_with(
+        &[
+            "filters_per_second: 10",
+            "filters_per_connection: 30",
+            "control_per_second: 1000",
+        ],
+        &[],
+    );
+    let mut c = Client::device(&proxy);
+    let topic = "chat/general/messages";
+    let items = |from: usize, n: usize| {
+        Value::Array(
+            (from..from + n)
+                .map(|i| Value::from(format!("f{i}")))
+                .collect(),
+        )
+    };
+    // The burst is the connection's cap: 30 filters at once.
+    c.subscribe_ok_with(topic, &[("filters", items(0, 20))]);
+    c.subscribe_ok_with("chat/lobby/messages", &[("filters", items(0, 10))]);
+    assert_eq!(proxy.router.filter_count(), 30);
+    // Switching to 10 other filters joins 10 new ones: refused, nothing changes.
+    let r = c.reply(&set_filters(topic, items(100, 10)));
+    assert_eq!(r, errors::filters_rate_limited(topic));
+    assert_error(
+        &r,
+        "rate_limit_exceeded",
+        Some(42910),
+        Some(topic),
+        Some("limits.filters_per_second"),
+    );
+    assert_eq!(proxy.router.filter_count(), 30);
+    // Narrowing to filters it holds costs nothing.
+    let r = c.reply(&set_filters(topic, items(0, 5)));
+    assert_eq!(fields(&r).get("type"), Some(&Value::from("filtersUpdated")));
+    // One second later, 10 joins are there again.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let r = c.reply(&set_filters(topic, items(100, 10)));
+    assert_eq!(fields(&r).get("type"), Some(&Value::from("filtersUpdated")));
+    assert!(
+        proxy
+            .router
+            .subscription_id("chat/_/general/messages/f109")
+            .is_some()
+    );
+    let r = c.reply(&set_filters(topic, items(200, 1)));
+    assert_eq!(r, errors::filters_rate_limited(topic));
+}
+
 #[tokio::test(start_paused = true)]
 async fn heartbeats_beyond_the_control_budget_get_no_echo() {
     let proxy = proxy_with(&["control_per_second: 2"], &[]);
