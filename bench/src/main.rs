@@ -361,11 +361,17 @@ fn smoke_check(results: &Results, args: &RunArgs) -> Result<()> {
                     }
                     "idle" => r.rss_per_conn_kib.is_some(),
                     "connect" => r.connects_per_s.is_some_and(|v| v > 0.0),
-                    // Every phase measured the victim; every attack got onto the wire.
+                    // Every phase measured the victim; every attack reached the proxy. (An
+                    // attacker the proxy has stopped reading may complete no send within a
+                    // short phase: its answers are the evidence then.)
                     "noisy" => {
                         r.p99_us.is_some()
                             && r.noisy.as_ref().is_some_and(|f| {
-                                r.mode.starts_with(noisy::ALONE) || f.attacker_sent_per_s > 0.0
+                                r.mode.starts_with(noisy::ALONE)
+                                    || f.attacker_sent_per_s > 0.0
+                                    || f.accepted + f.rate_limited > 0
+                                    || !f.refused.is_empty()
+                                    || !f.closed.is_empty()
                             })
                     }
                     _ => false,

@@ -18,6 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
@@ -90,6 +92,7 @@ impl RestoreWriter {
     pub fn flush(self: &Arc<Self>) {
         let records = std::mem::take(&mut self.pending.lock().records);
         let mut retry = Vec::new();
+        let mut acks = Vec::new();
         for (topic, record) in records {
             let max = self.pool.max_payload(&topic);
             if record.len() > max {
@@ -114,14 +117,9 @@ impl RestoreWriter {
                         .lock()
                         .unacked
                         .insert(topic.clone(), record.clone());
-                    let w = self.clone();
-                    tokio::spawn(async move {
+                    acks.push(async move {
                         let _ = tokio::time::timeout(ACK_TIMEOUT, acked).await;
-                        let mut p = w.pending.lock();
-                        // Only this write's own record: a later one is still on its way.
-                        if p.unacked.get(&topic) == Some(&record) {
-                            p.unacked.remove(&topic);
-                        }
+                        (topic, record)
                     });
                 }
                 Err(PublishError::Saturated) => retry.push((topic, record)),
@@ -129,6 +127,20 @@ impl RestoreWriter {
                     tracing::warn!(error = %e, "cannot store a subscription set for reconnect restore");
                 }
             }
+        }
+        if !acks.is_empty() {
+            // One task per flush, not per record, forgets each record as its PUBACK comes.
+            let w = self.clone();
+            tokio::spawn(async move {
+                let mut acks: FuturesUnordered<_> = acks.into_iter().collect();
+                while let Some((topic, record)) = acks.next().await {
+                    let mut p = w.pending.lock();
+                    // Only this write's own record: a later one is still on its way.
+                    if p.unacked.get(&topic) == Some(&record) {
+                        p.unacked.remove(&topic);
+                    }
+                }
+            });
         }
         if !retry.is_empty() {
             let mut p = self.pending.lock();
