@@ -221,6 +221,18 @@ fn filters_value(fs: &[String]) -> Value {
     Value::Array(fs.iter().map(|f| Value::from(f.as_str())).collect())
 }
 
+/// The SDK's `subscribe`: `loadBalance` only when on, `filters` only when non-empty.
+fn subscription_frame(pattern: &str, load_balance: bool, filters: &[String]) -> Value {
+    let mut extra = Vec::new();
+    if load_balance {
+        extra.push(("loadBalance", true.into()));
+    }
+    if !filters.is_empty() {
+        extra.push(("filters", filters_value(filters)));
+    }
+    subscribe_frame(pattern, &extra)
+}
+
 /// What one publish must produce: (slot, subscription string) receivers, and load-balanced
 /// groups (exactly one member each).
 struct Expected {
@@ -558,22 +570,12 @@ async fn sequence(p: &TestProxy, seed: u64, steps: usize) {
                     } else {
                         vec![]
                     };
-                let mut frame = vec![
-                    ("type", "subscribe".into()),
-                    ("topic", pattern.as_str().into()),
-                    ("qos", 1.into()),
-                ];
-                if load_balance {
-                    frame.push(("loadBalance", true.into()));
-                }
-                if !filters.is_empty() {
-                    frame.push(("filters", filters_value(&filters)));
-                }
+                let frame = subscription_frame(&pattern, load_balance, &filters);
                 m.allow_twice(slot, &pattern);
                 let Some(conn) = m.slots[slot].as_mut() else {
                     unreachable!()
                 };
-                conn.send(map(&frame)).await;
+                conn.send(frame).await;
                 conn.wait_for("subscribed", Some(&pattern)).await;
                 if std::env::var("CHURN_TRACE").is_ok() {
                     eprintln!("  subscribed {pattern} filters {filters:?} lb {load_balance}");
@@ -629,18 +631,8 @@ async fn sequence(p: &TestProxy, seed: u64, steps: usize) {
                     ("topic", pattern.as_str().into()),
                 ]))
                 .await;
-                let mut frame = vec![
-                    ("type", "subscribe".into()),
-                    ("topic", pattern.as_str().into()),
-                    ("qos", 1.into()),
-                ];
-                if sub.load_balance {
-                    frame.push(("loadBalance", true.into()));
-                }
-                if !sub.filters.is_empty() {
-                    frame.push(("filters", filters_value(&sub.filters)));
-                }
-                conn.send(map(&frame)).await;
+                conn.send(subscription_frame(&pattern, sub.load_balance, &sub.filters))
+                    .await;
                 conn.wait_for("unsubscribed", Some(&pattern)).await;
                 conn.wait_for("subscribed", Some(&pattern)).await;
                 conn.subs.insert(pattern, sub);
@@ -802,12 +794,8 @@ async fn a_publish_right_after_subscribed_arrives() {
     let (mut publ, _) = connect(&p.url, Who::Alice, false).await;
     for round in 0..20u64 {
         let (mut sub, _) = connect(&p.url, Who::Alice, false).await;
-        sub.send(map(&[
-            ("type", "subscribe".into()),
-            ("topic", "chat/general/messages".into()),
-            ("qos", 1.into()),
-        ]))
-        .await;
+        sub.send(subscribe_frame("chat/general/messages", &[]))
+            .await;
         sub.wait_for("subscribed", Some("chat/general/messages"))
             .await;
         publ.send(map(&[

@@ -398,16 +398,6 @@ async fn publish_limits(b: TestBroker) {
     assert_eq!(get_str(&ack, "topic"), Some("chat/general/messages"));
 }
 
-fn subscribe_frame(topic: &str, extra: &[(&str, Value)]) -> Value {
-    let mut pairs = vec![
-        ("type", Value::from("subscribe")),
-        ("topic", topic.into()),
-        ("qos", 1.into()),
-    ];
-    pairs.extend(extra.iter().cloned());
-    map(&pairs)
-}
-
 /// 100 filters are 100 SUBSCRIBEs on the pool, more than Mosquitto's Receive Maximum (20):
 /// rumqttc then reuses packet ids still waiting for their SUBACK, and every SUBACK must still
 /// be matched to its filter, or `subscribed` never comes (found by the noisy-neighbour

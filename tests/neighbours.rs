@@ -24,19 +24,13 @@ use tokio_tungstenite::tungstenite::Message;
 /// Tests that measure latency take turns: two at once on two cores measure each other.
 static TIMED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn subscribe_frame(topic: &str, filters: &[String]) -> Value {
-    let mut pairs = vec![
-        ("type", Value::from("subscribe")),
-        ("topic", topic.into()),
-        ("qos", 1.into()),
-    ];
-    if !filters.is_empty() {
-        pairs.push((
-            "filters",
-            Value::Array(filters.iter().map(|f| f.as_str().into()).collect()),
-        ));
+/// A `subscribe` frame with `filters` (none: the whole topic).
+fn subscribe_filtered(topic: &str, filters: &[String]) -> Value {
+    if filters.is_empty() {
+        return subscribe_frame(topic, &[]);
     }
-    map(&pairs)
+    let items = Value::Array(filters.iter().map(|f| f.as_str().into()).collect());
+    subscribe_frame(topic, &[("filters", items)])
 }
 
 /// A JWT user that is not listed in the policy, in `scope`.
@@ -226,7 +220,7 @@ async fn a_subscribe_storm_from_four_sockets_writes_one_bounded_record_per_secon
                 let filters: Vec<String> = (0..60)
                     .map(|i| format!("s{socket}-r{round}-f{i}-xxxxxxxxxxxxxxxxxxxxxxxxxx"))
                     .collect();
-                c.send(subscribe_frame(names[round % names.len()], &filters))
+                c.send(subscribe_filtered(names[round % names.len()], &filters))
                     .await;
                 sent += 1;
                 round += 1;
@@ -350,7 +344,7 @@ async fn an_unsubscribe_flood_does_not_delay_another_tenant(b: TestBroker) {
         let mut c = Client::login(&p.url, SENSOR2_TOKEN).await;
         for (s, topic) in SUBS.iter().enumerate() {
             let filters: Vec<String> = (0..FILTERS).map(|f| format!("a{a}s{s}f{f}")).collect();
-            c.send(subscribe_frame(topic, &filters)).await;
+            c.send(subscribe_filtered(topic, &filters)).await;
             c.frame_of("subscribed").await;
         }
         attackers.push(c);

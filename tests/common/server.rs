@@ -121,6 +121,17 @@ pub fn map(pairs: &[(&str, Value)]) -> Value {
     )
 }
 
+/// A `subscribe` frame as the SDK sends it (`qos` 1), with `extra` fields (`filters`, …).
+pub fn subscribe_frame(topic: &str, extra: &[(&str, Value)]) -> Value {
+    let mut pairs = vec![
+        ("type", Value::from("subscribe")),
+        ("topic", topic.into()),
+        ("qos", 1.into()),
+    ];
+    pairs.extend(extra.iter().cloned());
+    map(&pairs)
+}
+
 pub fn encode(v: &Value) -> Vec<u8> {
     let mut out = Vec::new();
     rmpv::encode::write_value(&mut out, v).unwrap();
@@ -283,12 +294,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     pub async fn subscribe(&mut self, topic: &str) -> Value {
-        self.send(map(&[
-            ("type", "subscribe".into()),
-            ("topic", topic.into()),
-            ("qos", 1.into()),
-        ]))
-        .await;
+        self.send(subscribe_frame(topic, &[])).await;
         let reply = self.frame().await;
         // Give the upstream subscription time to become live (PROTOCOL §14: ~200 ms).
         tokio::time::sleep(Duration::from_millis(250)).await;
