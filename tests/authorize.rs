@@ -1,6 +1,7 @@
 //! Authorization decisions (DESIGN §3, §4): topic ACLs in both directions, the `server`
 //! default, private rooms, session allow-lists, roles, and wildcard subscriptions with their
-//! delivery-time check.
+//! delivery-time check; room access alone (for presence) and the policy-order resolution of
+//! bare lobby slugs (DESIGN §9, PROTOCOL A12).
 
 mod common;
 
@@ -11,6 +12,7 @@ use cuttle::auth::session_token::{self, MintRequest};
 use cuttle::auth::{Actor, Authenticator};
 use cuttle::policy::authorize::{DENIAL_CODE_V2, DENIAL_ERROR_V1, DENIAL_ERROR_V2};
 use cuttle::policy::{Access, ActorType, Denial, SubscriptionGrant};
+use cuttle::policy::{App, Policy, Room};
 use cuttle::topic::{ClientFilter, ClientTopic};
 use serde_json::json;
 
@@ -263,4 +265,85 @@ fn decisions_follow_the_current_policy() {
         )
         .is_err()
     );
+}
+
+/// The `chat` app of the test policy and one of its rooms.
+fn chat_room<'p>(policy: &'p Policy, room: &str) -> (&'p App, &'p Room) {
+    let app = policy.project("demo").unwrap().apps.get("chat").unwrap();
+    (app, app.rooms.get(room).unwrap())
+}
+
+#[test]
+fn room_access_alone() {
+    let fx = Fx::new();
+    let policy = fx.auth.policy();
+    let access = |actor: &Actor, room: &str| {
+        let (app, room) = chat_room(policy, room);
+        policy.room_access(actor, app, room)
+    };
+    let (alice, bob, device, server) = (
+        fx.user("alice", &[]),
+        fx.user("bob", &[]),
+        fx.device(),
+        fx.server(),
+    );
+    let open_session = fx.session(&[]);
+    // A public room admits everyone, sessions included.
+    for actor in [&alice, &bob, &device, &server, &open_session] {
+        assert_eq!(access(actor, "general"), Ok(()), "{}", actor.id);
+    }
+    // A private room admits its listed actors only, and never a session.
+    assert_eq!(access(&alice, "vip"), Ok(()));
+    assert_eq!(access(&server, "vip"), Ok(()));
+    assert_eq!(access(&bob, "vip"), Err(Denial::PrivateRoom));
+    assert_eq!(access(&device, "vip"), Err(Denial::PrivateRoom));
+    assert_eq!(access(&open_session, "vip"), Err(Denial::PrivateRoom));
+    // A session's allow-list must name the room.
+    let listed = fx.session(&["chat/general"]);
+    assert_eq!(access(&listed, "general"), Ok(()));
+    assert_eq!(access(&listed, "lobby"), Err(Denial::SessionRoom));
+}
+
+#[test]
+fn bare_lobby_slugs_resolve_in_policy_order() {
+    // Names chosen so that neither alphabetical nor declaration-reversed order is the YAML
+    // order; several apps declare `hall`.
+    let policy = try_compile(
+        r#"
+projects:
+  - id: demo
+    apps:
+      - slug: zeta
+        rooms: [ { slug: a }, { slug: b }, { slug: c } ]
+        lobbies:
+          - { slug: hall, rooms: [c, a, b] }
+          - { slug: a, rooms: [a] }
+      - slug: alpha
+        rooms: [ { slug: b } ]
+        lobbies: [ { slug: hall, rooms: [b] }, { slug: side, rooms: [b] } ]
+      - slug: mid
+        rooms: [ { slug: c } ]
+        lobbies: [ { slug: hall, rooms: [c] } ]
+      - slug: beta
+"#,
+    )
+    .unwrap_or_else(|d| panic!("{d}"));
+    let project = policy.project("demo").unwrap();
+    let order: Vec<&str> = project.apps_in_order().map(|a| &*a.slug).collect();
+    assert_eq!(order, ["zeta", "alpha", "mid", "beta"]);
+
+    let (app, hall) = project.lobby("hall").unwrap();
+    assert_eq!((&*app.slug, &*hall.slug), ("zeta", "hall"));
+    // Rooms keep their YAML order.
+    let rooms: Vec<&str> = hall.rooms.iter().map(|r| &**r).collect();
+    assert_eq!(rooms, ["c", "a", "b"]);
+    // Only the later app declares `side`.
+    assert_eq!(&*project.lobby("side").unwrap().0.slug, "alpha");
+    // A lobby may be named like a room: they are separate namespaces.
+    let (app, a) = project.lobby("a").unwrap();
+    assert_eq!((&*app.slug, a.rooms.len()), ("zeta", 1));
+    assert!(project.lobby("nope").is_none());
+    // Each app still holds its own `hall`, for callers that name the app.
+    let mid = project.apps.get("mid").unwrap();
+    assert_eq!(&*mid.lobbies.get("hall").unwrap().rooms[0], "c");
 }

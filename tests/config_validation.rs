@@ -209,6 +209,79 @@ policy:
 }
 
 #[test]
+fn lobby_errors_name_their_paths() {
+    use cuttle::policy::MAX_LOBBY_ROOMS;
+    let many = |n: usize| -> (String, String) {
+        let names: Vec<String> = (0..n).map(|i| format!("r{i}")).collect();
+        let rooms = names
+            .iter()
+            .map(|r| format!("{{ slug: {r} }}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        (format!("[ {rooms} ]"), format!("[ {} ]", names.join(", ")))
+    };
+    let (big_rooms, big_lobby) = many(MAX_LOBBY_ROOMS + 1);
+    let all = errors(&format!(
+        r#"
+policy:
+  projects:
+    - id: demo
+      apps:
+        - slug: chat
+          rooms: [ {{ slug: general }}, {{ slug: vip, actors: [alice] }}, {{ slug: Bad }} ]
+          lobbies:
+            - {{ slug: Hall, rooms: [general] }}
+            - {{ slug: hall, rooms: [general, bob, general] }}
+            - {{ slug: hall, rooms: [vip, ghost] }}
+            - {{ slug: empty, rooms: [] }}
+            - {{ slug: missing }}
+            - {{ slug: general, rooms: [general, vip] }}
+            - {{ slug: cascade, rooms: [Bad] }}
+        - slug: big
+          rooms: {big_rooms}
+          lobbies: [ {{ slug: all, rooms: {big_lobby} }} ]
+      actors: [ {{ id: alice, type: user }} ]
+"#
+    ));
+    let lobby_errors: Vec<&str> = all.lines().filter(|l| l.contains(".lobbies[")).collect();
+    let expected = [
+        "error: policy.projects[0].apps[0].lobbies[0].slug: invalid slug 'Hall': upper case is not allowed (slugs are lower case)",
+        "error: policy.projects[0].apps[0].lobbies[1].rooms[1]: unknown room 'bob'",
+        "error: policy.projects[0].apps[0].lobbies[1].rooms[2]: duplicate room 'general'",
+        "error: policy.projects[0].apps[0].lobbies[2].slug: duplicate lobby 'hall'",
+        // The duplicate's rooms are still checked.
+        "error: policy.projects[0].apps[0].lobbies[2].rooms[1]: unknown room 'ghost'",
+        "error: policy.projects[0].apps[0].lobbies[3].rooms: a lobby needs at least one room",
+        "error: policy.projects[0].apps[0].lobbies[4].rooms: a lobby needs at least one room",
+        // lobbies[5]: a lobby named like a room is fine; lobbies[6]: the invalid room is
+        // reported once, at the room.
+        "error: policy.projects[0].apps[1].lobbies[0].rooms: 257 rooms: a lobby has at most 256",
+    ];
+    assert_eq!(lobby_errors, expected, "in:\n{all}");
+    assert_has(
+        &all,
+        "policy.projects[0].apps[0].rooms[2].slug",
+        &["invalid slug", "'Bad'"],
+    );
+
+    // At the bound, a lobby is valid; unknown keys inside a lobby are reported like any other.
+    let (rooms, lobby) = many(MAX_LOBBY_ROOMS);
+    let ok = format!(
+        "policy:\n  projects:\n    - id: demo\n      apps:\n        - slug: chat\n          rooms: {rooms}\n          lobbies: [ {{ slug: all, rooms: {lobby} }} ]\n"
+    );
+    let loaded = load(&ok).unwrap_or_else(|d| panic!("{d}"));
+    let project = loaded.policy.project("demo").unwrap();
+    let (_, all_rooms) = project.lobby("all").unwrap();
+    assert_eq!(all_rooms.rooms.len(), MAX_LOBBY_ROOMS);
+    let all = errors(&ok.replace("{ slug: all,", "{ colour: red, slug: all,"));
+    assert_has(
+        &all,
+        "policy.projects[0].apps[0].lobbies[0].colour",
+        &["unknown key"],
+    );
+}
+
+#[test]
 fn malformed_hashes_and_credential_fields() {
     let all = errors(
         r#"

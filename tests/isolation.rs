@@ -202,6 +202,7 @@ fn policy_spec() -> impl Strategy<Value = PolicySpec> {
                             .collect(),
                     })
                     .collect(),
+                lobbies: Vec::new(),
             };
             let project = |id: &str, apps: Vec<AppSpec>, actors: Vec<ActorSpec>| ProjectSpec {
                 id: id.into(),

@@ -6,6 +6,9 @@
 //! users). Scope plays no part here: it cannot be chosen by the client, and isolation comes from
 //! injecting it into every upstream topic (`topic::upstream`).
 //!
+//! [`Policy::room_access`] is the room half alone, for presence and lobbies, which concern a
+//! room and no topic.
+//!
 //! Exact subscriptions are decided once, at subscribe time (and again after a policy reload).
 //! Wildcard subscriptions cover rooms and topics the actor may not read, so they are accepted
 //! when at least one covered (room, topic) is readable, and every delivery is checked with
@@ -95,7 +98,7 @@ impl Policy {
     ) -> Result<(), Denial> {
         let app = self.app_of(actor, topic.app)?;
         let room = app.rooms.get(topic.room).ok_or(Denial::UnknownRoom)?;
-        room_access(actor, app, room)?;
+        self.room_access(actor, app, room)?;
         let acl = app.topics.get(topic.topic).ok_or(Denial::UnknownTopic)?;
         let permission = match actor.kind {
             ActorType::User if !actor.roles.is_empty() => acl.user_permission(&actor.roles),
@@ -129,13 +132,13 @@ impl Policy {
         let room_ok = match filter.room.exact() {
             Some(room) => {
                 let room = app.rooms.get(room).ok_or(Denial::UnknownRoom)?;
-                room_access(actor, app, room)?;
+                self.room_access(actor, app, room)?;
                 true
             }
             None => app
                 .rooms
                 .values()
-                .any(|r| match room_access(actor, app, r) {
+                .any(|r| match self.room_access(actor, app, r) {
                     Ok(()) => true,
                     Err(d) => {
                         room_denial = d;
@@ -164,6 +167,30 @@ impl Policy {
     pub fn authorize_delivery(&self, actor: &Actor, topic: ClientTopic<'_>) -> bool {
         self.authorize(actor, topic, Access::Read).is_ok()
     }
+
+    /// Whether `actor` may use `room` of `app` at all, whatever the topic: the room half of
+    /// [`Self::authorize`], and all that presence and lobbies check (DESIGN §9). A private
+    /// room admits only its listed actors (sessions never); a session token's allow-list must
+    /// name the room.
+    ///
+    /// `app` and `room` must come from the actor's own project in this policy (for instance
+    /// through [`Project::lobby`](super::Project::lobby) of `self.project(&actor.project)`):
+    /// the project is not checked again here, since [`Self::authorize`] has just resolved
+    /// `app` through it and runs for every wildcard delivery.
+    pub fn room_access(&self, actor: &Actor, app: &App, room: &Room) -> Result<(), Denial> {
+        if let Some(members) = &room.members {
+            // Sessions have no identity and can never be members; listed ids are unique per
+            // project and a user token cannot claim a non-user id (auth refuses it), so id
+            // membership is membership.
+            if actor.kind == ActorType::Session || !members.contains(&actor.id) {
+                return Err(Denial::PrivateRoom);
+            }
+        }
+        if !actor.room_allowed(&app.slug, &room.slug) {
+            return Err(Denial::SessionRoom);
+        }
+        Ok(())
+    }
 }
 
 fn readable(actor: &Actor, acl: &super::TopicAcl) -> bool {
@@ -172,19 +199,4 @@ fn readable(actor: &Actor, acl: &super::TopicAcl) -> bool {
         kind => acl.permission(kind),
     }
     .allows(Access::Read)
-}
-
-fn room_access(actor: &Actor, app: &App, room: &Room) -> Result<(), Denial> {
-    if let Some(members) = &room.members {
-        // Sessions have no identity and can never be members; listed ids are unique per
-        // project and a user token cannot claim a non-user id (auth refuses it), so id
-        // membership is membership.
-        if actor.kind == ActorType::Session || !members.contains(&actor.id) {
-            return Err(Denial::PrivateRoom);
-        }
-    }
-    if !actor.room_allowed(&app.slug, &room.slug) {
-        return Err(Denial::SessionRoom);
-    }
-    Ok(())
 }

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::model::*;
-use super::spec::{ActorSpec, AppSpec, PolicySpec, ProjectSpec};
+use super::spec::{ActorSpec, AppSpec, LobbySpec, PolicySpec, ProjectSpec};
 use super::{CompileContext, check_actor_id, check_slug};
 use crate::auth::jwt::JwtVerifier;
 use crate::auth::session_token::SessionSecret;
@@ -121,6 +121,7 @@ fn compile_project(
     }
 
     let mut apps: HashMap<Arc<str>, App> = HashMap::new();
+    let mut app_order: Vec<Arc<str>> = Vec::with_capacity(p.apps.len());
     for (i, a) in p.apps.iter().enumerate() {
         let ap = format!("{path}.apps[{i}]");
         // Uniqueness is checked on the slug alone, so that an app with other errors still
@@ -150,7 +151,19 @@ fn compile_project(
         let Some(app) = compile_app(a, &ap, &actors, diags) else {
             continue;
         };
+        app_order.push(app.slug.clone());
         apps.insert(app.slug.clone(), app);
+    }
+
+    // A bare `lobbyId` resolves to the first app in policy order that declares it (PROTOCOL
+    // A12); later apps' lobbies of that slug are reachable only with their app named.
+    let mut lobby_apps: HashMap<Arc<str>, Arc<str>> = HashMap::new();
+    for app in app_order.iter().filter_map(|slug| apps.get(slug)) {
+        for lobby in app.lobbies.keys() {
+            lobby_apps
+                .entry(lobby.clone())
+                .or_insert_with(|| app.slug.clone());
+        }
     }
 
     let mut roles = HashSet::new();
@@ -226,6 +239,8 @@ fn compile_project(
         roles,
         jwt,
         session,
+        app_order,
+        lobby_apps,
     }
 }
 
@@ -472,9 +487,92 @@ fn compile_app(
             },
         );
     }
+    // Lobby slugs are a namespace of their own (the wire names a lobby only as `lobbyId`, a
+    // room only as `roomId` or a topic level), so a lobby may be named like a room.
+    let mut lobbies = HashMap::new();
+    // Uniqueness is checked on the slug alone, so that a lobby with other errors still claims
+    // it and its duplicate is reported too.
+    let mut lobby_slugs = HashSet::new();
+    for (i, l) in a.lobbies.iter().enumerate() {
+        let lp = format!("{path}.lobbies[{i}]");
+        let mut lobby_ok = true;
+        if let Err(why) = check_slug(&l.slug) {
+            diags.error(
+                format!("{lp}.slug"),
+                format!("invalid slug {}: {why}", quoted(&l.slug)),
+            );
+            lobby_ok = false;
+        } else if !lobby_slugs.insert(l.slug.as_str()) {
+            diags.error(
+                format!("{lp}.slug"),
+                format!("duplicate lobby {}", quoted(&l.slug)),
+            );
+            lobby_ok = false;
+        }
+        match compile_lobby_rooms(l, &lp, a, &rooms, diags) {
+            Some(members) if lobby_ok => {
+                let slug: Arc<str> = l.slug.as_str().into();
+                lobbies.insert(
+                    slug.clone(),
+                    Lobby {
+                        slug,
+                        rooms: members,
+                    },
+                );
+            }
+            _ => ok = false,
+        }
+    }
     ok.then(|| App {
         slug: a.slug.as_str().into(),
         topics,
         rooms,
+        lobbies,
     })
+}
+
+/// The rooms of lobby `l` at YAML path `path`, resolved against the app's compiled `rooms`;
+/// `None` after reporting every problem.
+fn compile_lobby_rooms(
+    l: &LobbySpec,
+    path: &str,
+    app: &AppSpec,
+    rooms: &HashMap<Arc<str>, Room>,
+    diags: &mut Diagnostics,
+) -> Option<Vec<Arc<str>>> {
+    let mut ok = true;
+    let rp = format!("{path}.rooms");
+    if l.rooms.is_empty() {
+        diags.error(&rp, "a lobby needs at least one room");
+        ok = false;
+    } else if l.rooms.len() > MAX_LOBBY_ROOMS {
+        diags.error(
+            &rp,
+            format!(
+                "{} rooms: a lobby has at most {MAX_LOBBY_ROOMS}",
+                l.rooms.len()
+            ),
+        );
+        ok = false;
+    }
+    let mut members: Vec<Arc<str>> = Vec::with_capacity(l.rooms.len().min(MAX_LOBBY_ROOMS));
+    let mut seen = HashSet::new();
+    for (j, room) in l.rooms.iter().enumerate() {
+        let mp = format!("{rp}[{j}]");
+        match rooms.get(room.as_str()) {
+            // A room left out for its own invalid slug has been reported at its own path;
+            // naming it here is not a second problem.
+            None if app.rooms.iter().any(|r| r.slug == *room) => ok = false,
+            None => {
+                diags.error(mp, format!("unknown room {}", quoted(room)));
+                ok = false;
+            }
+            Some(r) if !seen.insert(r.slug.clone()) => {
+                diags.error(mp, format!("duplicate room {}", quoted(room)));
+                ok = false;
+            }
+            Some(r) => members.push(r.slug.clone()),
+        }
+    }
+    ok.then_some(members)
 }

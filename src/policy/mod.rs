@@ -1,11 +1,13 @@
-//! The policy engine: who may read and write what (DESIGN §3, §4).
+//! The policy engine: who may read and write what, and which rooms a lobby gathers (DESIGN
+//! §3, §4, §9).
 //!
 //! - [`spec`]: the YAML shape;
 //! - [`compile`](compile::compile): validation of a spec into an immutable, indexed [`Policy`],
 //!   with every problem reported against its YAML path;
-//! - [`model`]: the compiled types;
+//! - [`model`]: the compiled types, and the resolution of bare lobby slugs in policy order
+//!   ([`Project::lobby`], PROTOCOL A12);
 //! - [`authorize`]: decisions for (actor, topic, access), at subscribe, publish and delivery
-//!   time.
+//!   time, and room access alone for presence ([`Policy::room_access`]).
 
 pub mod authorize;
 mod compile;
@@ -18,8 +20,8 @@ use std::path::{Path, PathBuf};
 pub use authorize::{Denial, SubscriptionGrant};
 pub use compile::compile;
 pub use model::{
-    Access, ActorType, App, CredentialEntry, ListedActor, Permission, Policy, Project, Room, Scope,
-    SessionSettings, TopicAcl,
+    Access, ActorType, App, CredentialEntry, ListedActor, Lobby, MAX_LOBBY_ROOMS, Permission,
+    Policy, Project, Room, Scope, SessionSettings, TopicAcl,
 };
 pub use slug::{check_actor_id, check_slug};
 

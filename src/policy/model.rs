@@ -146,11 +146,28 @@ impl Room {
     }
 }
 
+/// Most rooms one lobby may aggregate. It bounds the work of one lobby subscription (a room's
+/// members are gathered and its events forwarded for each room) and the size of the lists a
+/// `lobbySubscribed` or `lobbyPresenceList` carries (DESIGN §9: everything is bounded).
+pub const MAX_LOBBY_ROOMS: usize = 256;
+
+/// A lobby: the presence of several rooms of one app, seen together (DESIGN §9, PROTOCOL §12).
+/// It grants nothing by itself: each room keeps its own access rules.
+#[derive(Debug, Clone)]
+pub struct Lobby {
+    pub slug: Arc<str>,
+    /// Slugs of rooms of the same app (each a key of [`App::rooms`]), in YAML order, without
+    /// duplicates, at most [`MAX_LOBBY_ROOMS`].
+    pub rooms: Vec<Arc<str>>,
+}
+
 #[derive(Debug, Clone)]
 pub struct App {
     pub slug: Arc<str>,
     pub topics: HashMap<Arc<str>, TopicAcl>,
     pub rooms: HashMap<Arc<str>, Room>,
+    /// Lobby slug → lobby. Lobby and room slugs are separate namespaces.
+    pub lobbies: HashMap<Arc<str>, Lobby>,
 }
 
 #[derive(Debug, Clone)]
@@ -185,6 +202,27 @@ pub struct Project {
     pub roles: HashSet<Arc<str>>,
     pub jwt: Option<JwtVerifier>,
     pub session: Option<SessionSettings>,
+    /// The slugs of `apps` in YAML order (the policy order). `roomId` and `lobbyId` on the
+    /// wire carry no app (PROTOCOL A12), so a bare slug resolves to the first app in this
+    /// order that declares it, whatever the hash order of `apps`.
+    pub(crate) app_order: Vec<Arc<str>>,
+    /// Lobby slug → slug of the first app in policy order that declares it, so that
+    /// [`Project::lobby`] is a hash lookup.
+    pub(crate) lobby_apps: HashMap<Arc<str>, Arc<str>>,
+}
+
+impl Project {
+    /// The apps in policy (YAML) order.
+    pub fn apps_in_order(&self) -> impl Iterator<Item = &App> {
+        self.app_order.iter().filter_map(|slug| self.apps.get(slug))
+    }
+
+    /// The lobby a bare `lobbyId` names: the first app in policy order that declares `slug`,
+    /// and its lobby (PROTOCOL A12).
+    pub fn lobby(&self, slug: &str) -> Option<(&App, &Lobby)> {
+        let app = self.apps.get(self.lobby_apps.get(slug)?)?;
+        Some((app, app.lobbies.get(slug)?))
+    }
 }
 
 /// A device token or server key, found by the SHA-256 of what the client presented.

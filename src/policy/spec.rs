@@ -100,6 +100,8 @@ pub struct AppSpec {
     pub topics: BTreeMap<String, BTreeMap<String, String>>,
     #[serde(default)]
     pub rooms: Vec<RoomSpec>,
+    #[serde(default)]
+    pub lobbies: Vec<LobbySpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -108,6 +110,16 @@ pub struct RoomSpec {
     /// Actor ids; non-empty makes the room private.
     #[serde(default)]
     pub actors: Vec<String>,
+}
+
+/// A lobby: the presence of several rooms of one app, seen together (DESIGN §9).
+#[derive(Debug, Clone, Deserialize)]
+pub struct LobbySpec {
+    pub slug: String,
+    /// Room slugs of the same app. Defaulted so that a lobby without `rooms` gets the
+    /// compile diagnostic (with every other problem) instead of aborting the parse.
+    #[serde(default)]
+    pub rooms: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
