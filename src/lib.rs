@@ -10,6 +10,7 @@
 //! - [`policy`]: the policy model, its validation, and authorization decisions;
 //! - [`auth`]: credentials (device tokens, server keys, user JWTs, session tokens) → actors;
 //! - [`config`]: `proxy.yaml`, its defaults and validation;
+//! - [`presence`]: room presence and lobbies, replicated through the broker;
 //! - [`reload`]: the live policy snapshot (and TLS certificate) and hot reload;
 //! - [`tls`]: the client listener's certificate and key, checked, as a rustls config;
 //! - [`secret`]: the wrapper that keeps passwords, keys and tokens out of logs;
@@ -23,10 +24,13 @@ pub mod config;
 pub mod diagnostics;
 pub mod logging;
 pub mod policy;
+pub mod presence;
 pub mod reload;
 pub mod router;
 pub mod secret;
 pub mod server;
+#[cfg(test)]
+mod test_rng;
 pub mod tls;
 pub mod topic;
 pub mod upstream;

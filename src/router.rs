@@ -320,6 +320,8 @@ pub struct Router {
     next_key: AtomicU64,
     /// Messages that arrived for no live entry (raced with an unsubscribe), for diagnostics.
     pub orphans: AtomicUsize,
+    /// Where messages of the presence subscription ([`crate::presence::SUBSCRIPTION_ID`]) go.
+    presence: OnceLock<std::sync::Weak<crate::presence::Presence>>,
 }
 
 impl std::fmt::Debug for Router {
@@ -350,7 +352,13 @@ impl Router {
             dissolve_poke: Notify::new(),
             next_key: AtomicU64::new(1),
             orphans: AtomicUsize::new(0),
+            presence: OnceLock::new(),
         })
+    }
+
+    /// Hands the messages of the presence subscription to `presence` (once, at start-up).
+    pub fn attach_presence(&self, presence: &Arc<crate::presence::Presence>) {
+        let _ = self.presence.set(Arc::downgrade(presence));
     }
 
     /// Connects the router to the pool it subscribes through (once, at start-up), and starts
@@ -593,6 +601,12 @@ impl Router {
     }
 
     fn deliver(&self, topic: &str, ids: &[usize], payload: Bytes) {
+        if ids.contains(&crate::presence::SUBSCRIPTION_ID) {
+            if let Some(p) = self.presence.get().and_then(std::sync::Weak::upgrade) {
+                p.on_upstream(&payload);
+            }
+            return;
+        }
         if self.complete_fetches(ids, &payload) {
             return;
         }

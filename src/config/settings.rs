@@ -31,6 +31,7 @@ pub(crate) struct SettingsSpec {
     pub reload: ReloadSpec,
     pub log: LogSpec,
     pub shutdown: ShutdownSpec,
+    pub presence: PresenceSpec,
     /// Inline policy…
     pub policy: Option<PolicySpec>,
     /// …or a path to a file holding it (relative to the config file).
@@ -49,6 +50,7 @@ impl Default for SettingsSpec {
             reload: ReloadSpec::default(),
             log: LogSpec::default(),
             shutdown: ShutdownSpec::default(),
+            presence: PresenceSpec::default(),
             policy: None,
             policy_file: None,
         }
@@ -192,6 +194,36 @@ impl Default for ShutdownSpec {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub(crate) struct PresenceSpec {
+    pub replica_id: Option<String>,
+    pub grace_ms: u64,
+    pub heartbeat_ms: u64,
+    pub replica_timeout_ms: u64,
+    pub max_room_members: u64,
+    pub max_state_bytes: u64,
+    pub max_data_bytes: u64,
+    pub frames_per_second: u64,
+    pub lobbies_per_connection: u64,
+}
+
+impl Default for PresenceSpec {
+    fn default() -> Self {
+        Self {
+            replica_id: None,
+            grace_ms: 5000,
+            heartbeat_ms: 1000,
+            replica_timeout_ms: 5000,
+            max_room_members: 10_000,
+            max_state_bytes: 64 << 20,
+            max_data_bytes: 4096,
+            frames_per_second: 10,
+            lobbies_per_connection: 8,
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Validated settings.
 // ---------------------------------------------------------------------------------------
@@ -275,6 +307,51 @@ pub struct ReloadSettings {
     pub debounce: Duration,
 }
 
+/// `presence:` (DESIGN §9).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceSettings {
+    /// This replica's identity among the replicas sharing the broker: stable across
+    /// restarts (a restart's new incarnation then replaces the old one's members at once).
+    /// Default: the host name and the listen port.
+    pub replica_id: String,
+    /// How long a connection closed abnormally stays present (absorbs a reconnect).
+    pub grace: Duration,
+    /// How often a replica tells the others it is alive.
+    pub heartbeat: Duration,
+    /// A replica silent this long is dead: its members are reported as left.
+    pub replica_timeout: Duration,
+    /// Actors present in one room at most.
+    pub max_room_members: usize,
+    /// Bytes of presence state (every replica's members) one replica holds at most.
+    pub max_state_bytes: usize,
+    /// Bytes of one `presence` frame's `data` at most.
+    pub max_data_bytes: usize,
+    /// `presence`, `getPresence` and lobby frames per second per connection.
+    pub frames_per_second: u32,
+    /// Lobbies one connection follows at most.
+    pub lobbies_per_connection: usize,
+}
+
+/// The default replica id: the host name (a pod's name) and the listen port, so that two
+/// processes on one host differ and a restarted container keeps its id.
+fn default_replica_id(listen: Option<SocketAddr>) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "cuttle".into());
+    match listen.map(|l| l.port()) {
+        Some(port) if port != 0 => format!("{host}-{port}"),
+        _ => {
+            // An ephemeral port: nothing stable to name; a random id (restarts are new replicas).
+            let mut b = [0u8; 4];
+            let _ = getrandom::fill(&mut b);
+            format!("{host}-{}", hex::encode(b))
+        }
+    }
+}
+
 /// Everything but the policy, validated. Fixed for the life of the process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
@@ -287,6 +364,7 @@ pub struct Settings {
     pub reload: ReloadSettings,
     pub log: LogSettings,
     pub shutdown_grace: Duration,
+    pub presence: PresenceSettings,
 }
 
 impl Settings {
@@ -307,6 +385,7 @@ impl Settings {
         check("reload", self.reload != other.reload);
         check("log", self.log != other.log);
         check("shutdown", self.shutdown_grace != other.shutdown_grace);
+        check("presence", self.presence != other.presence);
         changed
     }
 }
@@ -668,6 +747,7 @@ pub(crate) fn validate(
         );
     }
     let grace = in_range(spec.shutdown.grace_s, 0, 3600, "shutdown.grace_s", diags);
+    let presence = validate_presence(&spec.presence, listen, diags);
 
     if diags.errors().count() > before {
         return None;
@@ -696,7 +776,96 @@ pub(crate) fn validate(
             level: spec.log.level.clone(),
         },
         shutdown_grace: Duration::from_secs(grace),
+        presence: presence?,
     })
+}
+
+fn validate_presence(
+    p: &PresenceSpec,
+    listen: Option<SocketAddr>,
+    diags: &mut Diagnostics,
+) -> Option<PresenceSettings> {
+    let mut ok = true;
+    let replica_id = match &p.replica_id {
+        Some(id) => {
+            if id.is_empty()
+                || id.len() > 128
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                diags.error(
+                    "presence.replica_id",
+                    format!(
+                        "invalid replica id {}: 1 to 128 of A-Z a-z 0-9 - _ .",
+                        quoted(id)
+                    ),
+                );
+                ok = false;
+            }
+            id.clone()
+        }
+        None => default_replica_id(listen),
+    };
+    let heartbeat = in_range(p.heartbeat_ms, 100, 60_000, "presence.heartbeat_ms", diags);
+    let timeout = in_range(
+        p.replica_timeout_ms,
+        500,
+        600_000,
+        "presence.replica_timeout_ms",
+        diags,
+    );
+    if timeout < 2 * heartbeat {
+        diags.error(
+            "presence.replica_timeout_ms",
+            format!(
+                "{timeout} must be at least twice presence.heartbeat_ms ({heartbeat}), or one late heartbeat kills a live replica"
+            ),
+        );
+        ok = false;
+    }
+    let settings = PresenceSettings {
+        replica_id,
+        grace: Duration::from_millis(in_range(p.grace_ms, 0, 600_000, "presence.grace_ms", diags)),
+        heartbeat: Duration::from_millis(heartbeat),
+        replica_timeout: Duration::from_millis(timeout),
+        max_room_members: in_range(
+            p.max_room_members,
+            1,
+            10_000_000,
+            "presence.max_room_members",
+            diags,
+        ) as usize,
+        max_state_bytes: in_range(
+            p.max_state_bytes,
+            64 << 10,
+            16 << 30,
+            "presence.max_state_bytes",
+            diags,
+        ) as usize,
+        max_data_bytes: in_range(
+            p.max_data_bytes,
+            2,
+            crate::presence::message::MAX_DATA_BYTES as u64,
+            "presence.max_data_bytes",
+            diags,
+        ) as usize,
+        frames_per_second: in_range(
+            p.frames_per_second,
+            1,
+            10_000,
+            "presence.frames_per_second",
+            diags,
+        ) as u32,
+        lobbies_per_connection: in_range(
+            p.lobbies_per_connection,
+            1,
+            1024,
+            "presence.lobbies_per_connection",
+            diags,
+        ) as usize,
+    };
+    ok.then_some(settings)
 }
 
 #[cfg(test)]

@@ -79,6 +79,8 @@ pub struct Proxy {
     pub pool: Arc<Pool>,
     /// Writes reconnect-restore records, coalesced per actor.
     pub restore: Arc<restore::RestoreWriter>,
+    /// Room presence and lobbies, shared with the other replicas through the broker.
+    pub presence: Arc<crate::presence::Presence>,
     pub settings: Settings,
     /// `limits.max_connections`, shared by handshakes and sessions.
     connections: Arc<http::Slots>,
@@ -141,10 +143,24 @@ impl Proxy {
         let max_packet = settings.limits.max_frame_bytes + PACKET_OVERHEAD;
         let store = PolicyStore::new(loaded);
         let router = Router::new(store.clone());
-        let pool = Pool::start(&settings.upstream, endpoint, max_packet, router.clone());
+        let presence = crate::presence::Presence::new(
+            &settings.presence,
+            &settings.upstream.layout,
+            max_packet / 2,
+        );
+        router.attach_presence(&presence);
+        let will = (presence.topic().to_string(), presence.will());
+        let pool = Pool::start_with_will(
+            &settings.upstream,
+            endpoint,
+            max_packet,
+            router.clone(),
+            Some(will),
+        );
         if attach {
             router.attach(pool.clone());
         }
+        presence.attach(pool.clone());
         let restore = restore::RestoreWriter::start(pool.clone());
         let (shutdown, _) = watch::channel(false);
         Arc::new(Self {
@@ -152,6 +168,7 @@ impl Proxy {
             router,
             pool,
             restore,
+            presence,
             connections: http::Slots::new(settings.limits.max_connections as usize),
             admin_slots: http::Slots::new(http::ADMIN_MAX_CONNECTIONS),
             actors: ActorConnections::default(),
@@ -192,7 +209,10 @@ impl Proxy {
 
     /// Tells every session to close and the listeners to stop accepting.
     pub fn begin_shutdown(&self) {
-        self.shutdown.send_replace(true);
+        // Every member of this replica leaves now, here and (one goodbye) on the others.
+        if !self.shutdown.send_replace(true) {
+            self.presence.goodbye();
+        }
     }
 
     pub(crate) fn shutdown_signal(&self) -> watch::Receiver<bool> {

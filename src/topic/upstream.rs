@@ -225,6 +225,22 @@ impl TopicLayout {
         )
     }
 
+    /// Where replica `replica` publishes its presence messages (DESIGN §9): under the
+    /// reserved app level, which no client topic can name. The id is encoded like a
+    /// load-balance group, so no id can add a level or a wildcard.
+    pub fn presence_topic(&self, replica: &str) -> String {
+        format!(
+            "{}{UNSCOPED}/presence/v1/{}",
+            self.prefix,
+            super::filters::encode_group(replica)
+        )
+    }
+
+    /// The filter every replica subscribes to: every replica's presence topic.
+    pub fn presence_filter(&self) -> String {
+        format!("{}{UNSCOPED}/presence/v1/+", self.prefix)
+    }
+
     /// Takes an upstream topic apart. `None` for anything outside the layout (another
     /// publisher's topic on a shared broker, a `$` topic, a malformed string): such messages
     /// are not for any client.

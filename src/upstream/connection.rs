@@ -78,6 +78,8 @@ pub(super) struct Options {
     pub max_queued_bytes: usize,
     pub connected: Arc<AtomicUsize>,
     pub dispatch: Arc<dyn Dispatch>,
+    /// (topic, payload) the broker publishes (QoS 1) if this connection dies uncleanly.
+    pub will: Option<(String, Bytes)>,
 }
 
 /// A request in rumqttc's channel, not yet reported by its event loop.
@@ -167,6 +169,15 @@ impl Connection {
             // never format `mqtt` or the event loop's `options`.
             let password = o.password.as_ref().map(Secret::expose);
             mqtt.set_credentials(user, password.cloned().unwrap_or_default());
+        }
+        if let Some((topic, payload)) = &o.will {
+            mqtt.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+                topic.as_str(),
+                payload.to_vec(),
+                QoS::AtLeastOnce,
+                false,
+                None,
+            ));
         }
         if o.endpoint.tls {
             mqtt.set_transport(Transport::tls_with_default_config());

@@ -100,11 +100,29 @@ impl Pool {
         max_packet: usize,
         dispatch: Arc<dyn Dispatch>,
     ) -> Arc<Self> {
+        Self::start_with_will(settings, endpoint, max_packet, dispatch, None)
+    }
+
+    /// [`Pool::start`], with a last will `(topic, payload)` on the connection that carries
+    /// publishes to `topic` (so the broker sends it after everything that connection
+    /// published: presence's goodbye when the replica dies).
+    pub fn start_with_will(
+        settings: &UpstreamSettings,
+        endpoint: Endpoint,
+        max_packet: usize,
+        dispatch: Arc<dyn Dispatch>,
+        will: Option<(String, Bytes)>,
+    ) -> Arc<Self> {
         let connected = Arc::new(AtomicUsize::new(0));
+        let hasher = std::collections::hash_map::RandomState::new();
+        let size = settings.pool.max(1);
+        let will_on = will
+            .as_ref()
+            .map(|(topic, _)| (hasher.hash_one(topic.as_str()) % size as u64) as usize);
         // Client ids must be unique across replicas and restarts, or the broker kicks the
         // older session: prefix, a random instance id, and the connection index.
         let instance = instance_id();
-        let conns = (0..settings.pool.max(1))
+        let conns = (0..size)
             .map(|i| {
                 connection::Connection::start(connection::Options {
                     client_id: format!("{}-{instance}-{i}", settings.client_id_prefix),
@@ -117,13 +135,14 @@ impl Pool {
                     max_queued_bytes: QUEUED_BYTES_MIN.max(4 * max_packet),
                     connected: connected.clone(),
                     dispatch: dispatch.clone(),
+                    will: will.clone().filter(|_| will_on == Some(i)),
                 })
             })
             .collect();
         Arc::new(Self {
             conns,
             connected,
-            hasher: std::collections::hash_map::RandomState::new(),
+            hasher,
         })
     }
 

@@ -234,6 +234,52 @@ pub mod errors {
         .encode()
     }
 
+    /// A `presence`, `getPresence` or lobby frame over `presence.frames_per_second`.
+    pub fn presence_rate_limited() -> Bytes {
+        ErrorFrame {
+            error: "rate_limit_exceeded",
+            code: Some(42910),
+            hint: Some("presence.frames_per_second"),
+            ..Default::default()
+        }
+        .encode()
+    }
+
+    /// A `presence` frame whose `data` is over `presence.max_data_bytes`.
+    pub fn presence_too_large(max: usize) -> Bytes {
+        ErrorFrame {
+            error: "message_too_large",
+            code: Some(42930),
+            hint: Some("presence.max_data_bytes"),
+            max_size_bytes: Some(max as u64),
+            ..Default::default()
+        }
+        .encode()
+    }
+
+    /// A `presence` frame the replica cannot take (the room is full, the state bound is
+    /// reached); the hint says which.
+    pub fn presence_refused(hint: &str) -> Bytes {
+        ErrorFrame {
+            error: "presence_unavailable",
+            hint: Some(hint),
+            ..Default::default()
+        }
+        .encode()
+    }
+
+    /// A lobby the actor may not follow (unknown, or none of its rooms accessible): the
+    /// SDK's `lobby.subscribe()` then times out (PROTOCOL §12).
+    pub fn lobby_denied(lobby: &str, hint: &str) -> Bytes {
+        ErrorFrame {
+            error: "not_authorized",
+            hint: Some(hint),
+            lobby_id: Some(lobby),
+            ..Default::default()
+        }
+        .encode()
+    }
+
     /// A `subscribe` or `setFilters` that would join more new upstream filters than
     /// `limits.filters_per_second` has left; the hint names the limit.
     pub fn filters_rate_limited(topic: &str) -> Bytes {

@@ -136,6 +136,18 @@ impl<'a> Reader<'a> {
         })
     }
 
+    /// Reads an unsigned integer of any width, exactly (ids and clocks do not fit an `f64`).
+    pub fn uint(&mut self) -> Result<u64, MsgpackError> {
+        match self.marker()? {
+            Marker::FixPos(n) => Ok(u64::from(n)),
+            Marker::U8 => self.be(1),
+            Marker::U16 => self.be(2),
+            Marker::U32 => self.be(4),
+            Marker::U64 => self.be(8),
+            _ => Err(MsgpackError::Type),
+        }
+    }
+
     /// Whether the next value is nil (without consuming it).
     pub fn next_is_nil(&self) -> bool {
         matches!(self.peek_marker(), Ok(Marker::Null))

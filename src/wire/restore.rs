@@ -63,6 +63,9 @@ pub struct Record {
     pub scope: Option<String>,
     pub actor: String,
     pub entries: Vec<Entry>,
+    /// The room the actor was last present in, `app/room` (presence after a reconnect,
+    /// which the SDK re-sends without `roomId`).
+    pub room: Option<String>,
 }
 
 /// Why a stored record is not restored.
@@ -79,10 +82,11 @@ pub enum RestoreError {
     TooManyEntries,
 }
 
-/// Encodes a record (the retained payload): `{v: 2, scope, actor, subs: [entry…]}`.
+/// Encodes a record (the retained payload): `{v: 2, scope, actor, subs: [entry…], room?}`.
+/// (`room` is optional: readers of the same version that predate it skip unknown keys.)
 pub fn encode(record: &Record) -> Bytes {
     let mut out = Vec::new();
-    let _ = rmp::encode::write_map_len(&mut out, 4);
+    let _ = rmp::encode::write_map_len(&mut out, 4 + u32::from(record.room.is_some()));
     let _ = rmp::encode::write_str(&mut out, "v");
     let _ = rmp::encode::write_uint(&mut out, VERSION);
     let _ = rmp::encode::write_str(&mut out, "scope");
@@ -101,7 +105,16 @@ pub fn encode(record: &Record) -> Bytes {
     for e in &record.entries {
         e.encode_into(&mut out);
     }
+    if let Some(room) = &record.room {
+        let _ = rmp::encode::write_str(&mut out, "room");
+        let _ = rmp::encode::write_str(&mut out, room);
+    }
     out.into()
+}
+
+/// Bytes the `room` field adds to a record.
+pub fn room_len(room: Option<&str>) -> usize {
+    room.map_or(0, |r| 5 + 5 + r.len())
 }
 
 /// Bytes of a record holding entries of `entry_bytes` bytes in all (for the size cap, without
@@ -132,6 +145,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<Record>, RestoreError> {
         scope: None,
         actor: String::new(),
         entries: Vec::new(),
+        room: None,
     };
     let mut entries_at = None;
     for _ in 0..fields {
@@ -147,6 +161,8 @@ pub fn decode(buf: &[u8]) -> Result<Option<Record>, RestoreError> {
             "scope" if r.next_is_nil() => r.skip(0)?,
             "scope" => record.scope = Some(r.str()?.to_owned()),
             "actor" => record.actor = r.str()?.to_owned(),
+            "room" if r.next_is_nil() => r.skip(0)?,
+            "room" => record.room = Some(r.str()?.to_owned()),
             // Entries are read once the version is known (keys may come in any order).
             "subs" => entries_at = Some(r.value_bytes()?),
             _ => r.skip(0)?,
@@ -228,6 +244,7 @@ mod tests {
                     ],
                 },
             ],
+            room: Some("chat/general".into()),
         }
     }
 
@@ -247,10 +264,12 @@ mod tests {
             Record {
                 scope: None,
                 entries: vec![],
+                room: None,
                 ..record()
             },
         ] {
-            let entry_bytes: usize = r.entries.iter().map(|e| e.encode().len()).sum();
+            let entry_bytes: usize = r.entries.iter().map(|e| e.encode().len()).sum::<usize>()
+                + room_len(r.room.as_deref());
             let predicted = record_len(r.scope.as_deref(), &r.actor, entry_bytes);
             let actual = encode(&r).len();
             assert!(predicted >= actual, "{predicted} < {actual}");

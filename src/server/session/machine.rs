@@ -143,6 +143,26 @@ pub(super) struct Machine {
     restore_topic: String,
     /// The set as last handed to the restore writer: unchanged sets are not written again.
     submitted: Option<Bytes>,
+    /// `presence.frames_per_second`: presence, getPresence and lobby frames.
+    presence_rate: Bucket,
+    /// `app/room` the actor was last present in (from the restore record, then this
+    /// connection's own), stored with the subscription set.
+    remembered_room: Option<String>,
+    /// The last presence `data` this connection sent.
+    presence_data: Option<Bytes>,
+    /// Lobby slugs this connection follows.
+    lobbies: std::collections::HashSet<Arc<str>>,
+    /// Whether the close was abnormal (the default): presence then lingers for the grace
+    /// period, so a reconnect does not flap.
+    linger_on_close: bool,
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.proxy
+            .presence
+            .close(self.membership.session(), self.linger_on_close);
+    }
 }
 
 /// A subscription that could not be made, as its error frame.
@@ -167,7 +187,6 @@ impl Machine {
                 .layout()
                 .restore_topic(&actor.project, actor.scope(), &actor.id);
         Self {
-            proxy,
             socket_id,
             actor,
             version,
@@ -185,7 +204,22 @@ impl Machine {
             record_bytes: 0,
             restore_topic,
             submitted: None,
+            presence_rate: Bucket::new(
+                proxy_presence_rate(&proxy),
+                Instant::now(),
+            ),
+            remembered_room: None,
+            presence_data: None,
+            lobbies: std::collections::HashSet::new(),
+            linger_on_close: true,
+            proxy,
         }
+    }
+
+    /// The session ends by a clean close (the client's close frame, or the proxy's own
+    /// decision): presence leaves at once instead of lingering.
+    pub(super) fn end_cleanly(&mut self) {
+        self.linger_on_close = false;
     }
 
     pub(super) fn actor(&self) -> &Arc<Actor> {
@@ -242,9 +276,34 @@ impl Machine {
                     out.push(reply);
                 }
             }
-            // A second `auth` is ignored (PROTOCOL §7). Presence and lobbies (PROTOCOL §11–12)
-            // are not served by this build; acks only matter with message recording, which is
-            // off. All are ignored, as the protocol ignores frames it does not act on.
+            ClientFrame::Presence { room_id, data } => {
+                if self.presence_budget(now, out) {
+                    self.presence(room_id, data, out);
+                }
+            }
+            ClientFrame::GetPresence { room_id } => {
+                if self.presence_budget(now, out) {
+                    out.push(self.get_presence(room_id));
+                }
+            }
+            ClientFrame::LobbySubscribe { lobby_id } => {
+                if self.presence_budget(now, out) {
+                    out.push(self.lobby_subscribe(lobby_id));
+                }
+            }
+            ClientFrame::GetLobbyPresence { lobby_id } => {
+                if self.presence_budget(now, out) {
+                    out.push(self.lobby_presence(lobby_id));
+                }
+            }
+            ClientFrame::LobbyUnsubscribe { lobby_id } => {
+                if self.presence_budget(now, out) {
+                    out.push(self.lobby_unsubscribe(lobby_id));
+                }
+            }
+            // A second `auth` is ignored (PROTOCOL §7); acks only matter with message
+            // recording, which is off. Both are ignored, as the protocol ignores frames it
+            // does not act on.
             _ => {}
         }
     }
@@ -399,7 +458,11 @@ impl Machine {
         }
         let previous = self.subs.get(topic).map_or(0, |s| s.record_bytes);
         let record_bytes = self.record_bytes - previous + state.record_bytes;
-        let record = restore::record_len(self.actor.scope(), &self.actor.id, record_bytes);
+        let record = restore::record_len(
+            self.actor.scope(),
+            &self.actor.id,
+            record_bytes + restore::room_len(self.remembered_room.as_deref()),
+        );
         if record > limits.restore_bytes {
             return Err(errors::too_many_subscriptions(
                 topic,
@@ -494,7 +557,7 @@ impl Machine {
 
     /// The subscription set as stored for reconnect restore.
     fn record(&self) -> Bytes {
-        if self.subs.is_empty() {
+        if self.subs.is_empty() && self.remembered_room.is_none() {
             return Bytes::new(); // clears the retained record
         }
         let mut entries: Vec<restore::Entry> =
@@ -504,6 +567,7 @@ impl Machine {
             scope: self.actor.scope.as_deref().map(str::to_owned),
             actor: self.actor.id.to_string(),
             entries,
+            room: self.remembered_room.clone(),
         })
     }
 
@@ -552,6 +616,7 @@ impl Machine {
             tracing::warn!(actor = %self.actor.id, "stored subscription set of another owner ignored");
             return (Vec::new(), 0, live);
         }
+        self.remembered_room = record.room;
         let mut restored = Vec::new();
         let mut later = 0;
         for e in record.entries {
@@ -613,8 +678,13 @@ impl Machine {
         if changed {
             self.submit_restore();
         }
+        self.reevaluate_presence(out);
         Ok(())
     }
+}
+
+fn proxy_presence_rate(proxy: &Proxy) -> u32 {
+    proxy.presence.settings().frames_per_second
 }
 
 fn frame_error(e: &FrameError) -> Bytes {
@@ -660,5 +730,6 @@ pub(super) fn pre_auth(bytes: &[u8]) -> PreAuth<'_> {
     }
 }
 
+mod presence;
 #[cfg(test)]
 mod tests;

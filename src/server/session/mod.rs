@@ -11,7 +11,8 @@
 //! — its heartbeats keep it alive — and a client that floods frames still gets its queue
 //! written.
 //!
-//! A connection is read at most `publish_per_second + control_per_second` frames per second
+//! A connection is read at most `publish_per_second + control_per_second +
+//! presence.frames_per_second` frames per second
 //! (a token bucket of that burst): frames beyond the per-kind limits are refused with error
 //! frames until that budget is spent, and then the socket is simply not read until it refills,
 //! so a flood costs the proxy a bounded amount of work per connection and its sender TCP
@@ -157,7 +158,18 @@ where
             Err(reason) => End::Close(reason),
             Ok(()) => main_loop(&proxy, &mut machine, &mut ws, rx, &overflow, generation).await,
         };
-        // Leave the router before the close handshake: nothing more is queued for us.
+        // The proxy's own decisions end presence at once; a broken or idle connection
+        // lingers for the grace period (the client is likely to come back).
+        if let End::Close(
+            CloseReason::Revoked
+            | CloseReason::TokenExpired
+            | CloseReason::ScopeChanged
+            | CloseReason::ShuttingDown,
+        ) = end
+        {
+            machine.end_cleanly();
+        }
+        // Leave the router and presence before the close handshake: nothing more is queued.
         drop(machine);
         finish(&mut ws, end, Some(&actor)).await;
     }
@@ -420,7 +432,8 @@ where
     let mut reads = Bucket::new(
         limits
             .publish_per_second
-            .saturating_add(limits.control_per_second),
+            .saturating_add(limits.control_per_second)
+            .saturating_add(proxy.settings.presence.frames_per_second),
         tokio::time::Instant::now(),
     );
     let mut paused_until: Option<tokio::time::Instant> = None;
@@ -474,7 +487,11 @@ where
                 match msg {
                     Message::Binary(b) => machine.on_frame(&b, &mut replies),
                     Message::Text(_) => replies.push(errors::invalid_frame("binary frames only")),
-                    Message::Close(_) => return End::ClientClosed,
+                    Message::Close(_) => {
+                        // A goodbye: presence leaves at once (no reconnect grace).
+                        machine.end_cleanly();
+                        return End::ClientClosed;
+                    }
                     // Pings are answered by tungstenite on the next write or flush.
                     Message::Ping(_)
                         if tokio::time::timeout(WRITE_TIMEOUT, ws.flush())

@@ -1612,6 +1612,7 @@ fn record_of(actor: &Actor, entries: Vec<restore::Entry>) -> Bytes {
         scope: actor.scope.as_deref().map(str::to_owned),
         actor: actor.id.to_string(),
         entries,
+        room: None,
     })
 }
 

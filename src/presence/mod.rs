@@ -1,0 +1,451 @@
+//! Room presence and lobbies (DESIGN §9, PROTOCOL §11–§12), correct across replicas.
+//!
+//! - [`core`]: the replica's presence state as a sans-IO machine (local connections, what
+//!   every other replica announced, the merged per-actor view, replication rules);
+//! - [`message`]: what replicas publish to each other on the reserved topics;
+//! - [`frames`]: the client frames (events, lists, lobby frames).
+//!
+//! [`Presence`] is the replica-wide service around the core: sessions call it (through
+//! `server::session::machine`) to enter a room, list one, follow a lobby, and leave; it turns
+//! the core's events into frames — encoded once per distinct frame, pushed to the listeners'
+//! outboxes without waiting — and its messages into publishes on
+//! `[prefix/]_/presence/v1/<replica>`. It subscribes `[prefix/]_/presence/v1/+` with a
+//! reserved subscription id (the router hands those messages here), and its last will, set on
+//! the pool connection that carries its messages, tells the others when it dies.
+//!
+//! One mutex guards the state; no I/O, encoding of fan-out frames or `.await` happens under
+//! it, and presence frames are rate-limited per connection, so its hold times are bounded by
+//! the size of one change (O(the actor's connections), plus the lists a `getPresence` asks
+//! for). A ticker (every [`TICK`]) expires lingering connections and silent replicas,
+//! heartbeats and answers sync requests; a flusher publishes pending ops in batches.
+
+pub mod core;
+pub mod frames;
+pub mod message;
+#[cfg(test)]
+mod sim_tests;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::config::PresenceSettings;
+use crate::router::Outbox;
+use crate::topic::upstream::TopicLayout;
+use crate::upstream::Pool;
+use core::{ConnId, Core, Effects, Event, EventKind, Member, Refusal, RoomKey};
+pub use frames::LobbyView;
+
+/// How often the ticker runs: the resolution of the grace period and of replica timeouts.
+pub const TICK: Duration = Duration::from_millis(100);
+/// Least time between two delta publishes: ops of a burst (a join storm) share messages.
+const FLUSH_PAUSE: Duration = Duration::from_millis(5);
+/// The reserved subscription id of the presence filter (lane 63, sequence 0: never a router
+/// entry, never a retained fetch).
+pub const SUBSCRIPTION_ID: usize = crate::router::SHARDS;
+
+/// (project, app, scope): the namespace a lobby's rooms live in.
+type AppKey = (Arc<str>, Arc<str>, Option<Arc<str>>);
+
+struct LobbyListener {
+    conn: ConnId,
+    slug: Arc<str>,
+    rooms: HashSet<Arc<str>>,
+    outbox: Outbox,
+}
+
+#[derive(Default)]
+struct Listeners {
+    rooms: HashMap<RoomKey, HashMap<ConnId, Outbox>>,
+    lobbies: HashMap<AppKey, Vec<LobbyListener>>,
+}
+
+struct State {
+    core: Core,
+    listeners: Listeners,
+}
+
+/// The replica's presence service.
+pub struct Presence {
+    state: Mutex<State>,
+    topic: String,
+    filter: String,
+    pool: OnceLock<Arc<Pool>>,
+    flush: Arc<Notify>,
+    settings: PresenceSettings,
+}
+
+impl std::fmt::Debug for Presence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Presence").field("topic", &self.topic).finish_non_exhaustive()
+    }
+}
+
+/// Unix milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A fresh incarnation id: the start time in ms, with random low bits (two starts in one
+/// millisecond still differ). Later starts compare greater.
+pub fn incarnation() -> u64 {
+    let mut b = [0u8; 2];
+    let _ = getrandom::fill(&mut b);
+    (now_ms() << 16) | u64::from(u16::from_le_bytes(b))
+}
+
+impl Presence {
+    /// The service for replica `settings.replica_id`; its will (for the pool connection that
+    /// carries `topic`) is [`Presence::will`]. Publishing starts with [`Presence::attach`].
+    pub fn new(settings: &PresenceSettings, layout: &TopicLayout, max_message_bytes: usize) -> Arc<Self> {
+        let cfg = core::Config {
+            replica: settings.replica_id.as_str().into(),
+            incarnation: incarnation(),
+            heartbeat_ms: settings.heartbeat.as_millis() as u64,
+            replica_timeout_ms: settings.replica_timeout.as_millis() as u64,
+            grace_ms: settings.grace.as_millis() as u64,
+            sync_retry_ms: (settings.heartbeat.as_millis() as u64).max(500),
+            snapshot_interval_ms: 1000,
+            max_room_members: settings.max_room_members,
+            max_state_bytes: settings.max_state_bytes,
+            max_message_bytes: max_message_bytes.clamp(4096, 256 << 10),
+            max_replicas: 1024,
+        };
+        Arc::new(Self {
+            topic: layout.presence_topic(&settings.replica_id),
+            filter: layout.presence_filter(),
+            state: Mutex::new(State {
+                core: Core::new(cfg),
+                listeners: Listeners::default(),
+            }),
+            pool: OnceLock::new(),
+            flush: Arc::new(Notify::new()),
+            settings: settings.clone(),
+        })
+    }
+
+    pub fn settings(&self) -> &PresenceSettings {
+        &self.settings
+    }
+
+    /// The topic this replica publishes on.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The last will: `Gone` for this incarnation.
+    pub fn will(&self) -> Bytes {
+        self.state.lock().core.will().encode()
+    }
+
+    /// Starts publishing through `pool`, subscribes the presence filter and runs the ticker
+    /// and the flusher. Must be called inside a Tokio runtime.
+    pub fn attach(self: &Arc<Self>, pool: Arc<Pool>) {
+        let filter: Arc<str> = self.filter.as_str().into();
+        pool.subscribe(&filter, crate::upstream::qos(1), SUBSCRIPTION_ID);
+        let _ = self.pool.set(pool);
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(p) = weak.upgrade() else { return };
+                p.run(|core, fx| core.tick(now_ms(), fx));
+            }
+        });
+        let weak = Arc::downgrade(self);
+        let flush = self.flush.clone();
+        tokio::spawn(async move {
+            loop {
+                flush.notified().await;
+                let Some(p) = weak.upgrade() else { return };
+                p.run(|core, fx| core.flush(fx));
+                drop(p);
+                tokio::time::sleep(FLUSH_PAUSE).await;
+            }
+        });
+    }
+
+    /// Runs `f` on the core under the lock, then delivers its effects outside it.
+    fn run<R>(&self, f: impl FnOnce(&mut Core, &mut Effects) -> R) -> R {
+        let mut fx = Effects::default();
+        let (r, deliveries) = {
+            let mut st = self.state.lock();
+            let r = f(&mut st.core, &mut fx);
+            let deliveries = route(&st.listeners, &fx.events);
+            (r, deliveries)
+        };
+        deliver(deliveries);
+        self.publish(fx.messages);
+        r
+    }
+
+    fn publish(&self, messages: Vec<message::Message>) {
+        if messages.is_empty() {
+            return;
+        }
+        let Some(pool) = self.pool.get() else {
+            return;
+        };
+        for m in messages {
+            // A refused publish (saturated pool) is a gap the others see and repair by
+            // asking for a snapshot.
+            if let Err(e) = pool.publish(
+                self.topic.clone(),
+                crate::upstream::qos(1),
+                false,
+                m.encode(),
+                None,
+            ) {
+                tracing::debug!(error = %e, "presence message not published");
+            }
+        }
+    }
+
+    /// A message from the broker on the presence filter.
+    pub fn on_upstream(&self, payload: &[u8]) {
+        match message::Message::decode(payload) {
+            Ok(m) => self.run(|core, fx| core.on_message(m, now_ms(), fx)),
+            Err(e) => tracing::debug!(error = %e, "presence message ignored"),
+        }
+    }
+
+    /// Connection `conn` (whose frames go to `outbox`) of `actor` is in `room` with `data`.
+    /// Returns the frames for the connection itself that the events do not carry: its own
+    /// `join` and `update` when it enters a room where its actor was already present.
+    pub fn set(
+        &self,
+        conn: ConnId,
+        outbox: &Outbox,
+        room: RoomKey,
+        actor: &Arc<str>,
+        data: Bytes,
+    ) -> Result<Vec<Bytes>, Refusal> {
+        let now = now_ms();
+        let mut fx = Effects::default();
+        let (outcome, member, deliveries) = {
+            let mut st = self.state.lock();
+            let st = &mut *st;
+            let previous = st.core.room_of(conn).cloned();
+            let outcome = st.core.set(conn, room.clone(), actor.clone(), data, now, &mut fx)?;
+            if let Some(prev) = previous.filter(|p| *p != room)
+                && let Some(l) = st.listeners.rooms.get_mut(&prev)
+            {
+                l.remove(&conn);
+                if l.is_empty() {
+                    st.listeners.rooms.remove(&prev);
+                }
+            }
+            // Listening from now on: the events below (join, update) include the sender.
+            st.listeners
+                .rooms
+                .entry(room.clone())
+                .or_default()
+                .insert(conn, outbox.clone());
+            let member = st.core.member(&room, actor);
+            (outcome, member, route(&st.listeners, &fx.events))
+        };
+        deliver(deliveries);
+        self.flush.notify_one();
+        let mut own = Vec::new();
+        if outcome.entered
+            && !outcome.announced_join
+            && let Some(m) = member
+        {
+            own.push(frames::event(EventKind::Join, actor, Some(&m)));
+            own.push(frames::event(EventKind::Update, actor, Some(&m)));
+        }
+        Ok(own)
+    }
+
+    /// Connection `conn` leaves its room: at once, or after the grace period when `linger`
+    /// (an abnormal close).
+    pub fn leave(&self, conn: ConnId, linger: bool) {
+        self.end(conn, linger, false);
+    }
+
+    /// Connection `conn` closed: it leaves its room ([`Presence::leave`]) and every lobby.
+    pub fn close(&self, conn: ConnId, linger: bool) {
+        self.end(conn, linger, true);
+    }
+
+    fn end(&self, conn: ConnId, linger: bool, lobbies: bool) {
+        let now = now_ms();
+        let mut fx = Effects::default();
+        let deliveries = {
+            let mut st = self.state.lock();
+            let st = &mut *st;
+            if let Some(room) = st.core.room_of(conn).cloned()
+                && let Some(l) = st.listeners.rooms.get_mut(&room)
+            {
+                l.remove(&conn);
+                if l.is_empty() {
+                    st.listeners.rooms.remove(&room);
+                }
+            }
+            if lobbies {
+                st.listeners.lobbies.retain(|_, subs| {
+                    subs.retain(|s| s.conn != conn);
+                    !subs.is_empty()
+                });
+            }
+            st.core.close(conn, linger, now, &mut fx);
+            route(&st.listeners, &fx.events)
+        };
+        deliver(deliveries);
+        self.flush.notify_one();
+        self.publish(fx.messages);
+    }
+
+    /// The members of `room`.
+    pub fn members(&self, room: &RoomKey) -> Vec<(Arc<str>, Member)> {
+        self.state.lock().core.members(room)
+    }
+
+    /// The room connection `conn` is in.
+    pub fn room_of(&self, conn: ConnId) -> Option<RoomKey> {
+        self.state.lock().core.room_of(conn).cloned()
+    }
+
+    /// The members of each of `rooms` of app `key`.
+    pub fn lobby_view(&self, key: &RoomKey, rooms: &[Arc<str>]) -> LobbyView {
+        let st = self.state.lock();
+        rooms
+            .iter()
+            .map(|r| {
+                let room = RoomKey {
+                    room: r.clone(),
+                    ..key.clone()
+                };
+                (r.clone(), st.core.members(&room))
+            })
+            .collect()
+    }
+
+    /// Follows lobby `slug` (rooms of `key`'s app and namespace) and returns its current view.
+    /// `key.room` is ignored. Subscribing again replaces the room set.
+    pub fn lobby_subscribe(
+        &self,
+        conn: ConnId,
+        outbox: &Outbox,
+        key: &RoomKey,
+        slug: &Arc<str>,
+        rooms: &[Arc<str>],
+    ) -> LobbyView {
+        let mut st = self.state.lock();
+        let app: AppKey = (key.project.clone(), key.app.clone(), key.scope.clone());
+        let subs = st.listeners.lobbies.entry(app).or_default();
+        subs.retain(|s| !(s.conn == conn && s.slug == *slug));
+        subs.push(LobbyListener {
+            conn,
+            slug: slug.clone(),
+            rooms: rooms.iter().cloned().collect(),
+            outbox: outbox.clone(),
+        });
+        rooms
+            .iter()
+            .map(|r| {
+                let room = RoomKey {
+                    room: r.clone(),
+                    ..key.clone()
+                };
+                (r.clone(), st.core.members(&room))
+            })
+            .collect()
+    }
+
+    /// Stops following lobby `slug`.
+    pub fn lobby_unsubscribe(&self, conn: ConnId, slug: &str) {
+        let mut st = self.state.lock();
+        st.listeners.lobbies.retain(|_, subs| {
+            subs.retain(|s| !(s.conn == conn && &*s.slug == slug));
+            !subs.is_empty()
+        });
+    }
+
+    /// A graceful drain: every member of this replica leaves, and one goodbye tells the
+    /// others at once (instead of their timeout).
+    pub fn goodbye(&self) {
+        let mut fx = Effects::default();
+        let (bye, deliveries) = {
+            let mut st = self.state.lock();
+            let bye = st.core.goodbye(now_ms(), &mut fx);
+            (bye, route(&st.listeners, &fx.events))
+        };
+        deliver(deliveries);
+        fx.messages.push(bye);
+        self.publish(fx.messages);
+    }
+
+    /// Replicas heard from and alive, besides this one.
+    pub fn live_replicas(&self) -> usize {
+        self.state.lock().core.live_replicas()
+    }
+}
+
+/// Who gets one event: the room's listeners, and the lobby listeners following the room.
+struct Targets {
+    event: Event,
+    room: Vec<Outbox>,
+    lobbies: Vec<(Arc<str>, Outbox)>,
+}
+
+/// The listeners of each event (under the lock: clones of their outboxes, no encoding).
+fn route(listeners: &Listeners, events: &[Event]) -> Vec<Targets> {
+    let mut out = Vec::with_capacity(events.len());
+    for e in events {
+        let room = listeners
+            .rooms
+            .get(&e.room)
+            .map(|r| r.values().cloned().collect())
+            .unwrap_or_default();
+        let app: AppKey = (e.room.project.clone(), e.room.app.clone(), e.room.scope.clone());
+        let lobbies = listeners
+            .lobbies
+            .get(&app)
+            .map(|subs| {
+                subs.iter()
+                    .filter(|s| s.rooms.contains(&e.room.room))
+                    .map(|s| (s.slug.clone(), s.outbox.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push(Targets {
+            event: e.clone(),
+            room,
+            lobbies,
+        });
+    }
+    out
+}
+
+/// Encodes each distinct frame once and queues it for its listeners, without waiting (a full
+/// outbox marks its own session a slow consumer; nobody else waits).
+fn deliver(targets: Vec<Targets>) {
+    for t in targets {
+        let e = &t.event;
+        if !t.room.is_empty() {
+            let frame = frames::event(e.kind, &e.actor, e.member.as_ref());
+            for o in &t.room {
+                o.push(frame.clone());
+            }
+        }
+        let mut by_slug: HashMap<&str, Bytes> = HashMap::new();
+        for (slug, o) in &t.lobbies {
+            let frame = by_slug
+                .entry(slug)
+                .or_insert_with(|| {
+                    frames::lobby_event(e.kind, slug, &e.room.room, &e.actor, e.member.as_ref())
+                })
+                .clone();
+            o.push(frame);
+        }
+    }
+}
