@@ -50,12 +50,18 @@ fn sha(token: &str) -> String {
 
 /// The whole `proxy.yaml`: `limits` and `upstream` are flow-map entries (`key: value`).
 fn config(limits: &[&str], upstream: &[&str]) -> String {
+    config_with_presence(limits, upstream, &[])
+}
+
+/// [`config`] with `presence:` settings (flow-map entries).
+fn config_with_presence(limits: &[&str], upstream: &[&str], presence: &[&str]) -> String {
     let mut up = vec!["pool: 1"];
     up.extend_from_slice(upstream);
     format!(
         r#"
 upstream: {{ {up} }}
 limits: {{ {limits} }}
+presence: {{ {presence} }}
 policy:
   projects:
     - id: demo
@@ -73,6 +79,9 @@ policy:
             - slug: lobby
             - slug: vip
               actors: [alice, billing]
+          lobbies:
+            - {{ slug: hall, rooms: [general, lobby, vip] }}
+            - {{ slug: backstage, rooms: [vip] }}
       actors:
         - {{ id: alice, type: user }}
         - {{ id: sensor-1, type: device, token_sha256: "{s1}" }}
@@ -81,6 +90,7 @@ policy:
 "#,
         up = up.join(", "),
         limits = limits.join(", "),
+        presence = presence.join(", "),
         s1 = sha(SENSOR),
         s2 = sha(ACME_SENSOR),
         billing = sha(BILLING),
@@ -364,21 +374,15 @@ async fn frames_not_acted_on_are_ignored_silently() {
         ("type", Value::from("publish")),
         ("topic", Value::from("chat/general/messages")),
     ]));
-    // A second auth (PROTOCOL §7), presence and lobbies (not served), acks (no recording).
+    // A second auth (PROTOCOL §7), presence without data or lobby frames without lobbyId
+    // (required keys missing), acks (no recording).
     c.silent(&frame(&[
         ("type", Value::from("auth")),
         ("token", Value::from(SENSOR)),
     ]));
-    c.silent(&frame(&[
-        ("type", Value::from("presence")),
-        ("data", Value::Map(vec![])),
-    ]));
-    c.silent(&frame(&[("type", Value::from("getPresence"))]));
+    c.silent(&frame(&[("type", Value::from("presence"))]));
     for t in ["lobbySubscribe", "lobbyUnsubscribe", "getLobbyPresence"] {
-        c.silent(&frame(&[
-            ("type", Value::from(t)),
-            ("lobbyId", Value::from("l1")),
-        ]));
+        c.silent(&frame(&[("type", Value::from(t))]));
     }
     c.silent(&frame(&[
         ("type", Value::from("ack")),
@@ -1794,3 +1798,5 @@ async fn reevaluate_closes_when_the_actor_is_gone_or_moved() {
     );
     assert!(out.is_empty());
 }
+
+mod presence;
