@@ -664,6 +664,12 @@ impl Router {
     }
 
     fn on_subscription_result(&self, filter: &str, id: usize, granted: bool) {
+        if id == crate::presence::SUBSCRIPTION_ID {
+            if let Some(p) = self.presence.get().and_then(std::sync::Weak::upgrade) {
+                p.on_subscribed(granted);
+            }
+            return;
+        }
         let Some(shard) = self.shards.get(lane_of(id)) else {
             return;
         };

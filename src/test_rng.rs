@@ -27,4 +27,3 @@ impl Rng {
         &items[self.below(items.len())]
     }
 }
-

@@ -11,7 +11,8 @@ mod settings;
 
 pub use load::{Loaded, Sources, load, load_str, load_with_env, parse_policy_file, parse_yaml};
 pub use settings::{
-    Broker, Limits, LogFormat, LogSettings, PresenceSettings, ReloadSettings, Settings, TlsSettings, UpstreamSettings,
+    Broker, Limits, LogFormat, LogSettings, PresenceSettings, ReloadSettings, Settings,
+    TlsSettings, UpstreamSettings,
 };
 
 /// The config file used when `--config` is not given.

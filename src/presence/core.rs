@@ -55,7 +55,11 @@ pub struct RoomKey {
 impl RoomKey {
     /// Bytes this key costs in the state bound.
     fn cost(&self) -> usize {
-        self.project.len() + self.app.len() + self.scope.as_deref().map_or(0, str::len) + self.room.len() + 64
+        self.project.len()
+            + self.app.len()
+            + self.scope.as_deref().map_or(0, str::len)
+            + self.room.len()
+            + 64
     }
 }
 
@@ -178,6 +182,11 @@ struct Remote {
     log_bytes: usize,
 }
 
+/// What snapshots may cost this replica's broker connection on average: after a snapshot of
+/// `n` bytes the next waits `n / SNAPSHOT_BYTES_PER_SECOND` (and at least the configured
+/// interval), however many replicas ask.
+const SNAPSHOT_BYTES_PER_SECOND: usize = 8 << 20;
+
 /// Deltas kept per replica for rebasing a snapshot, at most…
 const LOG_MESSAGES: usize = 128;
 /// …and at most this many bytes of them.
@@ -190,6 +199,9 @@ pub struct Effects {
     pub messages: Vec<Message>,
 }
 
+/// One room's members announced by this replica: actor → (member, its connections here).
+type LocalMembers = HashMap<Arc<str>, (Member, Vec<ConnId>)>;
+
 /// The presence state of one replica.
 #[derive(Debug)]
 pub struct Core {
@@ -198,7 +210,7 @@ pub struct Core {
     seq: u64,
     conns: HashMap<ConnId, LocalConn>,
     /// What this replica announces: room → actor → (member, its connections).
-    local: HashMap<RoomKey, HashMap<Arc<str>, (Member, Vec<ConnId>)>>,
+    local: HashMap<RoomKey, LocalMembers>,
     remotes: HashMap<Arc<str>, Remote>,
     /// Merged member count per room (for `max_room_members`).
     counts: HashMap<RoomKey, usize>,
@@ -207,8 +219,10 @@ pub struct Core {
     pending: Vec<Op>,
     last_heartbeat: u64,
     last_snapshot: Option<u64>,
+    /// Bytes of the last snapshot: large ones space the next one out
+    /// ([`SNAPSHOT_BYTES_PER_SECOND`]).
+    last_snapshot_bytes: usize,
     snapshot_wanted: bool,
-    started: bool,
     /// Remote ops dropped because the state bound was reached (for the log and metrics).
     pub dropped_ops: u64,
 }
@@ -226,8 +240,8 @@ impl Core {
             pending: Vec::new(),
             last_heartbeat: 0,
             last_snapshot: None,
+            last_snapshot_bytes: 0,
             snapshot_wanted: false,
-            started: false,
             dropped_ops: 0,
         }
     }
@@ -428,7 +442,9 @@ impl Core {
                 }
             }
         }
-        if old.as_ref().map(|m| (&m.data, m.joined_at)) != announced.as_ref().map(|m| (&m.data, m.joined_at)) {
+        if old.as_ref().map(|m| (&m.data, m.joined_at))
+            != announced.as_ref().map(|m| (&m.data, m.joined_at))
+        {
             self.pending.push(match &announced {
                 Some(m) => Op::Set {
                     room: room.clone(),
@@ -489,12 +505,6 @@ impl Core {
     /// Expires lingering connections and silent replicas, heartbeats, answers sync requests
     /// and publishes pending ops. Call often (every ~100 ms) and after every local change.
     pub fn tick(&mut self, now: u64, fx: &mut Effects) {
-        if !self.started {
-            // Hello: everyone answers with a snapshot, so a late starter converges at once.
-            self.started = true;
-            self.push(Body::SyncRequest { target: None }, fx);
-            self.last_heartbeat = now;
-        }
         // (Sorted, here and below: the same inputs give the same outputs, which a seeded
         // simulation needs to replay.)
         let mut expired: Vec<ConnId> = self
@@ -523,17 +533,24 @@ impl Core {
             .iter()
             // Dead ones too: a replica declared dead that is heard from again (its will went
             // out while it lived) is asked until its snapshot revives it.
-            .filter(|(_, r)| r.wants_sync.is_some_and(|t| now.saturating_sub(t) >= self.cfg.sync_retry_ms))
+            .filter(|(_, r)| {
+                r.wants_sync
+                    .is_some_and(|t| now.saturating_sub(t) >= self.cfg.sync_retry_ms)
+            })
             .map(|(id, _)| id.clone())
             .collect();
         retry.sort();
         for id in retry {
             self.request_sync(&id, now, fx);
         }
+        let pause = self
+            .cfg
+            .snapshot_interval_ms
+            .max((self.last_snapshot_bytes as u64 * 1000) / SNAPSHOT_BYTES_PER_SECOND as u64);
         if self.snapshot_wanted
             && self
                 .last_snapshot
-                .is_none_or(|t| now.saturating_sub(t) >= self.cfg.snapshot_interval_ms)
+                .is_none_or(|t| now.saturating_sub(t) >= pause)
         {
             self.snapshot(now, fx);
         }
@@ -542,6 +559,13 @@ impl Core {
             self.last_heartbeat = now;
             fx.messages.push(self.message(Body::Heartbeat));
         }
+    }
+
+    /// Hello: asks every replica for its snapshot. Sent once this replica receives the
+    /// presence topics (the broker granted its subscription, again after a reconnect), so a
+    /// late starter converges as soon as the answers arrive.
+    pub fn hello(&mut self, fx: &mut Effects) {
+        self.push(Body::SyncRequest { target: None }, fx);
     }
 
     /// Publishes the pending ops as deltas (cut to `max_message_bytes`).
@@ -618,10 +642,18 @@ impl Core {
                 member: m.clone(),
             })
             .collect();
+        self.last_snapshot_bytes = ops.iter().map(Op::encoded_len).sum();
         let parts = chunks(ops, self.cfg.max_message_bytes);
         let total = parts.len().max(1) as u32;
         if parts.is_empty() {
-            self.push(Body::Snapshot { part: 0, parts: 1, ops: Vec::new() }, fx);
+            self.push(
+                Body::Snapshot {
+                    part: 0,
+                    parts: 1,
+                    ops: Vec::new(),
+                },
+                fx,
+            );
         }
         for (i, ops) in parts.into_iter().enumerate() {
             self.push(
@@ -644,7 +676,9 @@ impl Core {
             match m.body {
                 // Our own will, while we are alive: the others dropped our members.
                 Body::Gone if m.incarnation == self.cfg.incarnation => {
-                    tracing::info!("presence: this replica's last will was published; announcing again");
+                    tracing::info!(
+                        "presence: this replica's last will was published; announcing again"
+                    );
                     self.snapshot_wanted = true;
                 }
                 Body::SyncRequest { target: None } if m.incarnation != self.cfg.incarnation => {
@@ -694,6 +728,7 @@ impl Core {
         let Some(r) = self.remotes.get_mut(&id) else {
             return;
         };
+        tracing::trace!(replica = %id, incarnation = m.incarnation, seq = m.seq, applied = r.applied, dead = r.dead, kind = m.body.kind(), "presence message");
         r.heard = now;
         match m.body {
             Body::SyncRequest { .. } => {
@@ -718,7 +753,9 @@ impl Core {
                     r.log_bytes += ops.iter().map(Op::encoded_len).sum::<usize>();
                     r.log.insert(m.seq, ops.clone());
                     while r.log.len() > LOG_MESSAGES || r.log_bytes > LOG_BYTES {
-                        let Some((_, old)) = r.log.pop_first() else { break };
+                        let Some((_, old)) = r.log.pop_first() else {
+                            break;
+                        };
                         r.log_bytes = r
                             .log_bytes
                             .saturating_sub(old.iter().map(Op::encoded_len).sum::<usize>());
@@ -765,7 +802,11 @@ impl Core {
                 };
                 // The snapshot, then every logged delta after it, in order.
                 let mut desired: HashMap<(RoomKey, Arc<str>), Member> = HashMap::new();
-                let mut later = got.into_values().flatten().map(|op| (seq, op)).collect::<Vec<_>>();
+                let mut later = got
+                    .into_values()
+                    .flatten()
+                    .map(|op| (seq, op))
+                    .collect::<Vec<_>>();
                 let mut top = seq;
                 let mut contiguous = true;
                 for (s, ops) in r.log.range(seq + 1..) {
@@ -775,7 +816,11 @@ impl Core {
                 }
                 for (_, op) in later {
                     match op {
-                        Op::Set { room, actor, member } => {
+                        Op::Set {
+                            room,
+                            actor,
+                            member,
+                        } => {
                             desired.insert((room, actor), member);
                         }
                         Op::Remove { room, actor } => {
@@ -799,7 +844,9 @@ impl Core {
     /// Applies one op of replica `id`.
     fn apply(&mut self, id: &Arc<str>, op: Op, fx: &mut Effects) {
         let (room, actor) = match &op {
-            Op::Set { room, actor, .. } | Op::Remove { room, actor } => (room.clone(), actor.clone()),
+            Op::Set { room, actor, .. } | Op::Remove { room, actor } => {
+                (room.clone(), actor.clone())
+            }
         };
         let before = self.member(&room, &actor);
         let Some(r) = self.remotes.get_mut(id) else {
@@ -808,18 +855,32 @@ impl Core {
         match op {
             Op::Set { member, .. } => {
                 let cost = member.cost(&actor);
-                let old = r.members.get(&room).and_then(|m| m.get(&actor)).map(|m| m.cost(&actor));
-                let room_cost = if r.members.contains_key(&room) { 0 } else { room.cost() };
-                if self.state_bytes + cost + room_cost > self.cfg.max_state_bytes + old.unwrap_or(0) {
+                let old = r
+                    .members
+                    .get(&room)
+                    .and_then(|m| m.get(&actor))
+                    .map(|m| m.cost(&actor));
+                let room_cost = if r.members.contains_key(&room) {
+                    0
+                } else {
+                    room.cost()
+                };
+                if self.state_bytes + cost + room_cost > self.cfg.max_state_bytes + old.unwrap_or(0)
+                {
                     self.dropped_ops += 1;
                     return;
                 }
-                if before.is_none() && self.counts.get(&room).copied().unwrap_or(0) >= self.cfg.max_room_members {
+                if before.is_none()
+                    && self.counts.get(&room).copied().unwrap_or(0) >= self.cfg.max_room_members
+                {
                     self.dropped_ops += 1;
                     return;
                 }
                 self.state_bytes = self.state_bytes + cost + room_cost - old.unwrap_or(0);
-                r.members.entry(room.clone()).or_default().insert(actor.clone(), member);
+                r.members
+                    .entry(room.clone())
+                    .or_default()
+                    .insert(actor.clone(), member);
             }
             Op::Remove { .. } => {
                 if let Some(m) = r.members.get_mut(&room) {
@@ -863,7 +924,15 @@ impl Core {
         let mut sets: Vec<_> = wanted.into_iter().collect();
         sets.sort_by(|a, b| a.0.cmp(&b.0));
         for ((room, actor), member) in sets {
-            self.apply(id, Op::Set { room, actor, member }, fx);
+            self.apply(
+                id,
+                Op::Set {
+                    room,
+                    actor,
+                    member,
+                },
+                fx,
+            );
         }
     }
 

@@ -80,6 +80,19 @@ pub enum Body {
     Gone,
 }
 
+impl Body {
+    /// The kind, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Body::Delta { .. } => "delta",
+            Body::Snapshot { .. } => "snapshot",
+            Body::Heartbeat => "heartbeat",
+            Body::SyncRequest { .. } => "sync request",
+            Body::Gone => "gone",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     pub replica: Arc<str>,
@@ -367,7 +380,10 @@ mod tests {
             } {
                 let mut one = Vec::new();
                 write_ops(&mut one, std::slice::from_ref(&op));
-                assert!(op.encoded_len() + 4 >= one.len(), "encoded_len under-counts");
+                assert!(
+                    op.encoded_len() + 4 >= one.len(),
+                    "encoded_len under-counts"
+                );
             }
         }
     }
@@ -382,7 +398,10 @@ mod tests {
         }
         .encode();
         for cut in 0..good.len() {
-            assert!(Message::decode(&good[..cut]).is_err(), "prefix {cut} accepted");
+            assert!(
+                Message::decode(&good[..cut]).is_err(),
+                "prefix {cut} accepted"
+            );
         }
         let mut v2 = Vec::new();
         rmp::encode::write_map_len(&mut v2, 1).unwrap();

@@ -81,7 +81,9 @@ pub struct Presence {
 
 impl std::fmt::Debug for Presence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Presence").field("topic", &self.topic).finish_non_exhaustive()
+        f.debug_struct("Presence")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
     }
 }
 
@@ -103,7 +105,11 @@ pub fn incarnation() -> u64 {
 impl Presence {
     /// The service for replica `settings.replica_id`; its will (for the pool connection that
     /// carries `topic`) is [`Presence::will`]. Publishing starts with [`Presence::attach`].
-    pub fn new(settings: &PresenceSettings, layout: &TopicLayout, max_message_bytes: usize) -> Arc<Self> {
+    pub fn new(
+        settings: &PresenceSettings,
+        layout: &TopicLayout,
+        max_message_bytes: usize,
+    ) -> Arc<Self> {
         let cfg = core::Config {
             replica: settings.replica_id.as_str().into(),
             incarnation: incarnation(),
@@ -111,7 +117,8 @@ impl Presence {
             replica_timeout_ms: settings.replica_timeout.as_millis() as u64,
             grace_ms: settings.grace.as_millis() as u64,
             sync_retry_ms: (settings.heartbeat.as_millis() as u64).max(500),
-            snapshot_interval_ms: 1000,
+            // A late starter waits at most this (plus the broker's round trip) for everyone.
+            snapshot_interval_ms: 250,
             max_room_members: settings.max_room_members,
             max_state_bytes: settings.max_state_bytes,
             max_message_bytes: max_message_bytes.clamp(4096, 256 << 10),
@@ -209,6 +216,16 @@ impl Presence {
         }
     }
 
+    /// The broker answered the presence subscription (after every connect): when granted,
+    /// say hello, so that every replica sends its snapshot.
+    pub fn on_subscribed(&self, granted: bool) {
+        if granted {
+            self.run(|core, fx| core.hello(fx));
+        } else {
+            tracing::error!(filter = %self.filter, "the broker refused the presence subscription: presence is local to this replica");
+        }
+    }
+
     /// A message from the broker on the presence filter.
     pub fn on_upstream(&self, payload: &[u8]) {
         match message::Message::decode(payload) {
@@ -234,7 +251,9 @@ impl Presence {
             let mut st = self.state.lock();
             let st = &mut *st;
             let previous = st.core.room_of(conn).cloned();
-            let outcome = st.core.set(conn, room.clone(), actor.clone(), data, now, &mut fx)?;
+            let outcome = st
+                .core
+                .set(conn, room.clone(), actor.clone(), data, now, &mut fx)?;
             if let Some(prev) = previous.filter(|p| *p != room)
                 && let Some(l) = st.listeners.rooms.get_mut(&prev)
             {
@@ -406,7 +425,11 @@ fn route(listeners: &Listeners, events: &[Event]) -> Vec<Targets> {
             .get(&e.room)
             .map(|r| r.values().cloned().collect())
             .unwrap_or_default();
-        let app: AppKey = (e.room.project.clone(), e.room.app.clone(), e.room.scope.clone());
+        let app: AppKey = (
+            e.room.project.clone(),
+            e.room.app.clone(),
+            e.room.scope.clone(),
+        );
         let lobbies = listeners
             .lobbies
             .get(&app)

@@ -54,6 +54,12 @@ fn config(replica: usize, incarnation: u64) -> Config {
     }
 }
 
+/// A core whose hello was sent into the void (the first replicas start together).
+fn hello(mut core: Core) -> Core {
+    core.hello(&mut Effects::default());
+    core
+}
+
 fn keys() -> Vec<RoomKey> {
     let mut out = Vec::new();
     for project in ["p", "q"] {
@@ -110,7 +116,7 @@ impl Sim {
     fn new(seed: u64) -> Self {
         let replicas = (0..REPLICAS)
             .map(|i| Replica {
-                core: Some(Core::new(config(i, 1))),
+                core: Some(hello(Core::new(config(i, 1)))),
                 incarnation: 1,
                 up_since: 0,
                 seen: HashMap::new(),
@@ -148,7 +154,11 @@ impl Sim {
                     self.count("dropped");
                     continue;
                 }
-                let copies = if self.lossy && self.rng.chance(30) { 2 } else { 1 };
+                let copies = if self.lossy && self.rng.chance(30) {
+                    2
+                } else {
+                    1
+                };
                 for _ in 0..copies {
                     let at = self.now + 1 + self.rng.below(MAX_DELAY as usize) as u64;
                     self.order += 1;
@@ -164,7 +174,10 @@ impl Sim {
     fn effects(&mut self, replica: usize, fx: Effects) {
         if std::env::var("CUTTLE_PRESENCE_TRACE").is_ok() {
             for e in &fx.events {
-                eprintln!("{} r{replica} event {:?} {} {:?}", self.now, e.kind, e.actor, e.room);
+                eprintln!(
+                    "{} r{replica} event {:?} {} {:?}",
+                    self.now, e.kind, e.actor, e.room
+                );
             }
             for m in &fx.messages {
                 eprintln!("{} r{replica} sends {:?}", self.now, m);
@@ -179,10 +192,16 @@ impl Sim {
                 e.room
             );
             let key = (e.room.clone(), e.actor.clone());
-            let present = self.replicas[replica].seen.get(&key).copied().unwrap_or(false);
+            let present = self.replicas[replica]
+                .seen
+                .get(&key)
+                .copied()
+                .unwrap_or(false);
             match e.kind {
                 EventKind::Join => assert!(!present, "replica {replica}: {key:?} joined twice"),
-                EventKind::Update => assert!(present, "replica {replica}: update of absent {key:?}"),
+                EventKind::Update => {
+                    assert!(present, "replica {replica}: update of absent {key:?}")
+                }
                 EventKind::Leave => {
                     assert!(present, "replica {replica}: leave of absent {key:?}");
                     self.check_leave(replica, &e.room, &e.actor);
@@ -203,12 +222,18 @@ impl Sim {
                 continue;
             }
             if c.replica == at {
-                panic!("replica {at} reported {actor} leaving {room:?} at {now} while connected to it");
+                panic!(
+                    "replica {at} reported {actor} leaving {room:?} at {now} while connected to it"
+                );
             }
             let host = &self.replicas[c.replica];
             let settled = |t: u64| t + SETTLE <= now;
             let blipped = host.blips.iter().any(|b| b + SETTLE > now);
-            if settled(c.since) && settled(host.up_since) && settled(self.replicas[at].up_since) && !blipped {
+            if settled(c.since)
+                && settled(host.up_since)
+                && settled(self.replicas[at].up_since)
+                && !blipped
+            {
                 panic!(
                     "replica {at} reported {actor} leaving {room:?} at {now} while connected to replica {} since {}",
                     c.replica, c.since
@@ -228,7 +253,9 @@ impl Sim {
     }
 
     fn live(&self) -> Vec<usize> {
-        (0..REPLICAS).filter(|r| self.replicas[*r].core.is_some()).collect()
+        (0..REPLICAS)
+            .filter(|r| self.replicas[*r].core.is_some())
+            .collect()
     }
 
     fn data(&mut self) -> Bytes {
@@ -260,25 +287,35 @@ impl Sim {
                 },
             );
             self.with_core(r, |core, now, fx| {
-                core.set(id, room, actor, data, now, fx).expect("within bounds");
+                core.set(id, room, actor, data, now, fx)
+                    .expect("within bounds");
             });
         } else if roll < 45 && !open.is_empty() {
             let id = *self.rng.pick(&open);
             let data = self.data();
-            let Some(c) = self.conns.get_mut(&id) else { return };
+            let Some(c) = self.conns.get_mut(&id) else {
+                return;
+            };
             c.data = data.clone();
             c.updated = self.now;
             let (r, room, actor) = (c.replica, c.room.clone(), c.actor.clone());
             self.with_core(r, |core, now, fx| {
-                core.set(id, room, actor, data, now, fx).expect("within bounds");
+                core.set(id, room, actor, data, now, fx)
+                    .expect("within bounds");
             });
         } else if roll < 55 && !open.is_empty() {
             // Room switch: same namespace, another room.
             let id = *self.rng.pick(&open);
             let data = self.data();
-            let Some(c) = self.conns.get_mut(&id) else { return };
+            let Some(c) = self.conns.get_mut(&id) else {
+                return;
+            };
             let room = RoomKey {
-                room: if &*c.room.room == "r1" { "r2".into() } else { "r1".into() },
+                room: if &*c.room.room == "r1" {
+                    "r2".into()
+                } else {
+                    "r1".into()
+                },
                 ..c.room.clone()
             };
             c.room = room.clone();
@@ -288,18 +325,23 @@ impl Sim {
             let (r, actor) = (c.replica, c.actor.clone());
             self.ever.insert((room.clone(), actor.clone()));
             self.with_core(r, |core, now, fx| {
-                core.set(id, room, actor, data, now, fx).expect("within bounds");
+                core.set(id, room, actor, data, now, fx)
+                    .expect("within bounds");
             });
         } else if roll < 75 && !open.is_empty() {
             let id = *self.rng.pick(&open);
             let linger = self.rng.chance(2);
-            let Some(c) = self.conns.remove(&id) else { return };
+            let Some(c) = self.conns.remove(&id) else {
+                return;
+            };
             self.with_core(c.replica, |core, now, fx| core.close(id, linger, now, fx));
         } else if roll < 77 && live.len() > 1 {
             let r = *self.rng.pick(&live);
             self.crash(r);
         } else if roll < 80 {
-            let down: Vec<usize> = (0..REPLICAS).filter(|r| self.replicas[*r].core.is_none()).collect();
+            let down: Vec<usize> = (0..REPLICAS)
+                .filter(|r| self.replicas[*r].core.is_none())
+                .collect();
             if !down.is_empty() {
                 let r = *self.rng.pick(&down);
                 self.restart(r);
@@ -333,11 +375,17 @@ impl Sim {
 
     fn restart(&mut self, r: usize) {
         self.count("restarts");
+        let now = self.now;
         let rep = &mut self.replicas[r];
         rep.incarnation += 1;
-        rep.core = Some(Core::new(config(r, rep.incarnation)));
-        rep.up_since = self.now;
+        let mut core = Core::new(config(r, rep.incarnation));
+        rep.up_since = now;
         rep.blips.clear();
+        // Its subscription is granted: it says hello (delivered like any message).
+        let mut fx = Effects::default();
+        core.hello(&mut fx);
+        rep.core = Some(core);
+        self.effects(r, fx);
     }
 
     /// Advances the clock by one step: deliveries due, ticks.
@@ -347,7 +395,9 @@ impl Sim {
             if at > self.now {
                 break;
             }
-            let Some((to, m)) = self.network.remove(&(at, order)) else { break };
+            let Some((to, m)) = self.network.remove(&(at, order)) else {
+                break;
+            };
             if std::env::var("CUTTLE_PRESENCE_TRACE").is_ok() {
                 eprintln!("{} r{to} receives {:?}", self.now, m);
             }
@@ -371,7 +421,9 @@ impl Sim {
             }
         }
         for r in self.live() {
-            let Some(core) = self.replicas[r].core.as_ref() else { continue };
+            let Some(core) = self.replicas[r].core.as_ref() else {
+                continue;
+            };
             for key in &self.keys {
                 let got: BTreeMap<Arc<str>, Bytes> = core
                     .members(key)
@@ -395,7 +447,10 @@ impl Sim {
                     .map(|((_, a), _)| a)
                     .collect();
                 let listed: BTreeSet<&Arc<str>> = want.keys().collect();
-                assert_eq!(seen, listed, "seed {seed}: replica {r}'s events disagree with its list of {key:?}");
+                assert_eq!(
+                    seen, listed,
+                    "seed {seed}: replica {r}'s events disagree with its list of {key:?}"
+                );
             }
         }
     }
@@ -457,7 +512,10 @@ fn replicas_converge_over_a_lossy_broker() {
     }
     // The faults the test is about did happen.
     for what in ["dropped", "crashes", "wills", "restarts", "blips", "checks"] {
-        assert!(total.get(what).copied().unwrap_or(0) > 0, "no {what} in the simulation: {total:?}");
+        assert!(
+            total.get(what).copied().unwrap_or(0) > 0,
+            "no {what} in the simulation: {total:?}"
+        );
     }
     eprintln!("presence simulation: {total:?}");
 }
@@ -468,7 +526,16 @@ fn a_restarted_replica_supersedes_its_old_incarnation_at_once() {
     let mut b_old = Core::new(config(1, 1));
     let room = keys()[0].clone();
     let mut fx = Effects::default();
-    b_old.set(7, room.clone(), "alice".into(), Bytes::from_static(&[0x80]), 10, &mut fx).unwrap();
+    b_old
+        .set(
+            7,
+            room.clone(),
+            "alice".into(),
+            Bytes::from_static(&[0x80]),
+            10,
+            &mut fx,
+        )
+        .unwrap();
     b_old.flush(&mut fx);
     let mut seen = Effects::default();
     for m in fx.messages {
@@ -478,7 +545,7 @@ fn a_restarted_replica_supersedes_its_old_incarnation_at_once() {
     // b restarts: its hello (a new incarnation) removes alice before any timeout.
     let mut b_new = Core::new(config(1, 2));
     let mut fx = Effects::default();
-    b_new.tick(30, &mut fx);
+    b_new.hello(&mut fx);
     let mut seen = Effects::default();
     for m in fx.messages {
         a.on_message(m, 40, &mut seen);
@@ -489,7 +556,16 @@ fn a_restarted_replica_supersedes_its_old_incarnation_at_once() {
     let mut seen = Effects::default();
     a.on_message(b_old.will(), 50, &mut seen);
     let mut fx = Effects::default();
-    b_old.set(8, room.clone(), "bob".into(), Bytes::from_static(&[0x80]), 60, &mut fx).unwrap();
+    b_old
+        .set(
+            8,
+            room.clone(),
+            "bob".into(),
+            Bytes::from_static(&[0x80]),
+            60,
+            &mut fx,
+        )
+        .unwrap();
     b_old.flush(&mut fx);
     for m in fx.messages {
         a.on_message(m, 70, &mut seen);
@@ -502,29 +578,52 @@ fn a_restarted_replica_supersedes_its_old_incarnation_at_once() {
 fn one_actor_on_two_replicas_is_one_member() {
     let mut a = Core::new(config(0, 1));
     let mut b = Core::new(config(1, 1));
-    // Both said hello (first ticks) before anything else.
-    a.tick(0, &mut Effects::default());
-    b.tick(0, &mut Effects::default());
+    // Both said hello before anything else.
+    a.hello(&mut Effects::default());
+    b.hello(&mut Effects::default());
     let room = keys()[0].clone();
     let mut fa = Effects::default();
-    a.set(1, room.clone(), "alice".into(), Bytes::from_static(&[0x81, 0xa1, b'x', 1]), 10, &mut fa).unwrap();
+    a.set(
+        1,
+        room.clone(),
+        "alice".into(),
+        Bytes::from_static(&[0x81, 0xa1, b'x', 1]),
+        10,
+        &mut fa,
+    )
+    .unwrap();
     a.flush(&mut fa);
     let mut fb = Effects::default();
-    b.set(2, room.clone(), "alice".into(), Bytes::from_static(&[0x81, 0xa1, b'x', 2]), 20, &mut fb).unwrap();
+    b.set(
+        2,
+        room.clone(),
+        "alice".into(),
+        Bytes::from_static(&[0x81, 0xa1, b'x', 2]),
+        20,
+        &mut fb,
+    )
+    .unwrap();
     b.flush(&mut fb);
     let mut ea = Effects::default();
     for m in fb.messages {
         a.on_message(m, 30, &mut ea);
     }
     // Already present on a: the newer data is an update, not a second join.
-    assert_eq!(ea.events.iter().map(|e| e.kind).collect::<Vec<_>>(), vec![EventKind::Update]);
+    assert_eq!(
+        ea.events.iter().map(|e| e.kind).collect::<Vec<_>>(),
+        vec![EventKind::Update]
+    );
     let members = a.members(&room);
     assert_eq!(members.len(), 1);
     assert_eq!(&members[0].1.data[..], &[0x81, 0xa1, b'x', 2]);
     // alice leaves a, but is still on b: no leave on a, her data stays b's.
     let mut ea = Effects::default();
     a.close(1, false, 40, &mut ea);
-    assert!(ea.events.iter().all(|e| e.kind != EventKind::Leave), "{:?}", ea.events);
+    assert!(
+        ea.events.iter().all(|e| e.kind != EventKind::Leave),
+        "{:?}",
+        ea.events
+    );
     assert_eq!(a.members(&room).len(), 1);
     // A gap (a lost delta) is repaired by a snapshot: b's leave is lost, its heartbeat shows
     // the gap, a asks, b answers.
@@ -538,7 +637,11 @@ fn one_actor_on_two_replicas_is_one_member() {
     for m in fb.messages {
         a.on_message(m, 1100, &mut ea);
     }
-    let asks: Vec<Message> = ea.messages.drain(..).filter(|m| matches!(m.body, Body::SyncRequest { .. })).collect();
+    let asks: Vec<Message> = ea
+        .messages
+        .drain(..)
+        .filter(|m| matches!(m.body, Body::SyncRequest { .. }))
+        .collect();
     assert_eq!(asks.len(), 1);
     let mut fb = Effects::default();
     for m in asks {
@@ -550,5 +653,8 @@ fn one_actor_on_two_replicas_is_one_member() {
         a.on_message(m, 1400, &mut ea);
     }
     assert!(a.members(&room).is_empty());
-    assert_eq!(ea.events.iter().map(|e| e.kind).collect::<Vec<_>>(), vec![EventKind::Leave]);
+    assert_eq!(
+        ea.events.iter().map(|e| e.kind).collect::<Vec<_>>(),
+        vec![EventKind::Leave]
+    );
 }

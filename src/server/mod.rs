@@ -81,6 +81,8 @@ pub struct Proxy {
     pub restore: Arc<restore::RestoreWriter>,
     /// Room presence and lobbies, shared with the other replicas through the broker.
     pub presence: Arc<crate::presence::Presence>,
+    /// Where the embedded broker listens (loopback), when `upstream.broker` is `embedded`.
+    pub embedded_broker: Option<SocketAddr>,
     pub settings: Settings,
     /// `limits.max_connections`, shared by handshakes and sessions.
     connections: Arc<http::Slots>,
@@ -108,10 +110,12 @@ impl Proxy {
     pub fn start(loaded: Loaded) -> Result<Arc<Self>, StartError> {
         let settings = loaded.settings.clone();
         let max_packet = settings.limits.max_frame_bytes + PACKET_OVERHEAD;
+        let mut embedded = None;
         let endpoint = match &settings.upstream.broker {
             #[cfg(feature = "embedded-broker")]
             Broker::Embedded => {
                 let b = crate::broker::start(max_packet, settings.upstream.pool * 4 + 64)?;
+                embedded = Some(b.addr);
                 Endpoint {
                     host: b.addr.ip().to_string(),
                     port: b.addr.port(),
@@ -133,12 +137,19 @@ impl Proxy {
             endpoint,
             hex::encode(instance),
             true,
+            embedded,
         ))
     }
 
     /// The proxy's parts on a pool to `endpoint`; `attach`: the router waits for the broker's
     /// SUBACKs and unsubscribes through the pool (always, but in unit tests).
-    fn assemble(loaded: Loaded, endpoint: Endpoint, instance: String, attach: bool) -> Arc<Self> {
+    fn assemble(
+        loaded: Loaded,
+        endpoint: Endpoint,
+        instance: String,
+        attach: bool,
+        embedded_broker: Option<SocketAddr>,
+    ) -> Arc<Self> {
         let settings = loaded.settings.clone();
         let max_packet = settings.limits.max_frame_bytes + PACKET_OVERHEAD;
         let store = PolicyStore::new(loaded);
@@ -169,6 +180,7 @@ impl Proxy {
             pool,
             restore,
             presence,
+            embedded_broker,
             connections: http::Slots::new(settings.limits.max_connections as usize),
             admin_slots: http::Slots::new(http::ADMIN_MAX_CONNECTIONS),
             actors: ActorConnections::default(),
@@ -194,7 +206,7 @@ impl Proxy {
             port: 1,
             tls: false,
         };
-        Self::assemble(loaded, endpoint, "test".into(), false)
+        Self::assemble(loaded, endpoint, "test".into(), false, None)
     }
 
     /// Ready: policy loaded (always, once constructed), upstream connected, not draining.

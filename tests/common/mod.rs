@@ -72,6 +72,8 @@ projects:
           - slug: lobby
           - slug: vip
             actors: [alice, billing]
+        lobbies:
+          - {{ slug: hall, rooms: [general, lobby, vip] }}
     actors:
       - {{ id: alice, type: user, scope: acme }}
       - {{ id: bob, type: user }}

@@ -74,12 +74,28 @@ pub async fn start_proxy_with(
     extra: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> TestProxy {
-    let dir = tempfile::tempdir().unwrap();
-    copy_key_fixtures(dir.path());
-    // A unique prefix per proxy keeps tests sharing one Mosquitto apart.
+    start_replica(broker_line, &unique_prefix(), upstream_extra, extra, env).await
+}
+
+/// A topic prefix no other test uses: it keeps tests sharing one Mosquitto apart.
+pub fn unique_prefix() -> String {
     let mut b = [0u8; 6];
     getrandom::fill(&mut b).unwrap();
-    let prefix = format!("t{}", hex::encode(b));
+    format!("t{}", hex::encode(b))
+}
+
+/// A proxy on `broker_line` with topic prefix `prefix`: proxies started with the same prefix
+/// are replicas of one deployment (they share presence).
+pub async fn start_replica(
+    broker_line: &str,
+    prefix: &str,
+    upstream_extra: &str,
+    extra: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> TestProxy {
+    let dir = tempfile::tempdir().unwrap();
+    copy_key_fixtures(dir.path());
+    let prefix = prefix.to_string();
     let indented: String = policy_yaml().lines().map(|l| format!("  {l}\n")).collect();
     let text = format!(
         "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nupstream: {{ broker: \"{broker_line}\", pool: 2, topic_prefix: {prefix}{upstream_extra} }}\n{extra}\npolicy:\n{indented}"

@@ -204,10 +204,7 @@ impl Machine {
             record_bytes: 0,
             restore_topic,
             submitted: None,
-            presence_rate: Bucket::new(
-                proxy_presence_rate(&proxy),
-                Instant::now(),
-            ),
+            presence_rate: Bucket::new(proxy_presence_rate(&proxy), Instant::now()),
             remembered_room: None,
             presence_data: None,
             lobbies: std::collections::HashSet::new(),
@@ -276,30 +273,15 @@ impl Machine {
                     out.push(reply);
                 }
             }
-            ClientFrame::Presence { room_id, data } => {
-                if self.presence_budget(now, out) {
-                    self.presence(room_id, data, out);
-                }
-            }
-            ClientFrame::GetPresence { room_id } => {
-                if self.presence_budget(now, out) {
-                    out.push(self.get_presence(room_id));
-                }
-            }
-            ClientFrame::LobbySubscribe { lobby_id } => {
-                if self.presence_budget(now, out) {
-                    out.push(self.lobby_subscribe(lobby_id));
-                }
-            }
-            ClientFrame::GetLobbyPresence { lobby_id } => {
-                if self.presence_budget(now, out) {
-                    out.push(self.lobby_presence(lobby_id));
-                }
-            }
-            ClientFrame::LobbyUnsubscribe { lobby_id } => {
-                if self.presence_budget(now, out) {
-                    out.push(self.lobby_unsubscribe(lobby_id));
-                }
+            f @ (ClientFrame::Presence { .. }
+            | ClientFrame::GetPresence { .. }
+            | ClientFrame::LobbySubscribe { .. }
+            | ClientFrame::GetLobbyPresence { .. }
+            | ClientFrame::LobbyUnsubscribe { .. })
+                // Over the budget: the error frame is out, the frame falls through, ignored.
+                if self.presence_budget(now, out) =>
+            {
+                self.presence_frame(f, out)
             }
             // A second `auth` is ignored (PROTOCOL §7); acks only matter with message
             // recording, which is off. Both are ignored, as the protocol ignores frames it

@@ -21,9 +21,33 @@ use tokio::time::Instant;
 use super::Machine;
 use crate::presence::core::{Refusal, RoomKey};
 use crate::presence::frames;
+use crate::wire::ClientFrame;
 use crate::wire::encode::errors;
 
+/// A lobby resolved for this actor.
+struct LobbyTarget {
+    /// The namespace of the lobby's app (`room` is unused).
+    key: RoomKey,
+    /// Its rooms this actor may use.
+    rooms: Vec<Arc<str>>,
+    slug: Arc<str>,
+}
+
 impl Machine {
+    /// One presence-family frame (within the budget).
+    pub(super) fn presence_frame(&mut self, frame: ClientFrame<'_>, out: &mut Vec<Bytes>) {
+        match frame {
+            ClientFrame::Presence { room_id, data } => self.presence(room_id, data, out),
+            ClientFrame::GetPresence { room_id } => out.push(self.get_presence(room_id)),
+            ClientFrame::LobbySubscribe { lobby_id } => out.push(self.lobby_subscribe(lobby_id)),
+            ClientFrame::GetLobbyPresence { lobby_id } => out.push(self.lobby_presence(lobby_id)),
+            ClientFrame::LobbyUnsubscribe { lobby_id } => {
+                out.push(self.lobby_unsubscribe(lobby_id))
+            }
+            _ => {}
+        }
+    }
+
     fn room_key(&self, app: &Arc<str>, room: &Arc<str>) -> RoomKey {
         RoomKey {
             project: self.actor.project.clone(),
@@ -144,7 +168,7 @@ impl Machine {
 
     /// The lobby a slug names, as (namespace key of its app, rooms this actor may use), or
     /// the error frame.
-    fn resolve_lobby(&self, slug: &str) -> Result<(RoomKey, Vec<Arc<str>>, Arc<str>), Bytes> {
+    fn resolve_lobby(&self, slug: &str) -> Result<LobbyTarget, Bytes> {
         let snapshot = self.proxy.store.load();
         let policy = &snapshot.policy;
         let Some((app, lobby)) = policy
@@ -169,12 +193,16 @@ impl Machine {
                 "none of the lobby's rooms is open to this actor",
             ));
         }
-        Ok((self.room_key(&app.slug, &app.slug), rooms, lobby.slug.clone()))
+        Ok(LobbyTarget {
+            key: self.room_key(&app.slug, &app.slug),
+            rooms,
+            slug: lobby.slug.clone(),
+        })
     }
 
     /// `lobbySubscribe {lobbyId}` → `lobbySubscribed` with the current members.
     pub(super) fn lobby_subscribe(&mut self, slug: &str) -> Bytes {
-        let (key, rooms, slug) = match self.resolve_lobby(slug) {
+        let LobbyTarget { key, rooms, slug } = match self.resolve_lobby(slug) {
             Ok(l) => l,
             Err(frame) => return frame,
         };
@@ -196,7 +224,7 @@ impl Machine {
     /// `getLobbyPresence {lobbyId}` → `lobbyPresenceList`.
     pub(super) fn lobby_presence(&self, slug: &str) -> Bytes {
         match self.resolve_lobby(slug) {
-            Ok((key, rooms, slug)) => {
+            Ok(LobbyTarget { key, rooms, slug }) => {
                 let view = self.proxy.presence.lobby_view(&key, &rooms);
                 frames::lobby_map("lobbyPresenceList", &slug, &view)
             }
@@ -229,7 +257,7 @@ impl Machine {
         let lobbies: Vec<Arc<str>> = self.lobbies.iter().cloned().collect();
         for slug in lobbies {
             match self.resolve_lobby(&slug) {
-                Ok((key, rooms, slug)) => {
+                Ok(LobbyTarget { key, rooms, slug }) => {
                     // Same subscription, the room set as the policy now has it.
                     self.proxy
                         .presence

@@ -81,7 +81,9 @@ fn listed(frame: &[u8], room: Option<&str>) -> Vec<String> {
             assert_eq!(str_of(&m, "status"), Some("online"), "{m:?}");
             assert!(m.get("joinedAt").and_then(Value::as_u64).is_some(), "{m:?}");
             assert!(m.contains_key("presence"), "{m:?}");
-            str_of(&m, "actorTokenId").expect("actorTokenId").to_string()
+            str_of(&m, "actorTokenId")
+                .expect("actorTokenId")
+                .to_string()
         })
         .collect()
 }
@@ -99,10 +101,16 @@ async fn first_entry_joins_then_updates_sender_included_and_later_only_updates()
     alice.silent(&presence(Some("general"), status(1)));
     assert_eq!(
         events(&alice.queued()),
-        vec![ev("join", "alice", Some(status(1))), ev("update", "alice", Some(status(1)))]
+        vec![
+            ev("join", "alice", Some(status(1))),
+            ev("update", "alice", Some(status(1)))
+        ]
     );
     bob.silent(&presence(Some("general"), status(7)));
-    let both = vec![ev("join", "bob", Some(status(7))), ev("update", "bob", Some(status(7)))];
+    let both = vec![
+        ev("join", "bob", Some(status(7))),
+        ev("update", "bob", Some(status(7))),
+    ];
     assert_eq!(events(&bob.queued()), both);
     assert_eq!(events(&alice.queued()), both);
     alice.silent(&presence(Some("general"), status(2)));
@@ -115,7 +123,13 @@ async fn first_entry_joins_then_updates_sender_included_and_later_only_updates()
     // A clean close leaves at once, to the others.
     close_cleanly(bob);
     assert_eq!(events(&alice.queued()), vec![ev("leave", "bob", None)]);
-    assert_eq!(listed(&alice.reply(&get_presence(Some("general"))), Some("general")), vec!["alice"]);
+    assert_eq!(
+        listed(
+            &alice.reply(&get_presence(Some("general"))),
+            Some("general")
+        ),
+        vec!["alice"]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -128,23 +142,41 @@ async fn an_actor_with_two_connections_is_one_member_until_its_last_leaves() {
     tab1.silent(&presence(Some("general"), status(1)));
     assert_eq!(
         events(&watcher.queued()),
-        vec![ev("join", "alice", Some(status(1))), ev("update", "alice", Some(status(1)))]
+        vec![
+            ev("join", "alice", Some(status(1))),
+            ev("update", "alice", Some(status(1)))
+        ]
     );
     // The second tab sees itself join (its own map), nobody else sees a second join.
     let mut tab2 = user(&proxy, "alice");
     let own = tab2.send(&presence(Some("general"), status(1)));
     assert_eq!(
         events(&own),
-        vec![ev("join", "alice", Some(status(1))), ev("update", "alice", Some(status(1)))]
+        vec![
+            ev("join", "alice", Some(status(1))),
+            ev("update", "alice", Some(status(1)))
+        ]
     );
     assert!(watcher.queued().is_empty(), "no second join");
-    assert_eq!(listed(&watcher.reply(&get_presence(Some("general"))), Some("general")), vec!["alice", "bob"]);
+    assert_eq!(
+        listed(
+            &watcher.reply(&get_presence(Some("general"))),
+            Some("general")
+        ),
+        vec!["alice", "bob"]
+    );
     // The latest data of any of its connections is the actor's.
     tab2.silent(&presence(Some("general"), status(2)));
-    assert_eq!(events(&watcher.queued()), vec![ev("update", "alice", Some(status(2)))]);
+    assert_eq!(
+        events(&watcher.queued()),
+        vec![ev("update", "alice", Some(status(2)))]
+    );
     close_cleanly(tab2);
     // Still present through tab 1 (whose data is the actor's again).
-    assert_eq!(events(&watcher.queued()), vec![ev("update", "alice", Some(status(1)))]);
+    assert_eq!(
+        events(&watcher.queued()),
+        vec![ev("update", "alice", Some(status(1)))]
+    );
     close_cleanly(tab1);
     assert_eq!(events(&watcher.queued()), vec![ev("leave", "alice", None)]);
 }
@@ -162,17 +194,29 @@ async fn a_room_switch_leaves_the_old_room_and_joins_the_new() {
     in_lobby.queued();
     mover.queued();
     mover.silent(&presence(Some("lobby"), status(2)));
-    assert_eq!(events(&in_general.queued()), vec![ev("leave", "dave", None)]);
+    assert_eq!(
+        events(&in_general.queued()),
+        vec![ev("leave", "dave", None)]
+    );
     assert_eq!(
         events(&in_lobby.queued()),
-        vec![ev("join", "dave", Some(status(2))), ev("update", "dave", Some(status(2)))]
+        vec![
+            ev("join", "dave", Some(status(2))),
+            ev("update", "dave", Some(status(2)))
+        ]
     );
     // The mover's own stream: join and update of the new room (its leave is for the others).
     assert_eq!(
         events(&mover.queued()),
-        vec![ev("join", "dave", Some(status(2))), ev("update", "dave", Some(status(2)))]
+        vec![
+            ev("join", "dave", Some(status(2))),
+            ev("update", "dave", Some(status(2)))
+        ]
     );
-    assert_eq!(listed(&mover.reply(&get_presence(None)), None), vec!["carol", "dave"]);
+    assert_eq!(
+        listed(&mover.reply(&get_presence(None)), None),
+        vec!["carol", "dave"]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -191,7 +235,10 @@ async fn lists_unknown_rooms_and_presence_without_a_room() {
     c.silent(&presence(Some("general"), status(1)));
     c.queued();
     c.silent(&presence(None, status(2)));
-    assert_eq!(events(&c.queued()), vec![ev("update", "bob", Some(status(2)))]);
+    assert_eq!(
+        events(&c.queued()),
+        vec![ev("update", "bob", Some(status(2)))]
+    );
 }
 
 fn key(scope: Option<&str>, room: &str) -> crate::presence::core::RoomKey {
@@ -210,11 +257,31 @@ async fn scopes_never_see_each_other() {
     let mut acme = Client::new(&proxy, authenticate(&proxy, ACME_SENSOR), 1);
     unscoped.silent(&presence(Some("general"), status(1)));
     acme.silent(&presence(Some("general"), status(2)));
-    assert_eq!(events(&unscoped.queued()).len(), 2, "its own join and update only");
-    assert_eq!(events(&acme.queued()).len(), 2, "its own join and update only");
-    assert_eq!(listed(&unscoped.reply(&get_presence(Some("general"))), Some("general")), vec!["sensor-1"]);
-    assert_eq!(listed(&acme.reply(&get_presence(Some("general"))), Some("general")), vec!["sensor-2"]);
-    assert_eq!(proxy.presence.members(&key(Some("acme"), "general")).len(), 1);
+    assert_eq!(
+        events(&unscoped.queued()).len(),
+        2,
+        "its own join and update only"
+    );
+    assert_eq!(
+        events(&acme.queued()).len(),
+        2,
+        "its own join and update only"
+    );
+    assert_eq!(
+        listed(
+            &unscoped.reply(&get_presence(Some("general"))),
+            Some("general")
+        ),
+        vec!["sensor-1"]
+    );
+    assert_eq!(
+        listed(&acme.reply(&get_presence(Some("general"))), Some("general")),
+        vec!["sensor-2"]
+    );
+    assert_eq!(
+        proxy.presence.members(&key(Some("acme"), "general")).len(),
+        1
+    );
     assert_eq!(proxy.presence.members(&key(None, "general")).len(), 1);
 }
 
@@ -230,7 +297,10 @@ async fn private_rooms_and_session_allow_lists_apply() {
     alice.silent(&presence(Some("vip"), status(1)));
     assert_eq!(events(&alice.queued()).len(), 2);
     assert!(listed(&outsider.reply(&get_presence(Some("vip"))), Some("vip")).is_empty());
-    assert_eq!(listed(&alice.reply(&get_presence(Some("vip"))), Some("vip")), vec!["alice"]);
+    assert_eq!(
+        listed(&alice.reply(&get_presence(Some("vip"))), Some("vip")),
+        vec!["alice"]
+    );
     // A guest limited to chat/general may be present there only.
     let token = session_token(&proxy, &["chat/general"]);
     let mut guest = Client::new(&proxy, authenticate(&proxy, &token), 1);
@@ -257,7 +327,10 @@ async fn lobbies_list_and_follow_their_open_rooms() {
         .iter()
         .map(|(k, v)| (k.as_str().expect("room").to_string(), v.clone()))
         .collect();
-    assert_eq!(rooms.keys().cloned().collect::<Vec<_>>(), vec!["general", "lobby"]);
+    assert_eq!(
+        rooms.keys().cloned().collect::<Vec<_>>(),
+        vec!["general", "lobby"]
+    );
     let general = rooms["general"].as_map().expect("members");
     assert_eq!(general.len(), 1);
     assert_eq!(general[0].0.as_str(), Some("carol"));
@@ -265,7 +338,10 @@ async fn lobbies_list_and_follow_their_open_rooms() {
     let mut dave = user(&proxy, "dave");
     dave.silent(&presence(Some("lobby"), status(3)));
     let live = decoded(&bob.queued());
-    let kinds: Vec<_> = live.iter().map(|f| str_of(f, "event").unwrap_or_default().to_string()).collect();
+    let kinds: Vec<_> = live
+        .iter()
+        .map(|f| str_of(f, "event").unwrap_or_default().to_string())
+        .collect();
     assert_eq!(kinds, vec!["join", "update"], "{live:?}");
     for f in &live {
         assert_eq!(str_of(f, "type"), Some("lobbyPresence"));
@@ -321,29 +397,56 @@ async fn every_presence_bound_is_enforced() {
     let mut a = user(&proxy, "a");
     let big = Value::Map(vec![(Value::from("x"), Value::from("y".repeat(20)))]);
     let e = a.reply(&presence(Some("general"), big));
-    assert_error(&e, "message_too_large", Some(42930), None, Some("presence.max_data_bytes"));
-    assert_eq!(fields(&e).get("maxSizeBytes").and_then(Value::as_u64), Some(16));
+    assert_error(
+        &e,
+        "message_too_large",
+        Some(42930),
+        None,
+        Some("presence.max_data_bytes"),
+    );
+    assert_eq!(
+        fields(&e).get("maxSizeBytes").and_then(Value::as_u64),
+        Some(16)
+    );
     a.silent(&presence(Some("general"), status(1)));
     a.reply(&get_presence(None));
     // The fourth frame within the second is refused; time refills the budget.
     let e = a.reply(&get_presence(None));
-    assert_error(&e, "rate_limit_exceeded", Some(42910), None, Some("presence.frames_per_second"));
+    assert_error(
+        &e,
+        "rate_limit_exceeded",
+        Some(42910),
+        None,
+        Some("presence.frames_per_second"),
+    );
     tokio::time::advance(Duration::from_secs(1)).await;
     let mut b = user(&proxy, "b");
     b.silent(&presence(Some("general"), status(1)));
     let mut c = user(&proxy, "c");
     let e = c.reply(&presence(Some("general"), status(1)));
-    assert_error(&e, "presence_unavailable", None, None, Some("presence.max_room_members"));
+    assert_error(
+        &e,
+        "presence_unavailable",
+        None,
+        None,
+        Some("presence.max_room_members"),
+    );
     assert_eq!(proxy.presence.members(&key(None, "general")).len(), 2);
     // Another connection of a member is not a new member.
     let mut b2 = user(&proxy, "b");
     assert_eq!(b2.send(&presence(Some("general"), status(2))).len(), 2);
     // One lobby per connection here.
-    assert_eq!(str_of(&fields(&a.reply(&lobby("lobbySubscribe", "hall"))), "type"), Some("lobbySubscribed"));
+    assert_eq!(
+        str_of(&fields(&a.reply(&lobby("lobbySubscribe", "hall"))), "type"),
+        Some("lobbySubscribed")
+    );
     let e = fields(&a.reply(&lobby("lobbySubscribe", "backstage")));
     assert_eq!(str_of(&e, "error"), Some("not_authorized"));
     let alice_lobbies = user(&proxy, "alice").reply(&lobby("lobbySubscribe", "backstage"));
-    assert_eq!(str_of(&fields(&alice_lobbies), "type"), Some("lobbySubscribed"));
+    assert_eq!(
+        str_of(&fields(&alice_lobbies), "type"),
+        Some("lobbySubscribed")
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -362,13 +465,28 @@ async fn the_room_is_remembered_for_a_reconnect() {
     let own = second.send(&presence(None, status(2)));
     // bob was still present (the first connection lingers): its own join (as bob is now), no
     // second member; the others see an update.
-    assert_eq!(events(&own), vec![ev("join", "bob", Some(status(2))), ev("update", "bob", Some(status(2)))]);
-    assert_eq!(events(&second.queued()), vec![ev("update", "bob", Some(status(2)))]);
+    assert_eq!(
+        events(&own),
+        vec![
+            ev("join", "bob", Some(status(2))),
+            ev("update", "bob", Some(status(2)))
+        ]
+    );
+    assert_eq!(
+        events(&second.queued()),
+        vec![ev("update", "bob", Some(status(2)))]
+    );
     assert_eq!(proxy.presence.members(&key(None, "lobby")).len(), 1);
     // Another actor's record never puts anyone in a room.
     let mut carol = user(&proxy, "carol");
     carol.machine.restore(&stored);
     carol.silent(&presence(None, status(1)));
     assert!(carol.queued().is_empty());
-    assert!(proxy.presence.members(&key(None, "lobby")).iter().all(|(a, _)| &**a != "carol"));
+    assert!(
+        proxy
+            .presence
+            .members(&key(None, "lobby"))
+            .iter()
+            .all(|(a, _)| &**a != "carol")
+    );
 }
