@@ -390,6 +390,44 @@ proptest! {
         }
     }
 
+    /// The presence topics (DESIGN §9) are out of every client's reach: no filter a client
+    /// can cause matches a replica's presence topic, and the presence filter matches no topic
+    /// a client can publish to, whatever the replica id.
+    #[test]
+    fn presence_topics_are_out_of_every_client_s_reach(
+        spec in policy_spec(),
+        prefix in select(&["", "cuttle", "a/b", "acme"][..]),
+        ai in any::<prop::sample::Index>(),
+        sub_topic in client_string(),
+        items in filter_items(),
+        group in proptest::option::of(proptest::option::of(level())),
+        pub_topic in publish_string(),
+        pub_filter in proptest::option::of(level()),
+        replica in ".{0,40}",
+    ) {
+        let policy = compile_spec(&spec);
+        let actors = actors_of(&policy);
+        let a = ai.get(&actors);
+        let layout = TopicLayout::new(prefix).unwrap();
+        let presence = layout.presence_topic(&replica);
+        let presence_filter = layout.presence_filter();
+        prop_assert!(valid_topic(&presence) && !presence.starts_with('$'), "invalid presence topic {presence:?}");
+        prop_assert!(!presence.chars().any(cuttle::topic::is_mqtt_unsafe), "unsafe character in {presence:?}");
+        prop_assert!(valid_filter(&presence_filter));
+        prop_assert!(matches(&presence, &presence_filter), "{presence_filter:?} misses {presence:?}");
+        if let Some(sub) = subscribe(&layout, a.scope(), &a.id, &sub_topic, &items, group.as_ref()) {
+            for f in &sub.filters {
+                prop_assert!(!matches(&presence, without_share(f)), "client filter {f:?} matches {presence:?}");
+            }
+        }
+        if let Ok(t) = ClientTopic::parse(&pub_topic)
+            && let Ok(f) = publish_filter(pub_filter.as_deref(), &[])
+        {
+            let topic = layout.publish_topic(a.scope(), t, f.as_deref());
+            prop_assert!(!matches(&topic, &presence_filter), "presence filter matches client topic {topic:?}");
+        }
+    }
+
     #[test]
     fn same_namespace_exact_subscriptions_do_match(
         scope in proptest::option::of(select(SCOPES)),

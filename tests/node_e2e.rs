@@ -34,7 +34,12 @@ async fn run(b: TestBroker) {
     let p = start_proxy(b, "").await;
     let out = tokio::process::Command::new("node")
         .arg(dir.join("e2e.mjs"))
-        .args([p.url.as_str(), SENSOR1_TOKEN, SENSOR2_TOKEN])
+        .args([
+            p.url.as_str(),
+            SENSOR1_TOKEN,
+            SENSOR2_TOKEN,
+            &hs256(&user_claims("alice")),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .output()

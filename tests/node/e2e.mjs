@@ -2,14 +2,14 @@
 // its default options (the NoLag SDK's codec). An independent implementation of the wire
 // format: str-vs-bin mistakes hide when both ends share one codec.
 //
-// Usage: node e2e.mjs <ws-url> <device-token> <other-scope-device-token>
+// Usage: node e2e.mjs <ws-url> <device-token> <other-scope-device-token> <same-scope-user-jwt>
 // Exits 0 when every check passes; prints the first failure and exits 1 otherwise.
 
 import WebSocket from 'ws';
 import { encode, decode } from '@msgpack/msgpack';
 import assert from 'node:assert/strict';
 
-const [url, token, otherScopeToken] = process.argv.slice(2);
+const [url, token, otherScopeToken, userToken] = process.argv.slice(2);
 
 function client() {
   const ws = new WebSocket(url);
@@ -136,6 +136,84 @@ async function main() {
   assert.equal(await closed, 1008);
 
   for (const c of [sub, pub, other]) c.ws.close(1000, 'Client disconnect');
+  await presence();
+}
+
+// Presence and lobbies (PROTOCOL §11–§12), as the SDK drives them: room.setPresence sends only
+// the room slug, fetchPresence reads `presenceList`, events are keyed by actor_token_id.
+async function presence() {
+  const isPresence = (event, actor) => (f) =>
+    f.type === 'presence' && f.event === event && (f.data.actorTokenId || f.data.actor_token_id) === actor;
+  const [tab1, auth] = await login(token);
+  const me = auth.actorTokenId;
+  const [user, userAuth] = await login(userToken);
+  const them = userAuth.actorTokenId;
+  const [stranger] = await login(otherScopeToken);
+
+  // A lobby follower in the same namespace.
+  user.send({ type: 'lobbySubscribe', lobbyId: 'hall' });
+  const subscribed = await user.next(ofType('lobbySubscribed'));
+  assert.equal(subscribed.lobbyId, 'hall');
+  assert.deepEqual(Object.keys(subscribed.presence.general), []);
+
+  // First entry: join then update, sender included.
+  tab1.send({ type: 'presence', roomId: 'general', data: { status: 'online' } });
+  const join = await tab1.next(isPresence('join', me));
+  assert.deepEqual(join.data.presence, { status: 'online' });
+  await tab1.next(isPresence('update', me));
+  // The lobby follower gets lobbyPresence with the lobby and room slugs.
+  const lp = await user.next((f) => f.type === 'lobbyPresence' && f.event === 'join');
+  assert.equal(lp.lobbyId, 'hall');
+  assert.equal(lp.roomId, 'general');
+  assert.equal(lp.actorId, me);
+  assert.deepEqual(lp.data, { status: 'online' });
+
+  // The user enters: both see the user's join; the device sees it once.
+  user.send({ type: 'presence', roomId: 'general', data: { status: 'here' } });
+  await tab1.next(isPresence('join', them));
+  await user.next(isPresence('join', them));
+
+  // fetchPresence: presenceList with the same roomId, camelCase entries, unix-second joinedAt.
+  user.send({ type: 'getPresence', roomId: 'general' });
+  const list = await user.next((f) => f.type === 'presenceList' && f.roomId === 'general');
+  const ids = list.data.map((e) => e.actorTokenId).sort();
+  assert.deepEqual(ids, [me, them].sort());
+  for (const e of list.data) {
+    assert.equal(e.status, 'online');
+    assert.ok(Math.abs(e.joinedAt - Date.now() / 1000) < 60, `joinedAt in seconds: ${e.joinedAt}`);
+  }
+
+  // A second tab of the same actor is not a second member; closing it leaves nothing.
+  const [tab2] = await login(token);
+  tab2.send({ type: 'presence', roomId: 'general', data: { status: 'online' } });
+  await tab2.next(isPresence('join', me));
+  await user.none(isPresence('join', me), 300);
+  tab2.ws.close(1000, 'Client disconnect');
+  await user.none(isPresence('leave', me), 400);
+
+  // Another scope is another namespace: its list is its own, and it never hears ours.
+  stranger.send({ type: 'getPresence', roomId: 'general' });
+  const theirs = await stranger.next(ofType('presenceList'));
+  assert.deepEqual(theirs.data, []);
+  await stranger.none(ofType('presence'), 200);
+
+  // getLobbyPresence, then lobbyUnsubscribe.
+  user.send({ type: 'getLobbyPresence', lobbyId: 'hall' });
+  const lobbyList = await user.next(ofType('lobbyPresenceList'));
+  assert.deepEqual(Object.keys(lobbyList.presence.general).sort(), [me, them].sort());
+  assert.equal(lobbyList.presence.general[me].actorTokenId, me);
+  user.send({ type: 'lobbyUnsubscribe', lobbyId: 'hall' });
+  assert.equal((await user.next(ofType('lobbyUnsubscribed'))).lobbyId, 'hall');
+  // A lobby that does not exist: not_authorized with lobbyId.
+  user.send({ type: 'lobbySubscribe', lobbyId: 'nope' });
+  const noLobby = await user.next(ofType('error'));
+  assert.equal(noLobby.error, 'not_authorized');
+  assert.equal(noLobby.lobbyId, 'nope');
+
+  // The last connection's clean close (disconnect()): leave, at once.
+  tab1.ws.close(1000, 'Client disconnect');
+  await user.next(isPresence('leave', me), 2000);
+  for (const c of [user, stranger]) c.ws.close(1000, 'Client disconnect');
 }
 
 main().then(
