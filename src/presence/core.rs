@@ -199,6 +199,9 @@ pub struct Effects {
     pub messages: Vec<Message>,
 }
 
+/// A room's merged members, sorted by actor id, shared.
+pub type Members = Arc<Vec<(Arc<str>, Member)>>;
+
 /// One room's members announced by this replica: actor → (member, its connections here).
 type LocalMembers = HashMap<Arc<str>, (Member, Vec<ConnId>)>;
 
@@ -213,7 +216,11 @@ pub struct Core {
     local: HashMap<RoomKey, LocalMembers>,
     remotes: HashMap<Arc<str>, Remote>,
     /// Merged member count per room (for `max_room_members`).
-    counts: HashMap<RoomKey, usize>,
+    /// The merged view, kept as it changes: room → actor → member. Lists read it (and the
+    /// cached, shared copy of it) instead of merging the sources again.
+    merged: HashMap<RoomKey, std::collections::BTreeMap<Arc<str>, Member>>,
+    /// Lists built since the room last changed (what a burst of `getPresence` shares).
+    lists: std::cell::RefCell<HashMap<RoomKey, Members>>,
     state_bytes: usize,
     /// Ops not yet published.
     pending: Vec<Op>,
@@ -235,7 +242,8 @@ impl Core {
             conns: HashMap::new(),
             local: HashMap::new(),
             remotes: HashMap::new(),
-            counts: HashMap::new(),
+            merged: HashMap::new(),
+            lists: std::cell::RefCell::new(HashMap::new()),
             state_bytes: 0,
             pending: Vec::new(),
             last_heartbeat: 0,
@@ -284,28 +292,27 @@ impl Core {
         best
     }
 
-    /// Every member of `room`, merged, sorted by actor id.
-    pub fn members(&self, room: &RoomKey) -> Vec<(Arc<str>, Member)> {
-        let mut actors: Vec<&Arc<str>> = Vec::new();
-        if let Some(r) = self.local.get(room) {
-            actors.extend(r.keys());
+    /// Every member of `room`, merged, sorted by actor id: shared until the room changes, so
+    /// lists cost O(members) once per change, not once per request.
+    pub fn members(&self, room: &RoomKey) -> Members {
+        if let Some(l) = self.lists.borrow().get(room) {
+            return l.clone();
         }
-        for remote in self.remotes.values() {
-            if let Some(r) = remote.members.get(room) {
-                actors.extend(r.keys());
-            }
+        let list: Members = Arc::new(
+            self.merged
+                .get(room)
+                .map(|m| m.iter().map(|(a, m)| (a.clone(), m.clone())).collect())
+                .unwrap_or_default(),
+        );
+        if !list.is_empty() {
+            self.lists.borrow_mut().insert(room.clone(), list.clone());
         }
-        actors.sort();
-        actors.dedup();
-        actors
-            .into_iter()
-            .filter_map(|a| self.member(room, a).map(|m| (a.clone(), m)))
-            .collect()
+        list
     }
 
     /// Number of members of `room` (merged).
     pub fn member_count(&self, room: &RoomKey) -> usize {
-        self.counts.get(room).copied().unwrap_or(0)
+        self.merged.get(room).map_or(0, |m| m.len())
     }
 
     // ------------------------------------------------------------------------------------
@@ -476,19 +483,31 @@ impl Core {
             kind,
             member,
         };
+        if before != after {
+            self.lists.borrow_mut().remove(room);
+            match &after {
+                Some(m) => {
+                    self.merged
+                        .entry(room.clone())
+                        .or_default()
+                        .insert(actor.clone(), m.clone());
+                }
+                None => {
+                    if let Some(r) = self.merged.get_mut(room) {
+                        r.remove(actor);
+                        if r.is_empty() {
+                            self.merged.remove(room);
+                        }
+                    }
+                }
+            }
+        }
         match (before, after) {
             (None, Some(m)) => {
-                *self.counts.entry(room.clone()).or_insert(0) += 1;
                 fx.events.push(event(EventKind::Join, Some(m.clone())));
                 fx.events.push(event(EventKind::Update, Some(m)));
             }
             (Some(_), None) => {
-                if let Some(n) = self.counts.get_mut(room) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        self.counts.remove(room);
-                    }
-                }
                 fx.events.push(event(EventKind::Leave, None));
             }
             (Some(b), Some(a)) if b.data != a.data => {
@@ -849,6 +868,7 @@ impl Core {
             }
         };
         let before = self.member(&room, &actor);
+        let count = self.member_count(&room);
         let Some(r) = self.remotes.get_mut(id) else {
             return;
         };
@@ -870,9 +890,7 @@ impl Core {
                     self.dropped_ops += 1;
                     return;
                 }
-                if before.is_none()
-                    && self.counts.get(&room).copied().unwrap_or(0) >= self.cfg.max_room_members
-                {
+                if before.is_none() && count >= self.cfg.max_room_members {
                     self.dropped_ops += 1;
                     return;
                 }

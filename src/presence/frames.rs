@@ -60,7 +60,7 @@ pub fn list(room_id: Option<&str>, members: &[(std::sync::Arc<str>, Member)]) ->
 }
 
 /// The members of a lobby's rooms, per room slug then actor.
-pub type LobbyView = Vec<(std::sync::Arc<str>, Vec<(std::sync::Arc<str>, Member)>)>;
+pub type LobbyView = Vec<(std::sync::Arc<str>, super::core::Members)>;
 
 /// `lobbySubscribed` / `lobbyPresenceList`: `{type, lobbyId, presence:{room:{actor:member}}}`.
 pub fn lobby_map(kind: &str, lobby: &str, rooms: &LobbyView) -> Bytes {
@@ -69,7 +69,7 @@ pub fn lobby_map(kind: &str, lobby: &str, rooms: &LobbyView) -> Bytes {
     for (room, members) in rooms {
         let _ = rmp::encode::write_str(&mut p, room);
         let _ = rmp::encode::write_map_len(&mut p, members.len() as u32);
-        for (actor, m) in members {
+        for (actor, m) in members.iter() {
             let _ = rmp::encode::write_str(&mut p, actor);
             write_member(&mut p, actor, m, false);
         }

@@ -37,7 +37,7 @@ use crate::config::PresenceSettings;
 use crate::router::Outbox;
 use crate::topic::upstream::TopicLayout;
 use crate::upstream::Pool;
-use core::{ConnId, Core, Effects, Event, EventKind, Member, Refusal, RoomKey};
+use core::{ConnId, Core, Effects, Event, EventKind, Refusal, RoomKey};
 pub use frames::LobbyView;
 
 /// How often the ticker runs: the resolution of the grace period and of replica timeouts.
@@ -52,8 +52,6 @@ pub const SUBSCRIPTION_ID: usize = crate::router::SHARDS;
 type AppKey = (Arc<str>, Arc<str>, Option<Arc<str>>);
 
 struct LobbyListener {
-    conn: ConnId,
-    slug: Arc<str>,
     rooms: HashSet<Arc<str>>,
     outbox: Outbox,
 }
@@ -61,7 +59,44 @@ struct LobbyListener {
 #[derive(Default)]
 struct Listeners {
     rooms: HashMap<RoomKey, HashMap<ConnId, Outbox>>,
-    lobbies: HashMap<AppKey, Vec<LobbyListener>>,
+    /// Per app namespace: (connection, lobby slug) → what it follows.
+    lobbies: HashMap<AppKey, HashMap<(ConnId, Arc<str>), LobbyListener>>,
+    /// Per connection, the lobbies it follows: a close costs O(its own lobbies).
+    lobbies_of: HashMap<ConnId, Vec<(AppKey, Arc<str>)>>,
+}
+
+impl Listeners {
+    fn remove_lobby(&mut self, conn: ConnId, slug: &str) {
+        let Some(mine) = self.lobbies_of.get_mut(&conn) else {
+            return;
+        };
+        mine.retain(|(app, s)| {
+            if &**s != slug {
+                return true;
+            }
+            if let Some(subs) = self.lobbies.get_mut(app) {
+                subs.remove(&(conn, s.clone()));
+                if subs.is_empty() {
+                    self.lobbies.remove(app);
+                }
+            }
+            false
+        });
+        if mine.is_empty() {
+            self.lobbies_of.remove(&conn);
+        }
+    }
+
+    fn remove_lobbies(&mut self, conn: ConnId) {
+        for (app, slug) in self.lobbies_of.remove(&conn).unwrap_or_default() {
+            if let Some(subs) = self.lobbies.get_mut(&app) {
+                subs.remove(&(conn, slug));
+                if subs.is_empty() {
+                    self.lobbies.remove(&app);
+                }
+            }
+        }
+    }
 }
 
 struct State {
@@ -310,10 +345,7 @@ impl Presence {
                 }
             }
             if lobbies {
-                st.listeners.lobbies.retain(|_, subs| {
-                    subs.retain(|s| s.conn != conn);
-                    !subs.is_empty()
-                });
+                st.listeners.remove_lobbies(conn);
             }
             st.core.close(conn, linger, now, &mut fx);
             route(&st.listeners, &fx.events)
@@ -324,7 +356,7 @@ impl Presence {
     }
 
     /// The members of `room`.
-    pub fn members(&self, room: &RoomKey) -> Vec<(Arc<str>, Member)> {
+    pub fn members(&self, room: &RoomKey) -> core::Members {
         self.state.lock().core.members(room)
     }
 
@@ -360,14 +392,19 @@ impl Presence {
     ) -> LobbyView {
         let mut st = self.state.lock();
         let app: AppKey = (key.project.clone(), key.app.clone(), key.scope.clone());
-        let subs = st.listeners.lobbies.entry(app).or_default();
-        subs.retain(|s| !(s.conn == conn && s.slug == *slug));
-        subs.push(LobbyListener {
-            conn,
-            slug: slug.clone(),
-            rooms: rooms.iter().cloned().collect(),
-            outbox: outbox.clone(),
-        });
+        st.listeners.remove_lobby(conn, slug);
+        st.listeners.lobbies.entry(app.clone()).or_default().insert(
+            (conn, slug.clone()),
+            LobbyListener {
+                rooms: rooms.iter().cloned().collect(),
+                outbox: outbox.clone(),
+            },
+        );
+        st.listeners
+            .lobbies_of
+            .entry(conn)
+            .or_default()
+            .push((app, slug.clone()));
         rooms
             .iter()
             .map(|r| {
@@ -382,11 +419,7 @@ impl Presence {
 
     /// Stops following lobby `slug`.
     pub fn lobby_unsubscribe(&self, conn: ConnId, slug: &str) {
-        let mut st = self.state.lock();
-        st.listeners.lobbies.retain(|_, subs| {
-            subs.retain(|s| !(s.conn == conn && &*s.slug == slug));
-            !subs.is_empty()
-        });
+        self.state.lock().listeners.remove_lobby(conn, slug);
     }
 
     /// A graceful drain: every member of this replica leaves, and one goodbye tells the
@@ -435,8 +468,8 @@ fn route(listeners: &Listeners, events: &[Event]) -> Vec<Targets> {
             .get(&app)
             .map(|subs| {
                 subs.iter()
-                    .filter(|s| s.rooms.contains(&e.room.room))
-                    .map(|s| (s.slug.clone(), s.outbox.clone()))
+                    .filter(|(_, s)| s.rooms.contains(&e.room.room))
+                    .map(|((_, slug), s)| (slug.clone(), s.outbox.clone()))
                     .collect()
             })
             .unwrap_or_default();

@@ -427,8 +427,8 @@ impl Sim {
             for key in &self.keys {
                 let got: BTreeMap<Arc<str>, Bytes> = core
                     .members(key)
-                    .into_iter()
-                    .map(|(a, m)| (a, m.data))
+                    .iter()
+                    .map(|(a, m)| (a.clone(), m.data.clone()))
                     .collect();
                 let want: BTreeMap<Arc<str>, Bytes> = expected
                     .get(key)
