@@ -148,8 +148,6 @@ pub(super) struct Machine {
     /// `app/room` the actor was last present in (from the restore record, then this
     /// connection's own), stored with the subscription set.
     remembered_room: Option<String>,
-    /// The last presence `data` this connection sent.
-    presence_data: Option<Bytes>,
     /// Lobby slugs this connection follows.
     lobbies: std::collections::HashSet<Arc<str>>,
     /// Whether the close was abnormal (the default): presence then lingers for the grace
@@ -206,7 +204,6 @@ impl Machine {
             submitted: None,
             presence_rate: Bucket::new(proxy_presence_rate(&proxy), Instant::now()),
             remembered_room: None,
-            presence_data: None,
             lobbies: std::collections::HashSet::new(),
             linger_on_close: true,
             proxy,

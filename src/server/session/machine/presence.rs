@@ -110,25 +110,21 @@ impl Machine {
                         .and_then(|r| self.resolve_remembered(r))
                 }) {
                     Some(r) => r,
-                    None => {
-                        // No room known: stored, nothing broadcast (PROTOCOL §11).
-                        self.presence_data = Some(Bytes::copy_from_slice(data));
-                        return;
-                    }
+                    // No room known: nothing is broadcast (PROTOCOL §11; the data comes
+                    // again with the next `presence` that names a room).
+                    None => return,
                 }
             }
         };
-        let data = Bytes::copy_from_slice(data);
         match self.proxy.presence.set(
             self.membership.session(),
             &self.outbox,
             room.clone(),
             &self.actor.id,
-            data.clone(),
+            Bytes::copy_from_slice(data),
         ) {
             Ok(own) => {
                 out.extend(own);
-                self.presence_data = Some(data);
                 let remembered = format!("{}/{}", room.app, room.room);
                 if self.remembered_room.as_deref() != Some(&remembered) {
                     self.remembered_room = Some(remembered);

@@ -490,3 +490,76 @@ async fn the_room_is_remembered_for_a_reconnect() {
             .all(|(a, _)| &**a != "carol")
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_that_closes_a_room_or_a_lobby_takes_the_connection_out() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (proxy, path) = reloadable(dir.path());
+    let mut watcher = user(&proxy, "alice");
+    watcher.silent(&presence(Some("lobby"), status(0)));
+    let mut bob = user(&proxy, "bob");
+    bob.silent(&presence(Some("lobby"), status(1)));
+    assert_eq!(
+        fields(&bob.reply(&lobby("lobbySubscribe", "hall")))["presence"]
+            .as_map()
+            .map(Vec::len),
+        Some(2)
+    );
+    watcher.queued();
+    bob.queued();
+    // `lobby` becomes private to alice and billing: bob leaves it, and the lobby shows him
+    // only `general` from now on.
+    reload(
+        &proxy,
+        &path,
+        "- slug: lobby\n",
+        "- slug: lobby\n              actors: [alice, billing]\n",
+    );
+    let mut out = Vec::new();
+    bob.machine
+        .reevaluate(&mut out)
+        .expect("bob is still valid");
+    assert!(out.is_empty(), "{:?}", decoded(&out));
+    assert_eq!(events(&watcher.queued()), vec![ev("leave", "bob", None)]);
+    // (bob's lobby still followed `lobby` when he left it: he sees his own leave there.)
+    let own: Vec<_> = decoded(&bob.queued())
+        .iter()
+        .map(|f| {
+            (
+                str_of(f, "type").map(str::to_owned),
+                str_of(f, "event").map(str::to_owned),
+            )
+        })
+        .collect();
+    assert_eq!(
+        own,
+        vec![(Some("lobbyPresence".into()), Some("leave".into()))]
+    );
+    assert_eq!(
+        listed(&watcher.reply(&get_presence(Some("lobby"))), Some("lobby")),
+        vec!["alice"]
+    );
+    watcher.silent(&presence(Some("lobby"), status(5)));
+    let q = bob.queued();
+    assert!(
+        q.is_empty(),
+        "the lobby no longer follows `lobby` for bob: {:?}",
+        decoded(&q)
+    );
+    let l = fields(&bob.reply(&lobby("getLobbyPresence", "hall")));
+    assert_eq!(l["presence"].as_map().map(Vec::len), Some(1));
+    // A lobby with no room left open to it ends with not_authorized.
+    reload(
+        &proxy,
+        &path,
+        "{ slug: hall, rooms: [general, lobby, vip] }",
+        "{ slug: hall, rooms: [lobby, vip] }",
+    );
+    let mut out = Vec::new();
+    bob.machine
+        .reevaluate(&mut out)
+        .expect("bob is still valid");
+    let e = fields(&out[0]);
+    assert_eq!(str_of(&e, "error"), Some("not_authorized"));
+    assert_eq!(str_of(&e, "lobbyId"), Some("hall"));
+}
