@@ -15,7 +15,7 @@ use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
 /// Why the embedded broker could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("cannot reserve a loopback port for the embedded broker: {0}")]
+    #[error("cannot bind the embedded broker's loopback port (upstream.embedded_port): {0}")]
     Port(std::io::Error),
     #[error("cannot start the embedded broker thread: {0}")]
     Thread(std::io::Error),
@@ -27,12 +27,17 @@ pub struct EmbeddedBroker {
     pub addr: SocketAddr,
 }
 
-/// Starts rumqttd on a free loopback port. `max_payload` bounds one MQTT message (the proxy's
-/// own frame limit plus envelope overhead).
-pub fn start(max_payload: usize, max_connections: usize) -> Result<EmbeddedBroker, BrokerError> {
-    // rumqttd cannot report the port it bound, so pick one first. Another process could take
-    // it in between; the pool would then fail to connect and /readyz stays not-ready.
-    let addr = TcpListener::bind("127.0.0.1:0")
+/// Starts rumqttd on loopback port `port` (0: a free one). `max_payload` bounds one MQTT
+/// message (the proxy's own frame limit plus envelope overhead).
+pub fn start(
+    max_payload: usize,
+    max_connections: usize,
+    port: u16,
+) -> Result<EmbeddedBroker, BrokerError> {
+    // rumqttd cannot report the port it bound, so pick one first (and check a configured one
+    // is free). Another process could take it in between; the pool would then fail to connect
+    // and /readyz stays not-ready.
+    let addr = TcpListener::bind(("127.0.0.1", port))
         .and_then(|l| l.local_addr())
         .map_err(BrokerError::Port)?;
 

@@ -163,6 +163,18 @@ async fn replicas_share_presence(embedded: bool) {
     assert_eq!(event(&mut carol).await, ev("update", "bob"));
     assert_eq!(listed(&mut carol, "general").await, vec!["bob", "carol"]);
     assert_eq!(listed(&mut bob, "general").await, vec!["bob", "carol"]);
+    // A third replica: its member is seen on both others.
+    let c = start_replica(&second_line, &prefix, "", PRESENCE, &test_env).await;
+    let mut dave = Client::login(&c.url, &token("dave")).await;
+    until_listed(&mut dave, "general", &["bob", "carol"], 5).await;
+    dave.send(presence(Some("general"), 9)).await;
+    assert_eq!(event(&mut bob).await, ev("join", "dave"));
+    assert_eq!(event(&mut carol).await, ev("join", "dave"));
+    dave.ws.close(None).await.unwrap();
+    assert_eq!(event(&mut bob).await, ev("update", "dave"));
+    assert_eq!(event(&mut bob).await, ev("leave", "dave"));
+    assert_eq!(event(&mut carol).await, ev("update", "dave"));
+    assert_eq!(event(&mut carol).await, ev("leave", "dave"));
     // One actor on both replicas is one member: bob joins on b too, and leaving a keeps him.
     let mut bob_on_b = Client::login(&b.url, &token("bob")).await;
     bob_on_b.send(presence(Some("general"), 3)).await;
@@ -256,14 +268,18 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn spawn_replica(prefix: &str, id: &str) -> Process {
+/// `broker`: a URL, or `embedded:<port>` (this process hosts the broker on that port).
+async fn spawn_replica(prefix: &str, id: &str, broker: &str) -> Process {
     let dir = tempfile::tempdir().unwrap();
     copy_key_fixtures(dir.path());
     let (port, admin) = (free_port(), free_port());
     let indented: String = policy_yaml().lines().map(|l| format!("  {l}\n")).collect();
+    let upstream = match broker.strip_prefix("embedded:") {
+        Some(p) => format!("broker: embedded, embedded_port: {p}"),
+        None => format!("broker: \"{broker}\""),
+    };
     let text = format!(
-        "listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\nlog: {{ level: \"warn,cuttle::presence=info\" }}\nupstream: {{ broker: \"{}\", pool: 2, topic_prefix: {prefix} }}\npresence: {{ replica_id: {id}, heartbeat_ms: 200, replica_timeout_ms: 1000, grace_ms: 600 }}\npolicy:\n{indented}",
-        mosquitto_url()
+        "listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\nlog: {{ level: \"warn,cuttle::presence=info\" }}\nupstream: {{ {upstream}, pool: 2, topic_prefix: {prefix} }}\npresence: {{ replica_id: {id}, heartbeat_ms: 200, replica_timeout_ms: 1000, grace_ms: 600 }}\npolicy:\n{indented}"
     );
     let path = dir.path().join("proxy.yaml");
     std::fs::write(&path, text).unwrap();
@@ -311,13 +327,31 @@ async fn readyz(admin: u16) -> bool {
 }
 
 #[tokio::test]
-async fn a_killed_replica_s_members_leave_in_bounded_time_and_restarts_and_late_starters_converge()
-{
+async fn killed_replicas_on_mosquitto() {
+    killed_replicas(None).await;
+}
+
+#[tokio::test]
+async fn killed_replicas_on_the_embedded_broker_of_one() {
+    killed_replicas(Some(free_port())).await;
+}
+
+/// Five `cuttle` processes on Mosquitto, or on the embedded broker of r1 (`embedded`: its port):
+/// a network cut (SIGSTOP) and a SIGKILL are reported as leaves in bounded time, a restart
+/// under the same id and a late starter converge, a SIGTERM drain announces its departures.
+async fn killed_replicas(embedded: Option<u16>) {
     let prefix = unique_prefix();
-    let r1 = spawn_replica(&prefix, "r1").await;
-    let r2 = spawn_replica(&prefix, "r2").await;
-    let mut r3 = spawn_replica(&prefix, "r3").await;
-    let mut r5 = spawn_replica(&prefix, "r5").await;
+    let (first, others) = match embedded {
+        Some(port) => (
+            format!("embedded:{port}"),
+            format!("mqtt://127.0.0.1:{port}"),
+        ),
+        None => (mosquitto_url(), mosquitto_url()),
+    };
+    let r1 = spawn_replica(&prefix, "r1", &first).await;
+    let r2 = spawn_replica(&prefix, "r2", &others).await;
+    let mut r3 = spawn_replica(&prefix, "r3", &others).await;
+    let mut r5 = spawn_replica(&prefix, "r5", &others).await;
     let mut watcher = Client::login(&r1.url, &token("carol")).await;
     watcher.send(presence(Some("general"), 0)).await;
     event(&mut watcher).await;
@@ -373,7 +407,7 @@ async fn a_killed_replica_s_members_leave_in_bounded_time_and_restarts_and_late_
     drop((dave, ian));
 
     // r3 restarts under the same id: a new incarnation; its member joins everywhere.
-    let r3 = spawn_replica(&prefix, "r3").await;
+    let r3 = spawn_replica(&prefix, "r3", &others).await;
     let mut frank = Client::login(&r3.url, &token("frank")).await;
     let late = until_listed(&mut frank, "general", &["bob", "carol", "hal"], 5).await;
     eprintln!(
@@ -384,7 +418,7 @@ async fn a_killed_replica_s_members_leave_in_bounded_time_and_restarts_and_late_
     until_event(&mut watcher, "join", "frank").await;
     // A fourth replica that starts now converges to everyone.
     let t = Instant::now();
-    let r4 = spawn_replica(&prefix, "r4").await;
+    let r4 = spawn_replica(&prefix, "r4", &others).await;
     let mut gina = Client::login(&r4.url, &token("gina")).await;
     let late = until_listed(&mut gina, "general", &["bob", "carol", "frank", "hal"], 5).await;
     eprintln!(

@@ -55,6 +55,7 @@ fn settings(pool: usize) -> UpstreamSettings {
         connect_timeout: Duration::from_secs(5),
         max_filters: 1000,
         unsubscribe_delay: Duration::ZERO,
+        embedded_port: 0,
     }
 }
 
@@ -78,7 +79,7 @@ fn mosquitto() -> Endpoint {
 }
 
 fn embedded() -> Endpoint {
-    let b = cuttle::broker::start(1 << 20, 1000).expect("embedded broker");
+    let b = cuttle::broker::start(1 << 20, 1000, 0).expect("embedded broker");
     Endpoint {
         host: b.addr.ip().to_string(),
         port: b.addr.port(),

@@ -76,6 +76,7 @@ pub(crate) struct UpstreamSpec {
     pub connect_timeout_ms: u64,
     pub max_filters: u64,
     pub unsubscribe_delay_ms: u64,
+    pub embedded_port: u64,
 }
 
 impl Default for UpstreamSpec {
@@ -91,6 +92,7 @@ impl Default for UpstreamSpec {
             connect_timeout_ms: 5000,
             max_filters: 250_000,
             unsubscribe_delay_ms: 2000,
+            embedded_port: 0,
         }
     }
 }
@@ -261,6 +263,9 @@ pub struct UpstreamSettings {
     /// How long an upstream subscription outlives its last local subscriber, so that a
     /// leave-and-rejoin (a page reload) finds it live instead of churning the broker.
     pub unsubscribe_delay: Duration,
+    /// The embedded broker's loopback port (0: any free one). A fixed port lets other
+    /// processes on the host (replicas in development, tests) share this broker.
+    pub embedded_port: u16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -589,6 +594,7 @@ pub(crate) fn validate(
         "upstream.max_filters",
         diags,
     ) as usize;
+    let embedded_port = in_range(u.embedded_port, 0, 65535, "upstream.embedded_port", diags) as u16;
     let unsubscribe_delay_ms = in_range(
         u.unsubscribe_delay_ms,
         0,
@@ -767,6 +773,7 @@ pub(crate) fn validate(
             connect_timeout: Duration::from_millis(connect_ms),
             max_filters,
             unsubscribe_delay: Duration::from_millis(unsubscribe_delay_ms),
+            embedded_port,
         },
         limits,
         auth_cache,

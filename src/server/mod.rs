@@ -114,7 +114,11 @@ impl Proxy {
         let endpoint = match &settings.upstream.broker {
             #[cfg(feature = "embedded-broker")]
             Broker::Embedded => {
-                let b = crate::broker::start(max_packet, settings.upstream.pool * 4 + 64)?;
+                let b = crate::broker::start(
+                    max_packet,
+                    settings.upstream.pool * 4 + 64,
+                    settings.upstream.embedded_port,
+                )?;
                 embedded = Some(b.addr);
                 Endpoint {
                     host: b.addr.ip().to_string(),
