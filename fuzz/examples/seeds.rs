@@ -88,6 +88,7 @@ fn main() {
     restore_records(&Corpus::new(&root, "restore_record"));
     topics(&Corpus::new(&root, "topic_filter"));
     configs(&Corpus::new(&root, "config_load"));
+    presence_messages(&Corpus::new(&root, "presence_message"));
     println!("seeds written under {}", root.display());
 }
 
@@ -425,6 +426,7 @@ fn restore_records(c: &Corpus) {
             scope: Some("acme".into()),
             actor: "alice".into(),
             entries: entries.to_vec(),
+            room: Some("chat/general".into()),
         })
     };
     let unscoped = |entries: &[Entry]| {
@@ -432,6 +434,7 @@ fn restore_records(c: &Corpus) {
             scope: None,
             actor: "bob".into(),
             entries: entries.to_vec(),
+            room: None,
         })
     };
     c.put("cleared", b"");
@@ -660,4 +663,74 @@ policy:
         "flow-and-tags.yaml",
         "%YAML 1.2\n---\n!!map { policy: !!map { projects: [ { id: !!str 1 } ] }, upstream: { pool: !!int \"4\" } }\n...\n",
     );
+}
+
+/// What replicas publish on the presence topics: one of each kind, as `Message::encode`
+/// writes them.
+fn presence_messages(c: &Corpus) {
+    use cuttle::presence::core::{Member, RoomKey};
+    use cuttle::presence::message::{Body, Message, Op};
+    let room = |scope: Option<&str>, slug: &str| RoomKey {
+        project: "fuzz".into(),
+        app: "chat".into(),
+        scope: scope.map(Into::into),
+        room: slug.into(),
+    };
+    let mut data = Vec::new();
+    write(&mut data, &Map(vec![("status", Str("online")), ("n", Int(3))]));
+    let set = |scope, slug, actor: &str| Op::Set {
+        room: room(scope, slug),
+        actor: actor.into(),
+        member: Member {
+            data: data.clone().into(),
+            joined_at: NOW,
+            updated: NOW * 1000 + 123,
+        },
+    };
+    let message = |seq, body| {
+        Message {
+            replica: "host-8080".into(),
+            incarnation: (NOW * 1000) << 16 | 7,
+            seq,
+            body,
+        }
+        .encode()
+    };
+    c.put(
+        "delta",
+        message(
+            3,
+            Body::Delta {
+                ops: vec![
+                    set(Some("acme"), "general", "alice"),
+                    Op::Remove {
+                        room: room(None, "lobby"),
+                        actor: "bob".into(),
+                    },
+                ],
+            },
+        ),
+    );
+    c.put(
+        "snapshot-part",
+        message(
+            4,
+            Body::Snapshot {
+                part: 0,
+                parts: 2,
+                ops: vec![set(None, "general", "carol"), set(Some("globex"), "vip", "dave")],
+            },
+        ),
+    );
+    c.put(
+        "snapshot-empty",
+        message(0, Body::Snapshot { part: 0, parts: 1, ops: vec![] }),
+    );
+    c.put("heartbeat", message(9, Body::Heartbeat));
+    c.put("hello", message(0, Body::SyncRequest { target: None }));
+    c.put(
+        "sync-request",
+        message(2, Body::SyncRequest { target: Some("other-9090".into()) }),
+    );
+    c.put("gone", message(5, Body::Gone));
 }

@@ -175,6 +175,8 @@ struct Remote {
     /// The snapshot being received: its seq, the number of parts, the parts so far (by
     /// index: a duplicated part is not counted twice).
     assembling: Option<(u64, u32, std::collections::BTreeMap<u32, Vec<Op>>)>,
+    /// Bytes of the parts so far: a snapshot larger than `max_state_bytes` is abandoned.
+    assembling_bytes: usize,
     /// The latest deltas received, by seq (bounded by [`LOG_MESSAGES`] and [`LOG_BYTES`]): a
     /// snapshot older than what was applied meanwhile is rebased on them instead of being
     /// thrown away, so deltas that overtake a snapshot's parts cannot starve the repair.
@@ -787,7 +789,7 @@ impl Core {
                     }
                     return;
                 }
-                let gap = m.seq != r.applied + 1;
+                let gap = m.seq != r.applied.saturating_add(1);
                 r.applied = m.seq;
                 for op in ops {
                     self.apply(&id, op, fx);
@@ -800,7 +802,10 @@ impl Core {
                 // Older than what was applied: usable only if every delta applied since is
                 // still in the log.
                 let stale = m.seq < r.applied
-                    && (r.dead || r.log.first_key_value().is_none_or(|(s, _)| *s > m.seq + 1));
+                    && (r.dead
+                        || r.log
+                            .first_key_value()
+                            .is_none_or(|(s, _)| *s > m.seq.saturating_add(1)));
                 if stale || parts == 0 || part >= parts {
                     return;
                 }
@@ -808,6 +813,15 @@ impl Core {
                     !matches!(&r.assembling, Some((seq, n, _)) if *seq == m.seq && *n == parts);
                 if fresh {
                     r.assembling = Some((m.seq, parts, std::collections::BTreeMap::new()));
+                    r.assembling_bytes = 0;
+                }
+                r.assembling_bytes += ops.iter().map(Op::encoded_len).sum::<usize>();
+                if r.assembling_bytes > self.cfg.max_state_bytes {
+                    tracing::warn!(replica = %id, "presence: a snapshot larger than presence.max_state_bytes was dropped");
+                    r.assembling = None;
+                    r.assembling_bytes = 0;
+                    self.dropped_ops += 1;
+                    return;
                 }
                 let Some((_, _, got)) = r.assembling.as_mut() else {
                     return;
@@ -828,8 +842,8 @@ impl Core {
                     .collect::<Vec<_>>();
                 let mut top = seq;
                 let mut contiguous = true;
-                for (s, ops) in r.log.range(seq + 1..) {
-                    contiguous &= *s == top + 1;
+                for (s, ops) in r.log.range(seq.saturating_add(1)..) {
+                    contiguous &= *s == top.saturating_add(1);
                     top = *s;
                     later.extend(ops.iter().cloned().map(|op| (*s, op)));
                 }

@@ -109,30 +109,31 @@ impl Proxy {
     /// called inside a Tokio runtime.
     pub fn start(loaded: Loaded) -> Result<Arc<Self>, StartError> {
         let settings = loaded.settings.clone();
-        let max_packet = settings.limits.max_frame_bytes + PACKET_OVERHEAD;
-        let mut embedded = None;
-        let endpoint = match &settings.upstream.broker {
+        let (endpoint, embedded) = match &settings.upstream.broker {
             #[cfg(feature = "embedded-broker")]
             Broker::Embedded => {
                 let b = crate::broker::start(
-                    max_packet,
+                    settings.limits.max_frame_bytes + PACKET_OVERHEAD,
                     settings.upstream.pool * 4 + 64,
                     settings.upstream.embedded_port,
                 )?;
-                embedded = Some(b.addr);
-                Endpoint {
+                let endpoint = Endpoint {
                     host: b.addr.ip().to_string(),
                     port: b.addr.port(),
                     tls: false,
-                }
+                };
+                (endpoint, Some(b.addr))
             }
             #[cfg(not(feature = "embedded-broker"))]
             Broker::Embedded => return Err(StartError::NoEmbeddedBroker),
-            Broker::Remote { host, port, tls } => Endpoint {
-                host: host.clone(),
-                port: *port,
-                tls: *tls,
-            },
+            Broker::Remote { host, port, tls } => {
+                let endpoint = Endpoint {
+                    host: host.clone(),
+                    port: *port,
+                    tls: *tls,
+                };
+                (endpoint, None)
+            }
         };
         let mut instance = [0u8; 4];
         let _ = getrandom::fill(&mut instance);
