@@ -603,7 +603,7 @@ impl Router {
     fn deliver(&self, topic: &str, ids: &[usize], payload: Bytes) {
         if ids.contains(&crate::presence::SUBSCRIPTION_ID) {
             if let Some(p) = self.presence.get().and_then(std::sync::Weak::upgrade) {
-                p.on_upstream(&payload);
+                p.on_upstream(payload);
             }
             return;
         }

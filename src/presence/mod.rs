@@ -17,7 +17,10 @@
 //! it, and presence frames are rate-limited per connection, so its hold times are bounded by
 //! the size of one change (O(the actor's connections), plus the lists a `getPresence` asks
 //! for). A ticker (every [`TICK`]) expires lingering connections and silent replicas,
-//! heartbeats and answers sync requests; a flusher publishes pending ops in batches.
+//! heartbeats and answers sync requests; a flusher publishes pending ops in batches; the
+//! presence task applies what the broker sends, which the pool's event loop (shared by every
+//! tenant's deliveries) only queues (at most 64 MiB; beyond, a message is dropped and the
+//! gap repaired).
 
 pub mod core;
 pub mod frames;
@@ -44,6 +47,8 @@ pub use frames::LobbyView;
 pub const TICK: Duration = Duration::from_millis(100);
 /// Least time between two delta publishes: ops of a burst (a join storm) share messages.
 const FLUSH_PAUSE: Duration = Duration::from_millis(5);
+/// Bytes of broker messages waiting for the presence task at most.
+const INBOX_BYTES: usize = 64 << 20;
 /// The reserved subscription id of the presence filter (lane 63, sequence 0: never a router
 /// entry, never a retained fetch).
 pub const SUBSCRIPTION_ID: usize = crate::router::SHARDS;
@@ -112,6 +117,12 @@ pub struct Presence {
     pool: OnceLock<Arc<Pool>>,
     flush: Arc<Notify>,
     settings: PresenceSettings,
+    /// Messages from the broker, for the task that applies them: the pool's event loop
+    /// (shared by every tenant's deliveries) only queues them. Bounded in bytes
+    /// ([`INBOX_BYTES`]): beyond it a message is dropped, which the replicas repair as a gap.
+    inbox: tokio::sync::mpsc::UnboundedSender<Bytes>,
+    inbox_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Bytes>>>,
+    inbox_bytes: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for Presence {
@@ -159,6 +170,7 @@ impl Presence {
             max_message_bytes: max_message_bytes.clamp(4096, 256 << 10),
             max_replicas: 1024,
         };
+        let (inbox, inbox_rx) = tokio::sync::mpsc::unbounded_channel();
         Arc::new(Self {
             topic: layout.presence_topic(&settings.replica_id),
             filter: layout.presence_filter(),
@@ -169,6 +181,9 @@ impl Presence {
             pool: OnceLock::new(),
             flush: Arc::new(Notify::new()),
             settings: settings.clone(),
+            inbox,
+            inbox_rx: Mutex::new(Some(inbox_rx)),
+            inbox_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         })
     }
 
@@ -192,6 +207,17 @@ impl Presence {
         let filter: Arc<str> = self.filter.as_str().into();
         pool.subscribe(&filter, crate::upstream::qos(1), SUBSCRIPTION_ID);
         let _ = self.pool.set(pool);
+        if let Some(mut rx) = self.inbox_rx.lock().take() {
+            let weak = Arc::downgrade(self);
+            tokio::spawn(async move {
+                while let Some(payload) = rx.recv().await {
+                    let Some(p) = weak.upgrade() else { return };
+                    p.inbox_bytes
+                        .fetch_sub(payload.len(), std::sync::atomic::Ordering::AcqRel);
+                    p.apply_upstream(&payload);
+                }
+            });
+        }
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(TICK);
@@ -262,7 +288,24 @@ impl Presence {
     }
 
     /// A message from the broker on the presence filter.
-    pub fn on_upstream(&self, payload: &[u8]) {
+    /// Called on the pool's event loop: never waits, never runs presence logic there.
+    pub fn on_upstream(&self, payload: Bytes) {
+        use std::sync::atomic::Ordering;
+        let len = payload.len();
+        if self.inbox_bytes.fetch_add(len, Ordering::AcqRel) + len > INBOX_BYTES {
+            self.inbox_bytes.fetch_sub(len, Ordering::AcqRel);
+            tracing::warn!(
+                "presence inbox full: a message from the broker was dropped (repaired as a gap)"
+            );
+            return;
+        }
+        if self.inbox.send(payload).is_err() {
+            self.inbox_bytes.fetch_sub(len, Ordering::AcqRel);
+        }
+    }
+
+    /// Applies one message from the broker (on the presence task).
+    fn apply_upstream(&self, payload: &[u8]) {
         match message::Message::decode(payload) {
             Ok(m) => self.run(|core, fx| core.on_message(m, now_ms(), fx)),
             Err(e) => tracing::debug!(error = %e, "presence message ignored"),
