@@ -114,6 +114,8 @@ pub enum Refusal {
     RoomFull(usize),
     #[error("this replica holds presence.max_state_bytes of presence state")]
     StateFull,
+    #[error("this replica is shutting down and has said goodbye")]
+    Draining,
 }
 
 /// What a `set` did for the connection itself.
@@ -232,6 +234,8 @@ pub struct Core {
     /// ([`SNAPSHOT_BYTES_PER_SECOND`]).
     last_snapshot_bytes: usize,
     snapshot_wanted: bool,
+    /// Said goodbye (a drain): announces nothing more.
+    gone: bool,
     /// Remote ops dropped because the state bound was reached (for the log and metrics).
     pub dropped_ops: u64,
 }
@@ -253,6 +257,7 @@ impl Core {
             last_snapshot_bytes: 0,
             snapshot_wanted: false,
             dropped_ops: 0,
+            gone: false,
         }
     }
 
@@ -332,6 +337,9 @@ impl Core {
         now: u64,
         fx: &mut Effects,
     ) -> Result<SetOutcome, Refusal> {
+        if self.gone {
+            return Err(Refusal::Draining);
+        }
         let same_room = self.conns.get(&conn).is_some_and(|c| c.room == room);
         let present = self.member(&room, &actor).is_some();
         if !present {
@@ -575,6 +583,11 @@ impl Core {
         {
             self.snapshot(now, fx);
         }
+        if self.gone {
+            fx.messages.clear();
+            self.pending.clear();
+            return;
+        }
         self.flush(fx);
         if now.saturating_sub(self.last_heartbeat) >= self.cfg.heartbeat_ms {
             self.last_heartbeat = now;
@@ -586,6 +599,9 @@ impl Core {
     /// presence topics (the broker granted its subscription, again after a reconnect), so a
     /// late starter converges as soon as the answers arrive.
     pub fn hello(&mut self, fx: &mut Effects) {
+        if self.gone {
+            return;
+        }
         self.push(Body::SyncRequest { target: None }, fx);
     }
 
@@ -603,6 +619,9 @@ impl Core {
 
     /// A graceful drain: every local member leaves, here and (by one goodbye) everywhere.
     pub fn goodbye(&mut self, now: u64, fx: &mut Effects) -> Message {
+        // From here on nothing is announced: a presence frame of a session still draining,
+        // a heartbeat or a snapshot would make the others take this replica back.
+        self.gone = true;
         let mut conns: Vec<ConnId> = self.conns.keys().copied().collect();
         conns.sort_unstable();
         for c in conns {

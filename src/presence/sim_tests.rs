@@ -658,3 +658,52 @@ fn one_actor_on_two_replicas_is_one_member() {
         vec![EventKind::Leave]
     );
 }
+
+#[test]
+fn after_its_goodbye_a_draining_replica_announces_nothing() {
+    let mut a = Core::new(config(0, 1));
+    let mut b = Core::new(config(1, 1));
+    let room = keys()[0].clone();
+    let mut fa = Effects::default();
+    a.set(
+        1,
+        room.clone(),
+        "alice".into(),
+        Bytes::from_static(&[0x80]),
+        10,
+        &mut fa,
+    )
+    .unwrap();
+    a.flush(&mut fa);
+    let mut eb = Effects::default();
+    for m in fa.messages {
+        b.on_message(m, 20, &mut eb);
+    }
+    assert_eq!(b.members(&room).len(), 1);
+    let mut fa = Effects::default();
+    let bye = a.goodbye(30, &mut fa);
+    assert_eq!(
+        fa.events.iter().map(|e| e.kind).collect::<Vec<_>>(),
+        vec![EventKind::Leave]
+    );
+    let mut eb = Effects::default();
+    b.on_message(bye, 40, &mut eb);
+    assert!(b.members(&room).is_empty());
+    // A session still draining sends presence: refused; time passes: no heartbeat, no
+    // snapshot that would take it back.
+    let mut fa = Effects::default();
+    assert_eq!(
+        a.set(
+            2,
+            room.clone(),
+            "bob".into(),
+            Bytes::from_static(&[0x80]),
+            50,
+            &mut fa
+        ),
+        Err(super::core::Refusal::Draining)
+    );
+    a.tick(50 + 10 * HEARTBEAT, &mut fa);
+    a.hello(&mut fa);
+    assert!(fa.messages.is_empty(), "{:?}", fa.messages);
+}

@@ -137,6 +137,7 @@ impl Machine {
             Err(Refusal::StateFull) => {
                 out.push(errors::presence_refused("presence.max_state_bytes"))
             }
+            Err(Refusal::Draining) => out.push(errors::presence_refused("shutting down")),
         }
     }
 
