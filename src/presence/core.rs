@@ -459,9 +459,9 @@ impl Core {
                 }
             }
         }
-        if old.as_ref().map(|m| (&m.data, m.joined_at))
-            != announced.as_ref().map(|m| (&m.data, m.joined_at))
-        {
+        // Any change, the time of an update with the same data included: the latest update
+        // of any connection wins everywhere, so every replica must know when it was.
+        if old != announced {
             self.pending.push(match &announced {
                 Some(m) => Op::Set {
                     room: room.clone(),

@@ -273,6 +273,9 @@ impl Sim {
             let data = self.data();
             let id = self.next_conn;
             self.next_conn += 1;
+            if std::env::var("CUTTLE_PRESENCE_TRACE").is_ok() {
+                eprintln!("{} r{r} new conn {id} of {actor} in {room:?}", self.now);
+            }
             self.ever.insert((room.clone(), actor.clone()));
             let now = self.now;
             self.conns.insert(
@@ -322,6 +325,12 @@ impl Sim {
             c.data = data.clone();
             c.since = self.now;
             c.updated = self.now;
+            if std::env::var("CUTTLE_PRESENCE_TRACE").is_ok() {
+                eprintln!(
+                    "{} r{} conn {id} of {} switches to {room:?}",
+                    self.now, c.replica, c.actor
+                );
+            }
             let (r, actor) = (c.replica, c.actor.clone());
             self.ever.insert((room.clone(), actor.clone()));
             self.with_core(r, |core, now, fx| {
@@ -334,6 +343,12 @@ impl Sim {
             let Some(c) = self.conns.remove(&id) else {
                 return;
             };
+            if std::env::var("CUTTLE_PRESENCE_TRACE").is_ok() {
+                eprintln!(
+                    "{} r{} close conn {id} of {} in {:?} linger {linger}",
+                    self.now, c.replica, c.actor, c.room
+                );
+            }
             self.with_core(c.replica, |core, now, fx| core.close(id, linger, now, fx));
         } else if roll < 77 && live.len() > 1 {
             let r = *self.rng.pick(&live);
@@ -360,6 +375,9 @@ impl Sim {
 
     fn crash(&mut self, r: usize) {
         self.count("crashes");
+        if std::env::var("CUTTLE_PRESENCE_TRACE").is_ok() {
+            eprintln!("{} r{r} crashes", self.now);
+        }
         let will = self.replicas[r].core.take().map(|c| c.will());
         self.conns.retain(|_, c| c.replica != r);
         self.network.retain(|_, (to, _)| *to != r);
@@ -375,6 +393,9 @@ impl Sim {
 
     fn restart(&mut self, r: usize) {
         self.count("restarts");
+        if std::env::var("CUTTLE_PRESENCE_TRACE").is_ok() {
+            eprintln!("{} r{r} restarts", self.now);
+        }
         let now = self.now;
         let rep = &mut self.replicas[r];
         rep.incarnation += 1;
