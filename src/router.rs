@@ -143,6 +143,29 @@ impl Outbox {
         )
     }
 
+    /// Queues a frame only while the queue is less than half full (frames and bytes), and
+    /// never flags the session: for traffic that can be dropped and repaired (presence
+    /// events, whose room list follows), which must never cost a connection its messages.
+    pub fn offer(&self, frame: Bytes) -> bool {
+        let len = frame.len();
+        let queued = self.tx.max_capacity() - self.tx.capacity();
+        if queued >= (self.tx.max_capacity() / 2).max(1) {
+            return false;
+        }
+        let before = self.bytes.fetch_add(len, Ordering::AcqRel);
+        if before + len > self.max_bytes / 2 {
+            self.bytes.fetch_sub(len, Ordering::AcqRel);
+            return false;
+        }
+        match self.tx.try_send(frame) {
+            Ok(()) => true,
+            Err(_) => {
+                self.bytes.fetch_sub(len, Ordering::AcqRel);
+                false
+            }
+        }
+    }
+
     /// Queues a frame without waiting. A full queue (frames or bytes) flags the session as a
     /// slow consumer and drops the frame.
     pub fn push(&self, frame: Bytes) -> bool {

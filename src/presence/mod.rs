@@ -123,6 +123,10 @@ pub struct Presence {
     inbox: tokio::sync::mpsc::UnboundedSender<Bytes>,
     inbox_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Bytes>>>,
     inbox_bytes: Arc<std::sync::atomic::AtomicUsize>,
+    /// (room, connection) pairs that missed an event: their list follows on the next tick.
+    stale: Mutex<HashSet<(RoomKey, ConnId)>>,
+    /// Lobby events not queued because the connection's queue was half full.
+    pub lobby_events_dropped: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Presence {
@@ -184,6 +188,8 @@ impl Presence {
             inbox,
             inbox_rx: Mutex::new(Some(inbox_rx)),
             inbox_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            stale: Mutex::new(HashSet::new()),
+            lobby_events_dropped: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -226,6 +232,7 @@ impl Presence {
                 tick.tick().await;
                 let Some(p) = weak.upgrade() else { return };
                 p.run(|core, fx| core.tick(now_ms(), fx));
+                p.resync_stale();
             }
         });
         let weak = Arc::downgrade(self);
@@ -250,7 +257,7 @@ impl Presence {
             let deliveries = route(&st.listeners, &fx.events);
             (r, deliveries)
         };
-        deliver(deliveries);
+        self.deliver(deliveries);
         self.publish(fx.messages);
         r
     }
@@ -349,7 +356,7 @@ impl Presence {
             let member = st.core.member(&room, actor);
             (outcome, member, route(&st.listeners, &fx.events))
         };
-        deliver(deliveries);
+        self.deliver(deliveries);
         self.flush.notify_one();
         let mut own = Vec::new();
         if outcome.entered
@@ -393,7 +400,7 @@ impl Presence {
             st.core.close(conn, linger, now, &mut fx);
             route(&st.listeners, &fx.events)
         };
-        deliver(deliveries);
+        self.deliver(deliveries);
         self.flush.notify_one();
         self.publish(fx.messages);
     }
@@ -474,7 +481,7 @@ impl Presence {
             let bye = st.core.goodbye(now_ms(), &mut fx);
             (bye, route(&st.listeners, &fx.events))
         };
-        deliver(deliveries);
+        self.deliver(deliveries);
         fx.messages.push(bye);
         self.publish(fx.messages);
     }
@@ -488,7 +495,7 @@ impl Presence {
 /// Who gets one event: the room's listeners, and the lobby listeners following the room.
 struct Targets {
     event: Event,
-    room: Vec<Outbox>,
+    room: Vec<(ConnId, Outbox)>,
     lobbies: Vec<(Arc<str>, Outbox)>,
 }
 
@@ -499,7 +506,7 @@ fn route(listeners: &Listeners, events: &[Event]) -> Vec<Targets> {
         let room = listeners
             .rooms
             .get(&e.room)
-            .map(|r| r.values().cloned().collect())
+            .map(|r| r.iter().map(|(c, o)| (*c, o.clone())).collect())
             .unwrap_or_default();
         let app: AppKey = (
             e.room.project.clone(),
@@ -525,26 +532,82 @@ fn route(listeners: &Listeners, events: &[Event]) -> Vec<Targets> {
     out
 }
 
-/// Encodes each distinct frame once and queues it for its listeners, without waiting (a full
-/// outbox marks its own session a slow consumer; nobody else waits).
-fn deliver(targets: Vec<Targets>) {
-    for t in targets {
-        let e = &t.event;
-        if !t.room.is_empty() {
-            let frame = frames::event(e.kind, &e.actor, e.member.as_ref());
-            for o in &t.room {
-                o.push(frame.clone());
+impl Presence {
+    /// Encodes each distinct frame once and offers it to its listeners, without waiting.
+    /// Presence never fills a connection's queue: an event that does not fit in the half
+    /// of the queue it may use ([`Outbox::offer`]) is dropped, and the room's `presenceList`
+    /// (which replaces the SDK's map) follows on a later tick — so a join storm in a large
+    /// room neither disconnects its members as slow consumers nor crowds out their messages.
+    fn deliver(&self, targets: Vec<Targets>) {
+        let mut stale = Vec::new();
+        for t in targets {
+            let e = &t.event;
+            if !t.room.is_empty() {
+                let frame = frames::event(e.kind, &e.actor, e.member.as_ref());
+                for (conn, o) in &t.room {
+                    if !o.offer(frame.clone()) {
+                        stale.push((e.room.clone(), *conn));
+                    }
+                }
+            }
+            let mut by_slug: HashMap<&str, Bytes> = HashMap::new();
+            for (slug, o) in &t.lobbies {
+                let frame = by_slug
+                    .entry(slug)
+                    .or_insert_with(|| {
+                        frames::lobby_event(e.kind, slug, &e.room.room, &e.actor, e.member.as_ref())
+                    })
+                    .clone();
+                if !o.offer(frame) {
+                    // The SDK has no frame that replaces a lobby's view: counted, logged.
+                    self.lobby_events_dropped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
         }
-        let mut by_slug: HashMap<&str, Bytes> = HashMap::new();
-        for (slug, o) in &t.lobbies {
-            let frame = by_slug
-                .entry(slug)
-                .or_insert_with(|| {
-                    frames::lobby_event(e.kind, slug, &e.room.room, &e.actor, e.member.as_ref())
-                })
-                .clone();
-            o.push(frame);
+        if !stale.is_empty() {
+            self.stale.lock().extend(stale);
+        }
+    }
+
+    /// Sends the room list to the listeners that missed events (on the ticker).
+    fn resync_stale(&self) {
+        let stale: Vec<(RoomKey, ConnId)> = {
+            let mut s = self.stale.lock();
+            if s.is_empty() {
+                return;
+            }
+            s.drain().collect()
+        };
+        let mut lists: HashMap<RoomKey, Bytes> = HashMap::new();
+        let mut again = Vec::new();
+        for (room, conn) in stale {
+            let outbox = {
+                let st = self.state.lock();
+                st.listeners
+                    .rooms
+                    .get(&room)
+                    .and_then(|r| r.get(&conn))
+                    .cloned()
+            };
+            let Some(outbox) = outbox else {
+                continue; // left the room meanwhile
+            };
+            let frame = match lists.get(&room) {
+                Some(f) => f.clone(),
+                None => {
+                    let members = self.members(&room);
+                    let f = frames::list(Some(&room.room), &members);
+                    lists.insert(room.clone(), f.clone());
+                    f
+                }
+            };
+            if !outbox.offer(frame) {
+                again.push((room, conn));
+            }
+        }
+        if !again.is_empty() {
+            self.stale.lock().extend(again);
         }
     }
 }

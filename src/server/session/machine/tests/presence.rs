@@ -563,3 +563,40 @@ async fn a_reload_that_closes_a_room_or_a_lobby_takes_the_connection_out() {
     assert_eq!(str_of(&e, "error"), Some("not_authorized"));
     assert_eq!(str_of(&e, "lobbyId"), Some("hall"));
 }
+
+/// A join storm in a room larger than a member's queue: presence uses at most half of the
+/// queue and never flags the session a slow consumer; the member gets the room's list (which
+/// replaces the SDK's map) once its queue drains.
+#[tokio::test(start_paused = true)]
+async fn a_join_storm_never_fills_a_member_s_queue_and_the_list_repairs_what_it_missed() {
+    let proxy = proxy_with(&["send_queue: 8"], &[]);
+    let mut member = user(&proxy, "member");
+    member.silent(&presence(Some("general"), status(0)));
+    let mut others = Vec::new();
+    for i in 0..20 {
+        let mut c = user(&proxy, &format!("u{i}"));
+        c.silent(&presence(Some("general"), status(i)));
+        others.push(c);
+    }
+    assert!(
+        !member._overflow.is_set(),
+        "presence flagged the member a slow consumer"
+    );
+    let first = decoded(&member.queued());
+    assert!(
+        first.len() <= 4,
+        "presence took more than half the queue: {}",
+        first.len()
+    );
+    // The member reads; the next tick sends the list.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let later = decoded(&member.queued());
+    let list = later
+        .iter()
+        .find(|f| str_of(f, "type") == Some("presenceList"))
+        .unwrap_or_else(|| panic!("no presenceList after the storm: {later:?}"));
+    assert_eq!(str_of(list, "roomId"), Some("general"));
+    assert_eq!(list["data"].as_array().map(Vec::len), Some(21));
+    // Messages still fit: the queue was never more than half presence.
+    assert!(!member._overflow.is_set());
+}
