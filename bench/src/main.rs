@@ -2,7 +2,7 @@
 //! measured side by side in one run on the same machine, payloads and client counts.
 //!
 //! ```text
-//! cargo run --release -p cuttle-bench -- run                # the full run (≈ 25 min)
+//! cargo run --release -p cuttle-bench -- run                # the full run (≈ 30 min)
 //! cargo run --release -p cuttle-bench -- run --smoke        # seconds; what CI runs
 //! cargo run --release -p cuttle-bench -- report --input bench/results/full.json
 //! ```
@@ -10,12 +10,15 @@
 //! Layout: [`wire`] speaks each protocol as a client; [`targets`] starts and stops the
 //! servers; [`scenario`] drives fan-out, fan-in, idle and connect; [`noisy`] measures one
 //! tenant's latency while another attacks the proxy (cuttle only); [`report`] writes the
-//! tables, ratios and plots; [`broadcast`] is the ceiling baseline server; [`sys`] reads /proc.
+//! tables, ratios and plots; [`presence`] times two replicas agreeing on room presence
+//! after join and leave storms (cuttle only); [`broadcast`] is the ceiling baseline server;
+//! [`sys`] reads /proc.
 //! The proxy itself runs as a child process of this binary (`serve-proxy`, exactly the
 //! `cuttle` command line) so its memory and CPU are measured apart from the load generator.
 
 mod broadcast;
 mod noisy;
+mod presence;
 mod report;
 mod scenario;
 mod sys;
@@ -82,8 +85,9 @@ struct RunArgs {
     #[arg(long, value_delimiter = ',', default_values_t = Target::ALL.to_vec())]
     targets: Vec<Target>,
     /// Scenarios to run, in order.
-    /// (`noisy`, the noisy-neighbour scenario, runs against the cuttle targets only.)
-    #[arg(long, value_delimiter = ',', default_values_t = ["fanout".to_string(), "fanin".into(), "connect".into(), "idle".into(), "noisy".into()])]
+    /// (`noisy`, the noisy-neighbour scenario, and `presence`, two replicas' presence
+    /// convergence under join storms, run against the cuttle targets only.)
+    #[arg(long, value_delimiter = ',', default_values_t = ["fanout".to_string(), "fanin".into(), "connect".into(), "idle".into(), "noisy".into(), "presence".into()])]
     scenarios: Vec<String>,
     #[arg(long, value_delimiter = ',', default_values_t = [100, 1000, 5000])]
     fanout_n: Vec<usize>,
@@ -110,6 +114,12 @@ struct RunArgs {
     /// unsubscribe-flood, slow-consumer, keepalive-slots.
     #[arg(long, value_delimiter = ',')]
     attacks: Vec<String>,
+    /// Members of the presence scenario's big room (full run: 5,000).
+    #[arg(long)]
+    presence_n: Option<usize>,
+    /// The presence scenario's small rooms, as ROOMSxMEMBERS (full run: 1000x10).
+    #[arg(long)]
+    presence_rooms: Option<String>,
     /// Concurrent clients in the connect scenario.
     #[arg(long, default_value_t = 32)]
     connect_concurrency: usize,
@@ -191,9 +201,12 @@ fn write_report(
         .with_context(|| format!("cannot read {}", input.display()))?;
     let results: Results = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a results file", input.display()))?;
-    // A run of the noisy-neighbour scenario alone has its own block and no plots: it leaves
-    // the comparison's figures as they are.
-    let comparison = results.records.iter().any(|r| r.scenario != "noisy");
+    // A run of the noisy-neighbour or the presence scenario alone has its own block and no
+    // plots: it leaves the comparison's figures as they are.
+    let comparison = results
+        .records
+        .iter()
+        .any(|r| !matches!(r.scenario.as_str(), "noisy" | "presence"));
     if comparison {
         report::plots(&results, plots)?;
     }
@@ -208,6 +221,10 @@ fn write_report(
         if let Some(block) = report::noisy_markdown(&results) {
             report::splice_named(md, "noisy", &block)?;
             eprintln!("wrote the noisy-neighbour block of {}", md.display());
+        }
+        if let Some(block) = report::presence_markdown(&results) {
+            report::splice_named(md, "presence", &block)?;
+            eprintln!("wrote the presence block of {}", md.display());
         }
     }
     Ok(())
@@ -234,8 +251,32 @@ async fn run(mut args: RunArgs) -> Result<()> {
     if args.payloads.iter().any(|p| *p < wire::PAYLOAD_HEADER) {
         bail!("payloads must be at least {} bytes", wire::PAYLOAD_HEADER);
     }
-    // Each idle client is one fd here and one in the server (children inherit the limit).
-    let want_fds = args.idle_n.iter().copied().max().unwrap_or(0) as u64 + 400;
+    let mut presence_shape = if args.smoke {
+        presence::Shape::smoke()
+    } else {
+        presence::Shape::full(args.duration)
+    };
+    if let Some(n) = args.presence_n {
+        presence_shape.big_room = n;
+    }
+    if let Some(spec) = &args.presence_rooms {
+        let parsed = spec
+            .split_once('x')
+            .and_then(|(r, m)| Some((r.parse().ok()?, m.parse().ok()?)));
+        let Some((rooms, size)) = parsed.filter(|&(r, m): &(usize, usize)| r > 0 && m > 0) else {
+            bail!("--presence-rooms takes ROOMSxMEMBERS, e.g. 1000x10");
+        };
+        presence_shape.rooms = rooms;
+        presence_shape.room_size = size;
+    }
+    // Each idle client is one fd here and one in the server (children inherit the limit); the
+    // presence members are held all at once, as are their replicas' sockets.
+    let want_fds = args.idle_n.iter().copied().max().unwrap_or(0).max(
+        presence_shape
+            .big_room
+            .max(presence_shape.rooms * presence_shape.room_size),
+    ) as u64
+        + 400;
     let fds = sys::raise_fd_limit(want_fds)?;
     if fds < want_fds {
         eprintln!(
@@ -261,6 +302,7 @@ async fn run(mut args: RunArgs) -> Result<()> {
             shape.attacks = noisy::Attack::parse_list(&args.attacks)?;
             shape
         },
+        presence: presence_shape,
         ramp_concurrency: 128,
         settle: if args.smoke {
             Duration::from_millis(300)
@@ -351,7 +393,8 @@ fn smoke_check(results: &Results, args: &RunArgs) -> Result<()> {
                 .filter(|r| r.target == target.name() && r.scenario == *scenario)
                 .collect();
             let tenants = matches!(target, Target::CuttleEmbedded | Target::CuttleMosquitto);
-            if rows.is_empty() && (scenario != "noisy" || tenants) {
+            let cuttle_only = matches!(scenario.as_str(), "noisy" | "presence");
+            if rows.is_empty() && (!cuttle_only || tenants) {
                 problems.push(format!("{target} {scenario}: no figures"));
             }
             for r in rows {
@@ -374,6 +417,24 @@ fn smoke_check(results: &Results, args: &RunArgs) -> Result<()> {
                                     || !f.closed.is_empty()
                             })
                     }
+                    // Both replicas converged after the join and after the leave, the broker
+                    // carried the presence messages, and the bystander was measured where
+                    // it ran; no member was closed or refused (`errors`).
+                    "presence" => match (&r.presence, r.mode.as_str()) {
+                        (None, presence::ALONE) => r.p99_us.is_some(),
+                        (Some(f), mode) => {
+                            f.join.both_ms.is_some()
+                                && f.leave.both_ms.is_some()
+                                && f.join.events > 0
+                                && [&f.join, &f.leave]
+                                    .iter()
+                                    .all(|s| s.traffic.as_ref().is_some_and(|t| t.deltas > 0))
+                                && (mode == presence::BIG_ROOM_DEFAULTS
+                                    || f.join.bystander_p99_us.is_some()
+                                        && f.leave.bystander_p99_us.is_some())
+                        }
+                        _ => false,
+                    },
                     _ => false,
                 };
                 if r.mode == "failed" || !measured || r.errors > 0 || r.lost.unwrap_or(0) > 0 {

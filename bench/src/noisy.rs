@@ -673,63 +673,16 @@ async fn victim_phase(
     subscribers: usize,
     shape: &Shape,
 ) -> Result<(Record, Vec<Client>)> {
-    let n = publishers.len().max(1);
-    let phase = shared.begin(0)?;
-    let start = tokio::time::Instant::now();
-    let deadline = start + shape.duration;
-    let published = Arc::new(AtomicU64::new(0));
-    let period = Duration::from_secs_f64(n as f64 / shape.rate.max(0.1));
-    let mut tasks = JoinSet::new();
-    for (i, mut client) in publishers.into_iter().enumerate() {
-        let (phase_id, published, payload) = (phase.id, Arc::clone(&published), shape.payload);
-        tasks.spawn(async move {
-            let mut buf = Vec::with_capacity(payload);
-            // Spread the publishers' ticks over one period instead of firing together.
-            let offset = period.mul_f64(i as f64 / n as f64);
-            let mut ticker = tokio::time::interval_at(start + offset, period);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            let mut failed = false;
-            while tokio::time::timeout_at(deadline, ticker.tick())
-                .await
-                .is_ok()
-            {
-                Payload::stamp(&mut buf, payload, phase_id);
-                if client.publish(&buf).await.is_err() {
-                    failed = true;
-                    break;
-                }
-                published.fetch_add(1, Ordering::Relaxed);
-            }
-            (client, failed)
-        });
-    }
-    let mut back = Vec::with_capacity(n);
-    let mut failed = 0;
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok((client, f)) => {
-                failed += u64::from(f);
-                back.push(client);
-            }
-            Err(_) => failed += 1,
-        }
-    }
-    let delivered_in_window = phase.delivered.load(Ordering::Relaxed);
-    let elapsed = start
-        .elapsed()
-        .as_secs_f64()
-        .max(shape.duration.as_secs_f64());
-    let expected = published.load(Ordering::Relaxed) * subscribers as u64;
-    scenario::drain(&phase, expected).await;
-    let mut rec = Record {
-        published_per_s: Some(published.load(Ordering::Relaxed) as f64 / elapsed),
-        delivered_per_s: Some(delivered_in_window as f64 / elapsed),
-        lost: Some(expected.saturating_sub(phase.delivered.load(Ordering::Relaxed))),
-        errors: failed,
-        ..Record::default()
-    };
-    scenario::percentiles(&mut rec, &phase.merged()?);
-    Ok((rec, back))
+    let run = scenario::fixed_rate_phase(
+        publishers,
+        shared,
+        subscribers,
+        shape.rate,
+        shape.payload,
+        tokio::time::sleep(shape.duration),
+    )
+    .await?;
+    Ok((run.record, run.publishers))
 }
 
 /// The noisy-neighbour scenario against one (noisy-profile) cuttle target.

@@ -393,6 +393,193 @@ pub fn noisy_markdown(r: &Results) -> Option<String> {
     Some(out)
 }
 
+fn ms_cell(v: Option<f64>) -> String {
+    v.map_or("**none**".into(), |v| format!("{} ms", rate(v)))
+}
+
+/// `a / b` of a storm's per-replica convergence times.
+fn replicas_cell(s: &crate::presence::Storm) -> String {
+    s.listed_ms
+        .iter()
+        .map(|v| ms_cell(*v))
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+/// Closes by code and error frames, of the join and the leave.
+fn trouble_cell(f: &crate::presence::Figures) -> String {
+    let mut parts = Vec::new();
+    if f.connect_failures > 0 {
+        parts.push(format!(
+            "{} connects failed",
+            rate(f.connect_failures as f64)
+        ));
+    }
+    for (name, s) in [("join", &f.join), ("leave", &f.leave)] {
+        for (code, n) in &s.closed {
+            let what = if *code == 0 {
+                "ended without close frame".to_string()
+            } else {
+                format!("closed {code}")
+            };
+            parts.push(format!("{name}: {} {what}", rate(*n as f64)));
+        }
+        for (e, n) in &s.errors {
+            parts.push(format!("{name}: {} `{e}`", rate(*n as f64)));
+        }
+    }
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        format!("⚠ {}", parts.join(", "))
+    }
+}
+
+/// Presence bytes (messages) on the broker per member of a storm half.
+fn per_member_cell(s: &crate::presence::Storm, members: usize) -> String {
+    let Some(t) = &s.traffic else {
+        return "–".into();
+    };
+    let n = members.max(1) as f64;
+    let mut cell = format!(
+        "{:.0} B ({:.3} msgs)",
+        (t.delta_bytes + t.snapshot_bytes) as f64 / n,
+        (t.deltas + t.snapshots) as f64 / n
+    );
+    if t.snapshots > 0 {
+        cell.push_str(&format!(", {} snapshot msgs", t.snapshots));
+    }
+    cell
+}
+
+/// The presence block (between the `presence` markers): per cuttle target, how long two
+/// replicas took to agree after each storm, and what the storms cost. None when the results
+/// hold no presence figures.
+pub fn presence_markdown(r: &Results) -> Option<String> {
+    use crate::presence::ALONE;
+    if !r.records.iter().any(|x| x.scenario == "presence") {
+        return None;
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Run of {} on {}: `{}`.\n",
+        r.started, r.machine, r.command
+    );
+    for target in CUTTLES {
+        let rows: Vec<&Record> = r
+            .records
+            .iter()
+            .filter(|x| x.target == target.name() && x.scenario == "presence")
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let alone = rows.iter().find(|x| x.mode == ALONE);
+        let alone_p99 = alone.and_then(|x| x.p99_us);
+        let _ = writeln!(out, "#### {target}: two replicas\n");
+        out.push_str(
+            "| storm | members | send queue | join: listed by a / b | join: last member event (event frames) | leave: emptied on a / b | leave: last event (frames) | slowest list poll (join / leave) | disconnects, errors |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        );
+        for x in &rows {
+            let Some(f) = &x.presence else { continue };
+            let shape = if f.rooms > 1 {
+                format!(
+                    "{} · {} rooms of {}",
+                    rate(f.members as f64),
+                    rate(f.rooms as f64),
+                    f.room_size
+                )
+            } else {
+                rate(f.members as f64)
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {shape} | {} | {} | {} ({}) | {} | {} ({}) | {} / {} | {} |",
+                x.mode,
+                f.send_queue
+                    .map_or("1,024 (default)".into(), |q| rate(q as f64)),
+                replicas_cell(&f.join),
+                ms_cell(f.join.last_event_ms),
+                rate(f.join.events as f64),
+                replicas_cell(&f.leave),
+                f.leave
+                    .last_event_ms
+                    .map_or("–".into(), |v| format!("{} ms", rate(v))),
+                rate(f.leave.events as f64),
+                ms_cell(f.join.poll_max_ms),
+                ms_cell(f.leave.poll_max_ms),
+                trouble_cell(f),
+            );
+        }
+        out.push('\n');
+        let _ = writeln!(
+            out,
+            "Cost, and the bystander ({} subscribers on both replicas, {} at {} publishes/s; alone: p50 {}, p99 {}):\n",
+            alone.map_or(0, |x| x.n),
+            payload_name(alone.map_or(0, |x| x.payload)),
+            alone
+                .and_then(|x| x.published_per_s)
+                .map_or("–".into(), |v| format!("{v:.0}")),
+            alone.and_then(|x| x.p50_us).map_or("–".into(), latency),
+            alone_p99.map_or("–".into(), latency),
+        );
+        out.push_str(
+            "| storm | presence on the broker per join: bytes (messages) | per leave | restore records per join (join + leave windows) | replica cores, join / leave | peak RSS a / b | bystander p99 during join (÷ alone) | during leave (÷ alone) |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|\n",
+        );
+        for x in &rows {
+            let Some(f) = &x.presence else { continue };
+            let ratio = |s: &crate::presence::Storm| match (s.bystander_p99_us, alone_p99) {
+                (Some(a), Some(b)) if b > 0.0 => {
+                    let mut c = format!("{} ({:.2}×)", latency(a), a / b);
+                    if s.bystander_lost.unwrap_or(0) > 0 {
+                        c.push_str(" ⚠ lost");
+                    }
+                    c
+                }
+                (Some(a), _) => latency(a),
+                _ => "–".into(),
+            };
+            let restores = match (&f.join.traffic, &f.leave.traffic) {
+                (Some(j), Some(l)) => {
+                    let n = f.members.max(1) as f64;
+                    format!(
+                        "{:.0} B ({:.2} records)",
+                        (j.restore_bytes + l.restore_bytes) as f64 / n,
+                        (j.restores + l.restores) as f64 / n
+                    )
+                }
+                _ => "–".into(),
+            };
+            let cores = |s: &crate::presence::Storm| {
+                s.replica_cores.map_or("–".into(), |c| format!("{c:.2}"))
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {restores} | {} / {} | {} | {} | {} |",
+                x.mode,
+                per_member_cell(&f.join, f.members),
+                per_member_cell(&f.leave, f.members),
+                cores(&f.join),
+                cores(&f.leave),
+                f.join
+                    .replica_rss_mib
+                    .iter()
+                    .zip(&f.leave.replica_rss_mib)
+                    .map(|(j, l)| format!("{:.0} MiB", j.max(*l)))
+                    .collect::<Vec<_>>()
+                    .join(" / "),
+                ratio(&f.join),
+                ratio(&f.leave),
+            );
+        }
+        out.push('\n');
+    }
+    Some(out)
+}
+
 /// "attacker sent" and "what the attacker got" of one noisy-neighbour phase.
 fn noisy_attack_cells(mode: &str, f: &crate::noisy::Figures) -> (String, String) {
     let refused = || {

@@ -47,6 +47,8 @@ pub struct Plan {
     pub connect_concurrency: usize,
     /// The noisy-neighbour scenario's victim and attacks.
     pub noisy: crate::noisy::Shape,
+    /// The presence scenario's storms and bystander.
+    pub presence: crate::presence::Shape,
     /// Concurrent connection attempts while building up N clients.
     pub ramp_concurrency: usize,
     /// Time to let a server settle before reading its RSS.
@@ -83,6 +85,9 @@ pub struct Record {
     /// Noisy neighbour: what the attacker did and got during the victim's phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub noisy: Option<crate::noisy::Figures>,
+    /// Presence: convergence, broker traffic and what the members got in one storm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence: Option<crate::presence::Figures>,
 }
 
 const SHARDS: usize = 16;
@@ -450,6 +455,89 @@ pub(crate) async fn drain(phase: &Phase, expected: u64) {
     }
 }
 
+/// A fan-out at a fixed rate until `end` completes: `publishers` share `rate` publishes/s
+/// of `payload` bytes (their ticks spread over one period), delivered to `subscribers`
+/// reading with [`subscriber_loop`] on `shared`. Then waits for the stragglers
+/// ([`drain`]); `errors` counts the publishers that failed.
+pub(crate) async fn fixed_rate_phase<T>(
+    publishers: Vec<Client>,
+    shared: &Shared,
+    subscribers: usize,
+    rate: f64,
+    payload: usize,
+    end: impl Future<Output = T>,
+) -> Result<FixedRun<T>> {
+    let n = publishers.len().max(1);
+    let phase = shared.begin(0)?;
+    let start = tokio::time::Instant::now();
+    let published = Arc::new(AtomicU64::new(0));
+    let period = Duration::from_secs_f64(n as f64 / rate.max(0.1));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut tasks = JoinSet::new();
+    for (i, mut client) in publishers.into_iter().enumerate() {
+        let (phase_id, published, mut stopped) =
+            (phase.id, Arc::clone(&published), stopped.clone());
+        tasks.spawn(async move {
+            let mut buf = Vec::with_capacity(payload);
+            let offset = period.mul_f64(i as f64 / n as f64);
+            let mut ticker = tokio::time::interval_at(start + offset, period);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut failed = false;
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = stopped.wait_for(|s| *s) => break,
+                    _ = ticker.tick() => {}
+                }
+                Payload::stamp(&mut buf, payload, phase_id);
+                if client.publish(&buf).await.is_err() {
+                    failed = true;
+                    break;
+                }
+                published.fetch_add(1, Ordering::Relaxed);
+            }
+            (client, failed)
+        });
+    }
+    let ended = end.await;
+    let _ = stop.send(true);
+    let mut back = Vec::with_capacity(n);
+    let mut failed = 0;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((client, f)) => {
+                failed += u64::from(f);
+                back.push(client);
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    let delivered_in_window = phase.delivered.load(Ordering::Relaxed);
+    let elapsed = start.elapsed().as_secs_f64().max(1e-3);
+    let expected = published.load(Ordering::Relaxed) * subscribers as u64;
+    drain(&phase, expected).await;
+    let mut rec = Record {
+        published_per_s: Some(published.load(Ordering::Relaxed) as f64 / elapsed),
+        delivered_per_s: Some(delivered_in_window as f64 / elapsed),
+        lost: Some(expected.saturating_sub(phase.delivered.load(Ordering::Relaxed))),
+        errors: failed,
+        ..Record::default()
+    };
+    percentiles(&mut rec, &phase.merged()?);
+    Ok(FixedRun {
+        record: rec,
+        publishers: back,
+        ended,
+    })
+}
+
+/// What [`fixed_rate_phase`] measured, its publishers back, and what `end` returned.
+pub(crate) struct FixedRun<T> {
+    pub(crate) record: Record,
+    pub(crate) publishers: Vec<Client>,
+    pub(crate) ended: T,
+}
+
 /// Fan-in: N publishers, one subscriber.
 pub async fn fanin(running: &Running, plan: &Plan, out: &mut Vec<Record>) -> Result<()> {
     let ep = &running.endpoint;
@@ -728,24 +816,25 @@ pub async fn run_target(
     );
     let tenants = matches!(target, Target::CuttleEmbedded | Target::CuttleMosquitto);
     for (i, scenario) in scenarios.iter().enumerate() {
-        if scenario == "noisy" && !tenants {
-            // The baselines have no tenants to isolate: nothing to measure.
+        if matches!(scenario.as_str(), "noisy" | "presence") && !tenants {
+            // The baselines have no tenants to isolate and no presence: nothing to measure.
             continue;
         }
-        let profile = if scenario == "noisy" {
-            Profile::Noisy
-        } else {
-            Profile::Standard
+        let profile = match scenario.as_str() {
+            "noisy" => Profile::Noisy,
+            "presence" => Profile::Presence(plan.presence.layout()),
+            _ => Profile::Standard,
         };
         if (scenario == "idle" && i > 0 || running.profile != profile) && running.restartable() {
             // Memory per connection needs a fresh process: after fan-out the allocator holds
             // freed memory that new connections reuse, which would make them look free. The
-            // noisy-neighbour scenario has a policy (two tenants) and limits of its own.
+            // noisy-neighbour and presence scenarios have policies and limits of their own.
             drop(running);
             running = crate::targets::start_with(target, profile).await?;
         }
         let result = match scenario.as_str() {
             "noisy" => crate::noisy::run(&running, plan, out).await,
+            "presence" => crate::presence::run(&running, plan, out).await,
             "fanout" => fanout(&running, plan, out).await,
             "fanin" => fanin(&running, plan, out).await,
             "idle" => idle(&running, plan, out).await,

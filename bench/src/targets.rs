@@ -96,6 +96,48 @@ pub enum Profile {
     Standard,
     /// The noisy-neighbour scenario: a victim scope and an attacker scope, default limits.
     Noisy,
+    /// The presence scenario: replica `a` of a group sharing the broker and
+    /// [`PRESENCE_PREFIX`] (the others are started with [`Running::start_replica`]).
+    Presence(PresenceLayout),
+}
+
+/// The presence scenario's policy and send queue: `actors` device actors (`p0`…, one per
+/// member, observer and bystander), rooms `general` and `s0`… (`rooms` of them), lobbies
+/// `l0`… of at most `lobby_rooms` of those rooms each, in app `bench` beside the fan-out's
+/// room `r` and topics `t`, `u`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PresenceLayout {
+    pub actors: usize,
+    pub rooms: usize,
+    pub lobby_rooms: usize,
+    /// `limits.send_queue` (None: the default, 1,024 frames).
+    pub send_queue: Option<usize>,
+}
+
+/// `upstream.topic_prefix` of the presence scenario's replicas: their presence topics are
+/// `bench/_/presence/v1/<replica id>`.
+pub const PRESENCE_PREFIX: &str = "bench";
+
+/// Tokens of the presence scenario's actors: client `i` is actor `p<i>`.
+pub fn presence_tokens(actors: usize) -> Arc<Vec<String>> {
+    Arc::new(
+        (0..actors)
+            .map(|i| format!("bench-presence-{i}-token"))
+            .collect(),
+    )
+}
+
+/// The lobby slugs of a presence layout, with their rooms.
+pub fn presence_lobbies(layout: &PresenceLayout) -> Vec<(String, Vec<String>)> {
+    let per = layout.lobby_rooms.max(1);
+    (0..layout.rooms.div_ceil(per))
+        .map(|l| {
+            let rooms = (l * per..((l + 1) * per).min(layout.rooms))
+                .map(|r| format!("s{r}"))
+                .collect();
+            (format!("l{l}"), rooms)
+        })
+        .collect()
 }
 
 /// Actors of each tenant in the noisy-neighbour policy.
@@ -160,7 +202,66 @@ pub struct TlsSibling {
     _child: Child,
 }
 
+/// Another cuttle replica on a running target's broker (the presence scenario).
+pub struct Replica {
+    pub endpoint: Endpoint,
+    pub pid: u32,
+    _child: Child,
+}
+
 impl Running {
+    /// Starts one more cuttle on this target's broker with the presence policy of this
+    /// target's [`Profile::Presence`], as replica `replica_id` under `prefix`, and waits until
+    /// it is ready. For cuttle-embedded the broker is the first replica's in-process one, on
+    /// the loopback port it picked (found in `/proc`, [`Running::broker_port`]).
+    pub async fn start_replica(
+        &self,
+        replica_id: &str,
+        prefix: &str,
+        send_queue: Option<usize>,
+    ) -> Result<Replica> {
+        let Profile::Presence(mut layout) = self.profile else {
+            bail!("{}: not started for the presence scenario", self.target);
+        };
+        layout.send_queue = send_queue;
+        let broker = match (self.target, &self.cuttle_broker, self.broker_port) {
+            (Target::CuttleEmbedded, _, Some(port)) => format!("mqtt://127.0.0.1:{port}"),
+            (Target::CuttleEmbedded, _, None) => {
+                bail!("the embedded broker's port was not found in /proc")
+            }
+            (_, Some(b), _) => b.clone(),
+            (t, None, _) => bail!("{t} is not a cuttle target"),
+        };
+        let (listen, admin) = (sys::free_port()?, sys::free_port()?);
+        let config = self.dir.join(format!("proxy-{replica_id}.yaml"));
+        std::fs::write(
+            &config,
+            presence_config(listen, admin, &broker, &layout, replica_id, prefix),
+        )?;
+        let config_s = config.to_string_lossy().into_owned();
+        let me = std::env::current_exe()?;
+        let name = format!("cuttle-{replica_id}");
+        let mut child = spawn(
+            &self.dir,
+            &name,
+            &me,
+            &["serve-proxy", "--config", &config_s],
+        )?;
+        wait_listening(admin, &mut child, &self.dir, &name).await?;
+        wait_ready(admin, &name).await?;
+        Ok(Replica {
+            endpoint: Endpoint {
+                protocol: Protocol::NoLag,
+                addr: SocketAddr::from(([127, 0, 0, 1], listen)),
+                path: "/ws",
+                tokens: presence_tokens(layout.actors),
+                source_addresses: 8,
+            },
+            pid: child_pid(&child)?,
+            _child: child,
+        })
+    }
+
     pub async fn start_tls_sibling(
         &self,
         files: &crate::tls::ServerFiles,
@@ -265,6 +366,17 @@ async fn wait_listening(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     bail!("{name} did not listen on port {port} within 15 s")
+}
+
+/// Waits until cuttle's `/readyz` on `admin` answers 200 (its upstream pool is connected).
+async fn wait_ready(admin: u16, name: &str) -> Result<()> {
+    for _ in 0..200 {
+        if http_ok(admin, "/readyz").await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("{name} did not become ready (its upstream pool never connected)")
 }
 
 /// GET `path` on `port`; true on a 200.
@@ -385,6 +497,58 @@ fn noisy_config(listen: u16, admin: u16, broker: &str) -> String {
     )
 }
 
+/// A presence replica: one scope, `replica_id` under `prefix`. Limits at their defaults but
+/// `publish_per_second` and `idle_timeout_ms` (as in the comparison runs: the bystander's
+/// publishers and the silent measuring clients), `max_connections`, and `send_queue` when
+/// the layout sets it (a join storm's events, see [`crate::presence`]). Presence settings
+/// are all the defaults (heartbeat 1 s, 10 frames/s per connection, 10,000 members a room).
+fn presence_config(
+    listen: u16,
+    admin: u16,
+    broker: &str,
+    layout: &PresenceLayout,
+    replica_id: &str,
+    prefix: &str,
+) -> String {
+    let mut actors = String::with_capacity(layout.actors * 120);
+    for (i, token) in presence_tokens(layout.actors).iter().enumerate() {
+        let hash = hex::encode(Sha256::digest(token.as_bytes()));
+        actors.push_str(&format!(
+            "        - {{ id: p{i}, type: device, token_sha256: \"{hash}\", scope: acme }}\n"
+        ));
+    }
+    let mut rooms = String::from("            - slug: r\n            - slug: general\n");
+    for r in 0..layout.rooms {
+        rooms.push_str(&format!("            - slug: s{r}\n"));
+    }
+    let mut lobbies = String::new();
+    let list = presence_lobbies(layout);
+    if !list.is_empty() {
+        lobbies.push_str("          lobbies:\n");
+        for (slug, rooms) in list {
+            lobbies.push_str(&format!(
+                "            - {{ slug: {slug}, rooms: [{}] }}\n",
+                rooms.join(", ")
+            ));
+        }
+    }
+    let send_queue = layout
+        .send_queue
+        .map_or(String::new(), |q| format!("  send_queue: {q}\n"));
+    format!(
+        "listen: 127.0.0.1:{listen}\n\
+         admin: 127.0.0.1:{admin}\n\
+         upstream:\n  broker: {broker}\n  pool: 4\n  topic_prefix: {prefix}\n\
+         limits:\n  publish_per_second: 1000000\n  max_connections: 100000\n  idle_timeout_ms: 3600000\n{send_queue}\
+         presence:\n  replica_id: {replica_id}\n\
+         log:\n  level: warn\n\
+         policy:\n  projects:\n    - id: bench\n\
+         \x20     scopes: [ {{ slug: acme }} ]\n\
+         \x20     apps:\n        - slug: bench\n          topics:\n            t: {{ device: read-write }}\n            u: {{ device: read-write }}\n          rooms:\n{rooms}{lobbies}\
+         \x20     actors:\n{actors}"
+    )
+}
+
 /// Starts `target` and waits until it serves.
 pub async fn start(target: Target) -> Result<Running> {
     start_with(target, Profile::Standard).await
@@ -392,10 +556,12 @@ pub async fn start(target: Target) -> Result<Running> {
 
 /// Starts `target` (a cuttle one, for [`Profile::Noisy`]) with `profile`'s configuration.
 pub async fn start_with(target: Target, profile: Profile) -> Result<Running> {
-    if profile == Profile::Noisy
+    if profile != Profile::Standard
         && !matches!(target, Target::CuttleEmbedded | Target::CuttleMosquitto)
     {
-        bail!("{target} has no tenants: the noisy-neighbour scenario needs a cuttle target");
+        bail!(
+            "{target} is not cuttle: the noisy-neighbour and presence scenarios need a cuttle target"
+        );
     }
     let dir = std::env::temp_dir().join(format!(
         "cuttle-bench-{}-{}",
@@ -423,22 +589,15 @@ pub async fn start_with(target: Target, profile: Profile) -> Result<Running> {
             let text = match profile {
                 Profile::Standard => cuttle_config(listen, admin, &broker_url, None),
                 Profile::Noisy => noisy_config(listen, admin, &broker_url),
+                Profile::Presence(layout) => {
+                    presence_config(listen, admin, &broker_url, &layout, "a", PRESENCE_PREFIX)
+                }
             };
             std::fs::write(&config, text)?;
             let config_s = config.to_string_lossy().into_owned();
             let mut child = spawn(&dir, "cuttle", &me, &["serve-proxy", "--config", &config_s])?;
             wait_listening(admin, &mut child, &dir, "cuttle").await?;
-            let mut ready = false;
-            for _ in 0..200 {
-                if http_ok(admin, "/readyz").await {
-                    ready = true;
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            if !ready {
-                bail!("cuttle did not become ready (its upstream pool never connected)");
-            }
+            wait_ready(admin, "cuttle").await?;
             let pid = child_pid(&child)?;
             let broker_port = match broker {
                 Some(p) => Some(p),
@@ -456,8 +615,13 @@ pub async fn start_with(target: Target, profile: Profile) -> Result<Running> {
                     tokens: match profile {
                         Profile::Standard => tokens(),
                         Profile::Noisy => noisy_tokens(false),
+                        Profile::Presence(layout) => presence_tokens(layout.actors),
                     },
-                    source_addresses: 1,
+                    source_addresses: match profile {
+                        // Up to 10,000 members and their replicas' sockets.
+                        Profile::Presence(_) => 8,
+                        _ => 1,
+                    },
                 },
                 Some(broker_url),
                 pid,

@@ -375,6 +375,24 @@ impl Client {
         }
     }
 
+    /// The `error` strings of the error frames already waiting on this connection (cuttle;
+    /// a publisher only writes, so its refusals queue up unread): reads until nothing comes
+    /// for `quiet`.
+    pub async fn pending_errors(&mut self, quiet: Duration) -> Vec<String> {
+        let mut errors = Vec::new();
+        if self.protocol != Protocol::NoLag {
+            return errors;
+        }
+        while let Ok(Ok(Some(frame))) = tokio::time::timeout(quiet, self.next_ws_binary()).await {
+            if let Some((kind, error)) = frame_kind(&frame)
+                && kind == "error"
+            {
+                errors.push(error.unwrap_or_default());
+            }
+        }
+        errors
+    }
+
     /// The WebSocket under a logged-in client, for callers that read and write it at once
     /// (split) or not at all (the slow consumer).
     pub fn into_ws(self) -> Result<WebSocketStream<BoxIo>> {
