@@ -8,7 +8,10 @@
 //!   gets at most one write per actor per [`WRITE_INTERVAL`], carrying the latest record;
 //! - a record is never larger than the broker accepts (checked against its Maximum Packet
 //!   Size) — the session already capped it at `limits.restore_bytes`;
-//! - the pending map holds at most one record per actor and forgets actors once written.
+//! - the pending map holds at most one record per actor and forgets actors once written;
+//! - a flush writes at most [`FLUSH_RECORDS`] records, the next backlog flush follows
+//!   [`BACKLOG_PAUSE`] later: a burst of new actors (a presence join storm writes one record
+//!   each) never fills the pool's request queues, which every tenant's publishes share.
 //!
 //! A reconnect on this replica reads a pending (not yet written) record first: it is newer
 //! than what the broker holds.
@@ -27,6 +30,10 @@ use crate::upstream::{Pool, PublishError, publish_qos};
 
 /// At most one write per actor per interval.
 pub const WRITE_INTERVAL: Duration = Duration::from_secs(1);
+/// Records written per flush at most (a pool connection queues 1,024 requests).
+pub const FLUSH_RECORDS: usize = 128;
+/// Pause between flushes while records are waiting (up to 1,280 records per second).
+const BACKLOG_PAUSE: Duration = Duration::from_millis(100);
 /// How long a written record is still served from memory without the broker's PUBACK.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -37,6 +44,9 @@ struct Pending {
     /// Records sent and not yet acknowledged: a reconnect reading the broker now could still
     /// get the previous record (its SUBSCRIBE may travel on another pool connection).
     unacked: HashMap<Arc<str>, Bytes>,
+    /// When each topic was last written, for [`WRITE_INTERVAL`] (entries older than it are
+    /// forgotten at every flush).
+    written: HashMap<Arc<str>, tokio::time::Instant>,
 }
 
 /// The replica-wide writer of restore records.
@@ -88,9 +98,35 @@ impl RestoreWriter {
         self.pending.lock().records.len()
     }
 
-    /// Writes every waiting record now (at shutdown, and from the flush task).
+    /// Writes every waiting record now (at shutdown), as fast as the pool takes them.
     pub fn flush(self: &Arc<Self>) {
-        let records = std::mem::take(&mut self.pending.lock().records);
+        while self.flush_some(usize::MAX, false) > 0 {}
+    }
+
+    /// Writes up to `max` waiting records; `paced`: only topics not written within
+    /// [`WRITE_INTERVAL`]. Returns how many were handed to the pool.
+    fn flush_some(self: &Arc<Self>, max: usize, paced: bool) -> usize {
+        let records: Vec<(Arc<str>, Bytes)> = {
+            let mut p = self.pending.lock();
+            let now = tokio::time::Instant::now();
+            p.written
+                .retain(|_, at| now.duration_since(*at) < WRITE_INTERVAL);
+            let due: Vec<Arc<str>> = p
+                .records
+                .keys()
+                .filter(|t| !paced || !p.written.contains_key(*t))
+                .take(max)
+                .cloned()
+                .collect();
+            due.into_iter()
+                .filter_map(|t| {
+                    let r = p.records.remove(&t)?;
+                    p.written.insert(t.clone(), now);
+                    Some((t, r))
+                })
+                .collect()
+        };
+        let sent = records.len();
         let mut retry = Vec::new();
         let mut acks = Vec::new();
         for (topic, record) in records {
@@ -142,6 +178,7 @@ impl RestoreWriter {
                 }
             });
         }
+        let refused = retry.len();
         if !retry.is_empty() {
             let mut p = self.pending.lock();
             for (topic, record) in retry {
@@ -149,6 +186,7 @@ impl RestoreWriter {
                 p.records.entry(topic).or_insert(record);
             }
         }
+        sent - refused
     }
 }
 
@@ -157,9 +195,102 @@ async fn flush_loop(w: Arc<RestoreWriter>) {
         w.poke.notified().await;
         // Gather everything submitted during the interval into one write per actor.
         tokio::time::sleep(WRITE_INTERVAL).await;
-        w.flush();
+        // Then work through the backlog in small flushes, so the pool keeps room for
+        // everyone else's publishes.
+        while w.flush_some(FLUSH_RECORDS, true) > 0 && w.pending_count() > 0 {
+            tokio::time::sleep(BACKLOG_PAUSE).await;
+        }
         if w.pending_count() > 0 {
             w.poke.notify_one();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::{Dispatch, Endpoint};
+
+    struct Nobody;
+
+    impl Dispatch for Nobody {
+        fn dispatch(&self, _: &str, _: &[usize], _: Bytes) {}
+        fn subscription_result(&self, _: &str, _: usize, _: bool) {}
+    }
+
+    /// A pool that never connects: publishes are queued (and never acknowledged).
+    fn pool() -> Arc<Pool> {
+        let loaded = crate::config::load_str(
+            "upstream: { pool: 1 }\npolicy: { projects: [] }\n",
+            std::path::Path::new("/nonexistent/proxy.yaml"),
+            &|_| None,
+        )
+        .unwrap_or_else(|d| panic!("{d}"));
+        let endpoint = Endpoint {
+            host: "127.0.0.1".into(),
+            port: 1,
+            tls: false,
+        };
+        Pool::start(
+            &loaded.settings.upstream,
+            endpoint,
+            1 << 20,
+            Arc::new(Nobody),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_actors_is_written_in_small_paced_flushes() {
+        let w = RestoreWriter::start(pool());
+        for i in 0..1000 {
+            w.submit(
+                &format!("_/restore/v2/p/_/actor-{i}"),
+                Bytes::from_static(b"\x80"),
+            );
+        }
+        // Nothing before the coalescing interval, then FLUSH_RECORDS per flush.
+        tokio::time::sleep(WRITE_INTERVAL - Duration::from_millis(10)).await;
+        assert_eq!(w.pending_count(), 1000);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(w.pending_count(), 1000 - FLUSH_RECORDS);
+        tokio::time::sleep(BACKLOG_PAUSE).await;
+        assert_eq!(w.pending_count(), 1000 - 2 * FLUSH_RECORDS);
+        // All of it within a second more, and every record only once: pending reads serve
+        // the written (unacknowledged) ones.
+        tokio::time::sleep(WRITE_INTERVAL).await;
+        assert_eq!(w.pending_count(), 0);
+        assert!(w.pending("_/restore/v2/p/_/actor-999").is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_actor_is_written_at_most_once_per_interval_even_with_a_backlog() {
+        let w = RestoreWriter::start(pool());
+        for i in 0..(3 * FLUSH_RECORDS) {
+            w.submit(
+                &format!("_/restore/v2/p/_/actor-{i}"),
+                Bytes::from_static(b"\x80"),
+            );
+        }
+        tokio::time::sleep(WRITE_INTERVAL + Duration::from_millis(10)).await;
+        // actor-0 was in the first flush (or not yet); a new submission of a written actor
+        // waits out its interval while the backlog drains.
+        let written: Vec<usize> = (0..3 * FLUSH_RECORDS)
+            .filter(|i| {
+                w.pending
+                    .lock()
+                    .written
+                    .contains_key(format!("_/restore/v2/p/_/actor-{i}").as_str())
+            })
+            .collect();
+        assert_eq!(written.len(), FLUSH_RECORDS);
+        let again = format!("_/restore/v2/p/_/actor-{}", written[0]);
+        w.submit(&again, Bytes::from_static(b"\x81"));
+        tokio::time::sleep(BACKLOG_PAUSE * 3).await;
+        assert!(
+            w.pending.lock().records.contains_key(again.as_str()),
+            "written again within the interval"
+        );
+        tokio::time::sleep(WRITE_INTERVAL * 2).await;
+        assert_eq!(w.pending_count(), 0);
     }
 }
