@@ -143,6 +143,11 @@ impl Outbox {
         )
     }
 
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.tx.capacity() == self.tx.max_capacity()
+    }
+
     /// Queues a frame only while the queue is less than half full (frames and bytes), and
     /// never flags the session: for traffic that can be dropped and repaired (presence
     /// events, whose room list follows), which must never cost a connection its messages.

@@ -47,6 +47,19 @@ pub use frames::LobbyView;
 pub const TICK: Duration = Duration::from_millis(100);
 /// Least time between two delta publishes: ops of a burst (a join storm) share messages.
 const FLUSH_PAUSE: Duration = Duration::from_millis(5);
+/// A stale listener gets its room's list once no event was dropped in the room for this long…
+const RESYNC_QUIET: Duration = Duration::from_millis(500);
+/// …or once it has been stale this long, whatever the room does.
+const RESYNC_AT_LEAST: Duration = Duration::from_secs(5);
+
+/// Room listeners that missed events, and when each room last dropped one.
+#[derive(Default)]
+struct StaleListeners {
+    /// (room, connection) → when it first missed an event.
+    missed: HashMap<(RoomKey, ConnId), tokio::time::Instant>,
+    dropped_at: HashMap<RoomKey, tokio::time::Instant>,
+}
+
 /// Bytes of broker messages waiting for the presence task at most.
 const INBOX_BYTES: usize = 64 << 20;
 /// The reserved subscription id of the presence filter (lane 63, sequence 0: never a router
@@ -123,8 +136,8 @@ pub struct Presence {
     inbox: tokio::sync::mpsc::UnboundedSender<Bytes>,
     inbox_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Bytes>>>,
     inbox_bytes: Arc<std::sync::atomic::AtomicUsize>,
-    /// (room, connection) pairs that missed an event: their list follows on the next tick.
-    stale: Mutex<HashSet<(RoomKey, ConnId)>>,
+    /// Room listeners that missed an event: their list follows once the room is quiet.
+    stale: Mutex<StaleListeners>,
     /// Lobby events not queued because the connection's queue was half full.
     pub lobby_events_dropped: std::sync::atomic::AtomicU64,
 }
@@ -188,7 +201,7 @@ impl Presence {
             inbox,
             inbox_rx: Mutex::new(Some(inbox_rx)),
             inbox_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
-            stale: Mutex::new(HashSet::new()),
+            stale: Mutex::new(StaleListeners::default()),
             lobby_events_dropped: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -566,22 +579,42 @@ impl Presence {
             }
         }
         if !stale.is_empty() {
-            self.stale.lock().extend(stale);
+            let now = tokio::time::Instant::now();
+            let mut s = self.stale.lock();
+            for (room, conn) in stale {
+                s.dropped_at.insert(room.clone(), now);
+                s.missed.entry((room, conn)).or_insert(now);
+            }
         }
     }
 
-    /// Sends the room list to the listeners that missed events (on the ticker).
+    /// Sends the room list to the listeners that missed events (on the ticker). A list is
+    /// O(members) bytes, so it is sent once the room's storm is over — no event dropped in it
+    /// for [`RESYNC_QUIET`], or the listener stale for [`RESYNC_AT_LEAST`] — and only into an
+    /// empty queue: during a storm in a large room, repairing every member with lists would
+    /// cost as much as the events it replaces.
     fn resync_stale(&self) {
-        let stale: Vec<(RoomKey, ConnId)> = {
+        let now = tokio::time::Instant::now();
+        let due: Vec<(RoomKey, ConnId)> = {
             let mut s = self.stale.lock();
-            if s.is_empty() {
+            if s.missed.is_empty() {
                 return;
             }
-            s.drain().collect()
+            let StaleListeners { missed, dropped_at } = &mut *s;
+            dropped_at.retain(|_, at| now.duration_since(*at) < RESYNC_AT_LEAST);
+            missed
+                .iter()
+                .filter(|((room, _), since)| {
+                    now.duration_since(**since) >= RESYNC_AT_LEAST
+                        || dropped_at
+                            .get(room)
+                            .is_none_or(|at| now.duration_since(*at) >= RESYNC_QUIET)
+                })
+                .map(|(k, _)| k.clone())
+                .collect()
         };
         let mut lists: HashMap<RoomKey, Bytes> = HashMap::new();
-        let mut again = Vec::new();
-        for (room, conn) in stale {
+        for (room, conn) in due {
             let outbox = {
                 let st = self.state.lock();
                 st.listeners
@@ -591,8 +624,13 @@ impl Presence {
                     .cloned()
             };
             let Some(outbox) = outbox else {
-                continue; // left the room meanwhile
+                // Left the room meanwhile.
+                self.stale.lock().missed.remove(&(room, conn));
+                continue;
             };
+            if !outbox.is_empty() {
+                continue; // next tick
+            }
             let frame = match lists.get(&room) {
                 Some(f) => f.clone(),
                 None => {
@@ -602,12 +640,9 @@ impl Presence {
                     f
                 }
             };
-            if !outbox.offer(frame) {
-                again.push((room, conn));
+            if outbox.offer(frame) {
+                self.stale.lock().missed.remove(&(room, conn));
             }
-        }
-        if !again.is_empty() {
-            self.stale.lock().extend(again);
         }
     }
 }

@@ -588,8 +588,11 @@ async fn a_join_storm_never_fills_a_member_s_queue_and_the_list_repairs_what_it_
         "presence took more than half the queue: {}",
         first.len()
     );
-    // The member reads; the next tick sends the list.
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    // The member reads; once the room has been quiet for 500 ms, a tick sends the list (one,
+    // not one per tick: a list is O(members)).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(member.queued().is_empty(), "a list during the storm");
+    tokio::time::sleep(Duration::from_millis(400)).await;
     let later = decoded(&member.queued());
     let list = later
         .iter()
@@ -599,4 +602,6 @@ async fn a_join_storm_never_fills_a_member_s_queue_and_the_list_repairs_what_it_
     assert_eq!(list["data"].as_array().map(Vec::len), Some(21));
     // Messages still fit: the queue was never more than half presence.
     assert!(!member._overflow.is_set());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(member.queued().is_empty(), "the list is sent once");
 }
