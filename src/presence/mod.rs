@@ -52,6 +52,14 @@ const RESYNC_QUIET: Duration = Duration::from_millis(500);
 /// …or once it has been stale this long, whatever the room does.
 const RESYNC_AT_LEAST: Duration = Duration::from_secs(5);
 
+/// A room whose list is larger than this is not resynced by pushing it: a list is O(members)
+/// bytes per listener, and each connection's write buffer keeps the capacity of the largest
+/// frame it wrote (a 5,000-member storm resynced with 300 KB lists reached 1.1 GB RSS). Its
+/// members repair their map with `getPresence` (`room.fetchPresence()`).
+const RESYNC_MAX_LIST_BYTES: usize = 64 << 10;
+/// List bytes queued per tick at most, replica-wide.
+const RESYNC_BYTES_PER_TICK: usize = 4 << 20;
+
 /// Room listeners that missed events, and when each room last dropped one.
 #[derive(Default)]
 struct StaleListeners {
@@ -138,6 +146,8 @@ pub struct Presence {
     inbox_bytes: Arc<std::sync::atomic::AtomicUsize>,
     /// Room listeners that missed an event: their list follows once the room is quiet.
     stale: Mutex<StaleListeners>,
+    /// Stale room listeners not resynced because the room's list is too large.
+    pub resyncs_skipped: std::sync::atomic::AtomicU64,
     /// Lobby events not queued because the connection's queue was half full.
     pub lobby_events_dropped: std::sync::atomic::AtomicU64,
 }
@@ -203,6 +213,7 @@ impl Presence {
             inbox_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             stale: Mutex::new(StaleListeners::default()),
             lobby_events_dropped: std::sync::atomic::AtomicU64::new(0),
+            resyncs_skipped: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -590,9 +601,10 @@ impl Presence {
 
     /// Sends the room list to the listeners that missed events (on the ticker). A list is
     /// O(members) bytes, so it is sent once the room's storm is over — no event dropped in it
-    /// for [`RESYNC_QUIET`], or the listener stale for [`RESYNC_AT_LEAST`] — and only into an
-    /// empty queue: during a storm in a large room, repairing every member with lists would
-    /// cost as much as the events it replaces.
+    /// for [`RESYNC_QUIET`], or the listener stale for [`RESYNC_AT_LEAST`] — only into an
+    /// empty queue, within [`RESYNC_BYTES_PER_TICK`], and never for a room whose list is over
+    /// [`RESYNC_MAX_LIST_BYTES`]: during a storm in a large room, repairing every member with
+    /// lists would cost as much as the events it replaces.
     fn resync_stale(&self) {
         let now = tokio::time::Instant::now();
         let due: Vec<(RoomKey, ConnId)> = {
@@ -614,6 +626,7 @@ impl Presence {
                 .collect()
         };
         let mut lists: HashMap<RoomKey, Bytes> = HashMap::new();
+        let mut budget = RESYNC_BYTES_PER_TICK;
         for (room, conn) in due {
             let outbox = {
                 let st = self.state.lock();
@@ -640,7 +653,17 @@ impl Presence {
                     f
                 }
             };
-            if outbox.offer(frame) {
+            if frame.len() > RESYNC_MAX_LIST_BYTES {
+                self.stale.lock().missed.remove(&(room, conn));
+                self.resyncs_skipped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                continue;
+            }
+            if frame.len() > budget {
+                break; // the rest on later ticks
+            }
+            if outbox.offer(frame.clone()) {
+                budget -= frame.len();
                 self.stale.lock().missed.remove(&(room, conn));
             }
         }
