@@ -317,8 +317,8 @@ pub struct ReloadSettings {
 pub struct PresenceSettings {
     /// This replica's identity among the replicas sharing the broker: stable across
     /// restarts (a restart's new incarnation then replaces the old one's members at once).
-    /// Default: the host name and the listen port.
-    pub replica_id: String,
+    /// `None`: [`PresenceSettings::replica_id_for`] derives one when the proxy starts.
+    pub replica_id: Option<String>,
     /// How long a connection closed abnormally stays present (absorbs a reconnect).
     pub grace: Duration,
     /// How often a replica tells the others it is alive.
@@ -337,22 +337,33 @@ pub struct PresenceSettings {
     pub lobbies_per_connection: usize,
 }
 
-/// The default replica id: the host name (a pod's name) and the listen port, so that two
-/// processes on one host differ and a restarted container keeps its id.
-fn default_replica_id(listen: Option<SocketAddr>) -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "cuttle".into());
-    match listen.map(|l| l.port()) {
-        Some(port) if port != 0 => format!("{host}-{port}"),
-        _ => {
-            // An ephemeral port: nothing stable to name; a random id (restarts are new replicas).
-            let mut b = [0u8; 4];
-            let _ = getrandom::fill(&mut b);
-            format!("{host}-{}", hex::encode(b))
+impl PresenceSettings {
+    /// The replica id: the configured one, or the host name (a pod's name) and the listen
+    /// port, so that two processes on one host differ and a restarted container keeps its
+    /// id. Derived at start-up, never compared across reloads.
+    pub fn replica_id_for(&self, listen: SocketAddr) -> String {
+        if let Some(id) = &self.replica_id {
+            return id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| {
+                !h.is_empty()
+                    && h.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            })
+            .unwrap_or_else(|| "cuttle".into());
+        match listen.port() {
+            0 => {
+                // An ephemeral port: nothing stable to name; a random id (a restart is a new
+                // replica, whose predecessor times out).
+                let mut b = [0u8; 4];
+                let _ = getrandom::fill(&mut b);
+                format!("{host}-{}", hex::encode(b))
+            }
+            port => format!("{host}-{port}"),
         }
     }
 }
@@ -753,7 +764,7 @@ pub(crate) fn validate(
         );
     }
     let grace = in_range(spec.shutdown.grace_s, 0, 3600, "shutdown.grace_s", diags);
-    let presence = validate_presence(&spec.presence, listen, diags);
+    let presence = validate_presence(&spec.presence, diags);
 
     if diags.errors().count() > before {
         return None;
@@ -787,11 +798,7 @@ pub(crate) fn validate(
     })
 }
 
-fn validate_presence(
-    p: &PresenceSpec,
-    listen: Option<SocketAddr>,
-    diags: &mut Diagnostics,
-) -> Option<PresenceSettings> {
+fn validate_presence(p: &PresenceSpec, diags: &mut Diagnostics) -> Option<PresenceSettings> {
     let mut ok = true;
     let replica_id = match &p.replica_id {
         Some(id) => {
@@ -810,9 +817,9 @@ fn validate_presence(
                 );
                 ok = false;
             }
-            id.clone()
+            Some(id.clone())
         }
-        None => default_replica_id(listen),
+        None => None,
     };
     let heartbeat = in_range(p.heartbeat_ms, 100, 60_000, "presence.heartbeat_ms", diags);
     let timeout = in_range(

@@ -176,15 +176,16 @@ pub fn incarnation() -> u64 {
 }
 
 impl Presence {
-    /// The service for replica `settings.replica_id`; its will (for the pool connection that
+    /// The service for replica `replica_id`; its will (for the pool connection that
     /// carries `topic`) is [`Presence::will`]. Publishing starts with [`Presence::attach`].
     pub fn new(
         settings: &PresenceSettings,
+        replica_id: &str,
         layout: &TopicLayout,
         max_message_bytes: usize,
     ) -> Arc<Self> {
         let cfg = core::Config {
-            replica: settings.replica_id.as_str().into(),
+            replica: replica_id.into(),
             incarnation: incarnation(),
             heartbeat_ms: settings.heartbeat.as_millis() as u64,
             replica_timeout_ms: settings.replica_timeout.as_millis() as u64,
@@ -199,7 +200,7 @@ impl Presence {
         };
         let (inbox, inbox_rx) = tokio::sync::mpsc::unbounded_channel();
         Arc::new(Self {
-            topic: layout.presence_topic(&settings.replica_id),
+            topic: layout.presence_topic(replica_id),
             filter: layout.presence_filter(),
             state: Mutex::new(State {
                 core: Core::new(cfg),

@@ -161,6 +161,7 @@ impl Proxy {
         let router = Router::new(store.clone());
         let presence = crate::presence::Presence::new(
             &settings.presence,
+            &settings.presence.replica_id_for(settings.listen),
             &settings.upstream.layout,
             max_packet / 2,
         );
