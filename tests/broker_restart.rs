@@ -17,14 +17,6 @@ use common::*;
 use rmpv::Value;
 use tokio::net::{TcpListener, TcpStream};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     tokio::time::timeout(Duration::from_secs(secs), async {
         while !f() {

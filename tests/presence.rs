@@ -260,14 +260,6 @@ struct Process {
     _dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `broker`: a URL, or `embedded:<port>` (this process hosts the broker on that port).
 async fn spawn_replica(prefix: &str, id: &str, broker: &str) -> Process {
     let dir = tempfile::tempdir().unwrap();

@@ -949,13 +949,9 @@ impl Core {
         self.diff(&room, &actor, before, after, fx);
     }
 
-    /// Replaces everything replica `id` announced by a snapshot's ops.
-    fn replace(
-        &mut self,
-        id: &Arc<str>,
-        wanted: HashMap<(RoomKey, Arc<str>), Member>,
-        fx: &mut Effects,
-    ) {
+    /// Every (room, actor) replica `id` announced, sorted (the same inputs give the same
+    /// events, which the seeded simulation needs).
+    fn held(&self, id: &Arc<str>) -> Vec<(RoomKey, Arc<str>)> {
         let mut held: Vec<(RoomKey, Arc<str>)> = self
             .remotes
             .get(id)
@@ -967,7 +963,17 @@ impl Core {
             })
             .unwrap_or_default();
         held.sort();
-        for (room, actor) in held {
+        held
+    }
+
+    /// Replaces everything replica `id` announced by a snapshot's ops.
+    fn replace(
+        &mut self,
+        id: &Arc<str>,
+        wanted: HashMap<(RoomKey, Arc<str>), Member>,
+        fx: &mut Effects,
+    ) {
+        for (room, actor) in self.held(id) {
             if !wanted.contains_key(&(room.clone(), actor.clone())) {
                 self.apply(id, Op::Remove { room, actor }, fx);
             }
@@ -1000,19 +1006,7 @@ impl Core {
     }
 
     fn clear(&mut self, id: &Arc<str>, fx: &mut Effects) {
-        let held: Vec<(RoomKey, Arc<str>)> = self
-            .remotes
-            .get(id)
-            .map(|r| {
-                r.members
-                    .iter()
-                    .flat_map(|(room, m)| m.keys().map(|a| (room.clone(), a.clone())))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mut held = held;
-        held.sort();
-        for (room, actor) in held {
+        for (room, actor) in self.held(id) {
             self.apply(id, Op::Remove { room, actor }, fx);
         }
     }

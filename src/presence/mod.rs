@@ -442,17 +442,7 @@ impl Presence {
 
     /// The members of each of `rooms` of app `key`.
     pub fn lobby_view(&self, key: &RoomKey, rooms: &[Arc<str>]) -> LobbyView {
-        let st = self.state.lock();
-        rooms
-            .iter()
-            .map(|r| {
-                let room = RoomKey {
-                    room: r.clone(),
-                    ..key.clone()
-                };
-                (r.clone(), st.core.members(&room))
-            })
-            .collect()
+        view(&self.state.lock().core, key, rooms)
     }
 
     /// Follows lobby `slug` (rooms of `key`'s app and namespace) and returns its current view.
@@ -480,16 +470,7 @@ impl Presence {
             .entry(conn)
             .or_default()
             .push((app, slug.clone()));
-        rooms
-            .iter()
-            .map(|r| {
-                let room = RoomKey {
-                    room: r.clone(),
-                    ..key.clone()
-                };
-                (r.clone(), st.core.members(&room))
-            })
-            .collect()
+        view(&st.core, key, rooms)
     }
 
     /// Stops following lobby `slug`.
@@ -515,6 +496,20 @@ impl Presence {
     pub fn live_replicas(&self) -> usize {
         self.state.lock().core.live_replicas()
     }
+}
+
+/// The members of each of `rooms` of `key`'s app namespace (`key.room` is ignored).
+fn view(core: &Core, key: &RoomKey, rooms: &[Arc<str>]) -> LobbyView {
+    rooms
+        .iter()
+        .map(|r| {
+            let room = RoomKey {
+                room: r.clone(),
+                ..key.clone()
+            };
+            (r.clone(), core.members(&room))
+        })
+        .collect()
 }
 
 /// Who gets one event: the room's listeners, and the lobby listeners following the room.

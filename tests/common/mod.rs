@@ -106,6 +106,15 @@ projects:
     )
 }
 
+/// A loopback port free right now (for a process that must be told its port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn test_env(var: &str) -> Option<String> {
     let vars: HashMap<&str, &str> = [
         ("JWT_SECRET", JWT_SECRET),

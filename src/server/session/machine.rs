@@ -202,7 +202,7 @@ impl Machine {
             record_bytes: 0,
             restore_topic,
             submitted: None,
-            presence_rate: Bucket::new(proxy_presence_rate(&proxy), Instant::now()),
+            presence_rate: Bucket::new(proxy.presence.settings().frames_per_second, Instant::now()),
             remembered_room: None,
             lobbies: std::collections::HashSet::new(),
             linger_on_close: true,
@@ -660,10 +660,6 @@ impl Machine {
         self.reevaluate_presence(out);
         Ok(())
     }
-}
-
-fn proxy_presence_rate(proxy: &Proxy) -> u32 {
-    proxy.presence.settings().frames_per_second
 }
 
 fn frame_error(e: &FrameError) -> Bytes {
