@@ -91,7 +91,31 @@ struct Listeners {
     lobbies_of: HashMap<ConnId, Vec<(AppKey, Arc<str>)>>,
 }
 
+/// Removes one lobby subscription of `conn` (and the app's entry when it was the last).
+fn unlisten(
+    lobbies: &mut HashMap<AppKey, HashMap<(ConnId, Arc<str>), LobbyListener>>,
+    app: &AppKey,
+    conn: ConnId,
+    slug: &Arc<str>,
+) {
+    if let Some(subs) = lobbies.get_mut(app) {
+        subs.remove(&(conn, slug.clone()));
+        if subs.is_empty() {
+            lobbies.remove(app);
+        }
+    }
+}
+
 impl Listeners {
+    fn leave_room(&mut self, room: &RoomKey, conn: ConnId) {
+        if let Some(l) = self.rooms.get_mut(room) {
+            l.remove(&conn);
+            if l.is_empty() {
+                self.rooms.remove(room);
+            }
+        }
+    }
+
     fn remove_lobby(&mut self, conn: ConnId, slug: &str) {
         let Some(mine) = self.lobbies_of.get_mut(&conn) else {
             return;
@@ -100,12 +124,7 @@ impl Listeners {
             if &**s != slug {
                 return true;
             }
-            if let Some(subs) = self.lobbies.get_mut(app) {
-                subs.remove(&(conn, s.clone()));
-                if subs.is_empty() {
-                    self.lobbies.remove(app);
-                }
-            }
+            unlisten(&mut self.lobbies, app, conn, s);
             false
         });
         if mine.is_empty() {
@@ -115,12 +134,7 @@ impl Listeners {
 
     fn remove_lobbies(&mut self, conn: ConnId) {
         for (app, slug) in self.lobbies_of.remove(&conn).unwrap_or_default() {
-            if let Some(subs) = self.lobbies.get_mut(&app) {
-                subs.remove(&(conn, slug));
-                if subs.is_empty() {
-                    self.lobbies.remove(&app);
-                }
-            }
+            unlisten(&mut self.lobbies, &app, conn, &slug);
         }
     }
 }
@@ -364,13 +378,8 @@ impl Presence {
             let outcome = st
                 .core
                 .set(conn, room.clone(), actor.clone(), data, now, &mut fx)?;
-            if let Some(prev) = previous.filter(|p| *p != room)
-                && let Some(l) = st.listeners.rooms.get_mut(&prev)
-            {
-                l.remove(&conn);
-                if l.is_empty() {
-                    st.listeners.rooms.remove(&prev);
-                }
+            if let Some(prev) = previous.filter(|p| *p != room) {
+                st.listeners.leave_room(&prev, conn);
             }
             // Listening from now on: the events below (join, update) include the sender.
             st.listeners
@@ -411,13 +420,8 @@ impl Presence {
         let deliveries = {
             let mut st = self.state.lock();
             let st = &mut *st;
-            if let Some(room) = st.core.room_of(conn).cloned()
-                && let Some(l) = st.listeners.rooms.get_mut(&room)
-            {
-                l.remove(&conn);
-                if l.is_empty() {
-                    st.listeners.rooms.remove(&room);
-                }
+            if let Some(room) = st.core.room_of(conn).cloned() {
+                st.listeners.leave_room(&room, conn);
             }
             if lobbies {
                 st.listeners.remove_lobbies(conn);
