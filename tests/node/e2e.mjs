@@ -139,7 +139,7 @@ async function main() {
   await presence();
 }
 
-// Presence and lobbies (PROTOCOL §11–§12), as the SDK drives them: room.setPresence sends only
+// Presence and lobbies (docs/PROTOCOL.md §11–§12), as the SDK drives them: room.setPresence sends only
 // the room slug, fetchPresence reads `presenceList`, events are keyed by actor_token_id.
 async function presence() {
   const isPresence = (event, actor) => (f) =>
