@@ -13,6 +13,7 @@
 //! - [`presence`]: room presence and lobbies, replicated through the broker;
 //! - [`reload`]: the live policy snapshot (and TLS certificate) and hot reload;
 //! - [`tls`]: the client listener's certificate and key, checked, as a rustls config;
+//! - [`metrics`]: the Prometheus series and the `/metrics` exposition;
 //! - [`secret`]: the wrapper that keeps passwords, keys and tokens out of logs;
 //! - [`cli`]: the `cuttle` command line.
 
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod diagnostics;
 pub mod logging;
+pub mod metrics;
 pub mod policy;
 pub mod presence;
 pub mod reload;

@@ -123,6 +123,11 @@ impl OutboxReceiver {
     pub fn queued_bytes(&self) -> usize {
         self.bytes.load(Ordering::Acquire)
     }
+
+    /// The counter of bytes queued, shared with the senders (for the metrics).
+    pub fn queued_bytes_counter(&self) -> Arc<AtomicUsize> {
+        self.bytes.clone()
+    }
 }
 
 impl Outbox {
@@ -348,6 +353,9 @@ pub struct Router {
     next_key: AtomicU64,
     /// Messages that arrived for no live entry (raced with an unsubscribe), for diagnostics.
     pub orphans: AtomicUsize,
+    /// Local subscriptions over all entries ((session, filter) pairs), for the metrics.
+    subscriptions: AtomicUsize,
+    metrics: crate::metrics::RouterMetrics,
     /// Where messages of the presence subscription ([`crate::presence::SUBSCRIPTION_ID`]) go.
     presence: OnceLock<std::sync::Weak<crate::presence::Presence>>,
 }
@@ -361,7 +369,15 @@ impl std::fmt::Debug for Router {
 }
 
 impl Router {
+    /// A router with metrics of its own (benches, unit tests).
     pub fn new(store: Arc<PolicyStore>) -> Arc<Self> {
+        Self::with_metrics(store, crate::metrics::Metrics::new().router.clone())
+    }
+
+    pub fn with_metrics(
+        store: Arc<PolicyStore>,
+        metrics: crate::metrics::RouterMetrics,
+    ) -> Arc<Self> {
         let settings = store.settings();
         let layout = settings.upstream.layout.clone();
         let max_filters = settings.upstream.max_filters;
@@ -380,6 +396,8 @@ impl Router {
             dissolve_poke: Notify::new(),
             next_key: AtomicU64::new(1),
             orphans: AtomicUsize::new(0),
+            subscriptions: AtomicUsize::new(0),
+            metrics,
             presence: OnceLock::new(),
         })
     }
@@ -405,6 +423,11 @@ impl Router {
     /// Distinct upstream filters held (with local subscribers, or lingering).
     pub fn filter_count(&self) -> usize {
         self.entries.load(Ordering::Relaxed)
+    }
+
+    /// Local subscriptions: (session, upstream filter) pairs.
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.load(Ordering::Relaxed)
     }
 
     /// The subscription id of `filter`'s entry, if it has one (diagnostics, benches, tests).
@@ -480,7 +503,9 @@ impl Router {
         let Some(entry) = shard.entries.get_mut(&id) else {
             return Err(JoinError::ReplicaLimit); // unreachable: inserted or found above
         };
-        entry.subscribers.insert(key, sub.clone());
+        if entry.subscribers.insert(key, sub.clone()).is_none() {
+            self.subscriptions.fetch_add(1, Ordering::Relaxed);
+        }
         match &mut entry.upstream {
             Upstream::Pending(waiters) => {
                 ready.remaining.fetch_add(1, Ordering::AcqRel);
@@ -502,7 +527,9 @@ impl Router {
         let Some(entry) = shard.entries.get_mut(&id) else {
             return;
         };
-        entry.subscribers.swap_remove(&key);
+        if entry.subscribers.swap_remove(&key).is_some() {
+            self.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        }
         if !entry.subscribers.is_empty() {
             return;
         }
@@ -645,9 +672,24 @@ impl Router {
         let client_topic = up.client_topic();
         let snapshot = self.store.load();
         let policy = &snapshot.policy;
+        let metrics = &self.metrics;
         let allowed = |s: &Subscriber| {
-            sender != Some(&*s.socket_id)
-                && (!s.check_delivery || policy.authorize_delivery(&s.actor, client_topic))
+            if sender == Some(&*s.socket_id) {
+                return false;
+            }
+            let ok = !s.check_delivery || policy.authorize_delivery(&s.actor, client_topic);
+            if !ok {
+                metrics.delivery_denied();
+            }
+            ok
+        };
+        let mut queued = 0usize;
+        let mut push = |s: &Subscriber, frame: Bytes| {
+            if s.outbox.push(frame) {
+                queued += 1;
+            } else {
+                metrics.slow_consumer();
+            }
         };
         // One encoded frame per distinct subscription string.
         let mut frames: Vec<(Arc<str>, Bytes)> = Vec::new();
@@ -678,15 +720,17 @@ impl Router {
                     .map(|(_, s)| s)
                     .find(|s| allowed(s))
                 {
-                    s.outbox.push(frame_for(&s.topic));
+                    push(s, frame_for(&s.topic));
                 }
             } else {
                 for s in e.subscribers.values().filter(|s| allowed(s)) {
-                    s.outbox.push(frame_for(&s.topic));
+                    push(s, frame_for(&s.topic));
                 }
             }
         }
-        if !found {
+        if found {
+            self.metrics.fanned_out(queued);
+        } else {
             self.orphans.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -87,6 +87,44 @@ impl AuthError {
             _ => "access_denied",
         }
     }
+
+    /// A short, fixed name for the kind of refusal: the `result` label of
+    /// `cuttle_auth_attempts_total` (a closed set, unlike the message).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::BadLength => "bad_length",
+            AuthError::Malformed(_) => "malformed",
+            AuthError::UnknownCredential => "unknown_credential",
+            AuthError::UnknownIssuer => "unknown_issuer",
+            AuthError::UnknownProject => "unknown_project",
+            AuthError::Disabled(_) => "disabled",
+            AuthError::AlgorithmNotAllowed(_) => "algorithm_not_allowed",
+            AuthError::UnknownKeyId(_) | AuthError::MissingKeyId => "unknown_key",
+            AuthError::BadSignature => "bad_signature",
+            AuthError::Expired => "token_expired",
+            AuthError::NotYetValid => "not_yet_valid",
+            AuthError::WrongAudience => "wrong_audience",
+            AuthError::WrongIssuer => "wrong_issuer",
+            AuthError::InvalidClaim(_) => "invalid_claim",
+            AuthError::TtlTooLong => "ttl_too_long",
+            AuthError::UnknownScope(_) | AuthError::ScopeConflict => "scope",
+            AuthError::NotAUser(_) => "not_a_user",
+            AuthError::Revoked => "revoked",
+        }
+    }
+}
+
+/// The actor type a credential claims by its form, before it is verified: `session` (the
+/// session-token prefix), `user` (a JWT's three parts), or `unknown` (an opaque device token
+/// or server API key, told apart only by the policy's lookup). For metrics labels.
+pub fn claimed_type(token: &str) -> &'static str {
+    if token.starts_with(SESSION_TOKEN_PREFIX) {
+        "session"
+    } else if token.bytes().filter(|&b| b == b'.').count() == 2 {
+        "user"
+    } else {
+        "unknown"
+    }
 }
 
 /// Size and lifetime of the resolution cache.

@@ -1032,6 +1032,13 @@ impl Core {
     pub fn live_replicas(&self) -> usize {
         self.remotes.values().filter(|r| !r.dead).count()
     }
+
+    /// Sizes for the metrics: (this replica's connections in a room, members of every room
+    /// merged across replicas, per actor).
+    pub fn sizes(&self) -> (usize, usize) {
+        let merged = self.merged.values().map(|m| m.len()).sum();
+        (self.conns.len(), merged)
+    }
 }
 
 /// Cuts ops into groups whose encoding stays under `max_bytes` (one op per group at least).

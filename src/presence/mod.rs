@@ -500,6 +500,34 @@ impl Presence {
     pub fn live_replicas(&self) -> usize {
         self.state.lock().core.live_replicas()
     }
+
+    /// Presence's share of the scrape-time metrics (one short lock).
+    pub fn metrics(&self) -> crate::metrics::PresenceState {
+        let (local_connections, members, replicas, state_bytes, ops_dropped) = {
+            let st = self.state.lock();
+            let (local, merged) = st.core.sizes();
+            (
+                local,
+                merged,
+                st.core.live_replicas(),
+                st.core.state_bytes(),
+                st.core.dropped_ops,
+            )
+        };
+        crate::metrics::PresenceState {
+            local_connections,
+            members,
+            replicas,
+            state_bytes,
+            lobby_events_dropped: self
+                .lobby_events_dropped
+                .load(std::sync::atomic::Ordering::Relaxed),
+            resyncs_skipped: self
+                .resyncs_skipped
+                .load(std::sync::atomic::Ordering::Relaxed),
+            ops_dropped,
+        }
+    }
 }
 
 /// The members of each of `rooms` of `key`'s app namespace (`key.room` is ignored).

@@ -55,6 +55,16 @@ pub(super) enum Role {
     Admin,
 }
 
+impl Role {
+    /// The `listener` label of the HTTP metrics.
+    fn label(self) -> &'static str {
+        match self {
+            Role::Client => "client",
+            Role::Admin => "admin",
+        }
+    }
+}
+
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// A listener's connection limit: the semaphore the accept loop takes a permit from before
@@ -107,7 +117,10 @@ pub(super) async fn accept_loop(
     slots: Arc<Slots>,
     role: Role,
 ) {
+    // The client port stops accepting when the drain begins; the admin port serves on until
+    // the process exits, so /readyz reports the drain (503) and /metrics still scrapes.
     let mut shutdown = proxy.shutdown_signal();
+    let stops = role == Role::Client;
     let mut backoff = Duration::from_millis(5);
     loop {
         let permit = tokio::select! {
@@ -115,7 +128,7 @@ pub(super) async fn accept_loop(
                 Ok(p) => p,
                 Err(_) => return,
             },
-            _ = super::shutting_down(&mut shutdown) => return,
+            _ = super::shutting_down(&mut shutdown), if stops => return,
         };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -128,9 +141,10 @@ pub(super) async fn accept_loop(
                     continue;
                 }
             },
-            _ = super::shutting_down(&mut shutdown) => return,
+            _ = super::shutting_down(&mut shutdown), if stops => return,
         };
         backoff = Duration::from_millis(5);
+        proxy.metrics.http.accepted(role == Role::Admin);
         let _ = stream.set_nodelay(true);
         let slot = slots.hold(permit);
         let proxy = proxy.clone();
@@ -145,14 +159,13 @@ pub(super) async fn accept_loop(
                             serve_http(proxy, role, stream, slot, peer, Bounds::client(deadline))
                                 .await
                         }
-                        Some(config) => {
-                            if let Some(stream) =
-                                tls_handshake(config, stream, peer, deadline).await
-                            {
+                        Some(config) => match tls_handshake(config, stream, peer, deadline).await {
+                            Some(stream) => {
                                 let bounds = Bounds::client(deadline);
                                 serve_http(proxy, role, stream, slot, peer, bounds).await;
                             }
-                        }
+                            None => proxy.metrics.http.handshake_failed("tls"),
+                        },
                     }
                 }
                 Role::Admin => {
@@ -240,12 +253,17 @@ async fn serve_http<I>(
     // otherwise it is released when this HTTP connection ends.
     let slot = Arc::new(Mutex::new(Some(slot)));
     let served = AtomicU32::new(0);
+    let metrics = proxy.metrics.clone();
     let svc = hyper::service::service_fn(move |req| {
         let proxy = proxy.clone();
         let slot = slot.clone();
         let nth = served.fetch_add(1, Ordering::Relaxed).saturating_add(1);
         async move {
+            let metrics = proxy.metrics.clone();
             let mut response = route(proxy, role, req, &slot);
+            metrics
+                .http
+                .response(role.label(), response.status().as_u16());
             // `connection: close` makes hyper end the connection once this response is
             // written. Not hyper's `keep_alive(false)`: that would answer the upgrade with
             // `connection: Upgrade, close`, a contradiction a strict client or an
@@ -269,7 +287,12 @@ async fn serve_http<I>(
     match tokio::time::timeout_at(bounds.end, conn).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "http connection ended with an error"),
-        Err(_) => tracing::debug!(%peer, ?role, "http connection cut off at its deadline"),
+        Err(_) => {
+            if role == Role::Client {
+                metrics.http.handshake_failed("deadline");
+            }
+            tracing::debug!(%peer, ?role, "http connection cut off at its deadline")
+        }
     }
 }
 
@@ -342,6 +365,23 @@ async fn refuse_plain_http(mut stream: TcpStream) {
     let _ = stream.shutdown().await;
 }
 
+/// `GET /metrics`: the OpenMetrics format when the scraper asks for it (Prometheus does),
+/// the classic text format otherwise (curl, older scrapers).
+fn metrics(proxy: &Proxy, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let openmetrics = req
+        .headers()
+        .get(hyper::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
+    let body = proxy.metrics.render(&proxy.metrics_state(), openmetrics);
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static(crate::metrics::content_type(openmetrics)),
+    );
+    r
+}
+
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
@@ -362,10 +402,13 @@ fn route(
         (Role::Admin, &Method::GET, "/readyz") => {
             if proxy.is_ready() {
                 text(StatusCode::OK, "ready\n")
+            } else if proxy.is_draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
         }
+        (Role::Admin, &Method::GET, "/metrics") => metrics(&proxy, &req),
         // The query string is ignored (PROTOCOL §1).
         (Role::Client, &Method::GET, "/ws") => upgrade(proxy, req, slot),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -402,6 +445,7 @@ fn upgrade(
         let upgraded = match tokio::time::timeout(limits.handshake_timeout, on_upgrade).await {
             Ok(Ok(u)) => u,
             Ok(Err(e)) => {
+                proxy.metrics.http.handshake_failed("upgrade");
                 tracing::debug!(error = %e, "websocket upgrade failed");
                 return;
             }

@@ -36,7 +36,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -78,6 +78,7 @@ pub(super) struct Options {
     pub max_queued_bytes: usize,
     pub connected: Arc<AtomicUsize>,
     pub dispatch: Arc<dyn Dispatch>,
+    pub metrics: crate::metrics::UpstreamMetrics,
     /// (topic, payload) the broker publishes (QoS 1) if this connection dies uncleanly.
     pub will: Option<(String, Bytes)>,
 }
@@ -87,6 +88,8 @@ enum Queued {
     Publish {
         ack: Option<AckSender>,
         bytes: usize,
+        /// When the publish was handed over (for the acknowledgement latency).
+        since: Instant,
     },
     Subscribe {
         filter: Arc<str>,
@@ -100,7 +103,7 @@ enum Queued {
 struct Requests {
     queued: VecDeque<Queued>,
     /// QoS ≥ 1 publishes written, waiting for PUBACK/PUBCOMP, by packet id.
-    inflight: HashMap<u16, Option<AckSender>>,
+    inflight: HashMap<u16, (Option<AckSender>, Instant)>,
     /// SUBSCRIBEs written, waiting for SUBACK, by packet id, oldest first. rumqttc takes
     /// SUBSCRIBE ids from the same 1..=Receive-Maximum cycle as publishes and never checks
     /// them for collisions (Mosquitto's Receive Maximum is 20): one 100-filter subscribe, or
@@ -133,6 +136,7 @@ struct Shared {
     max_queued_bytes: usize,
     /// The event loop has ended (the pool was dropped).
     closed: AtomicBool,
+    metrics: crate::metrics::UpstreamMetrics,
 }
 
 pub(super) struct Connection {
@@ -194,6 +198,7 @@ impl Connection {
             queued_bytes: AtomicUsize::new(0),
             max_queued_bytes: o.max_queued_bytes,
             closed: AtomicBool::new(false),
+            metrics: o.metrics,
         });
         tokio::spawn(run_event_loop(
             eventloop,
@@ -266,7 +271,11 @@ impl Connection {
             return Err(PublishError::Saturated);
         }
         let mut requests = shared.requests.lock();
-        requests.queued.push_back(Queued::Publish { ack, bytes });
+        requests.queued.push_back(Queued::Publish {
+            ack,
+            bytes,
+            since: Instant::now(),
+        });
         match shared.client.try_publish(topic, qos, retain, payload) {
             Ok(()) => {
                 shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -326,7 +335,7 @@ impl Shared {
                     return; // re-sent after a reconnect with its old packet id
                 }
                 match r.queued.pop_front() {
-                    Some(Queued::Publish { ack, bytes }) => {
+                    Some(Queued::Publish { ack, bytes, since }) => {
                         self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
                         if pkid == 0 {
                             // QoS 0: written to the socket is all the acknowledgement there is.
@@ -334,7 +343,7 @@ impl Shared {
                                 let _ = tx.send(Ok(()));
                             }
                         } else {
-                            r.inflight.insert(pkid, ack);
+                            r.inflight.insert(pkid, (ack, since));
                         }
                     }
                     other => self.out_of_step("publish", other),
@@ -367,7 +376,11 @@ impl Shared {
     }
 
     fn resolve(&self, pkid: u16) {
-        if let Some(Some(tx)) = self.requests.lock().inflight.remove(&pkid) {
+        let Some((ack, since)) = self.requests.lock().inflight.remove(&pkid) else {
+            return;
+        };
+        self.metrics.acknowledged(since.elapsed());
+        if let Some(tx) = ack {
             let _ = tx.send(Ok(()));
         }
     }
@@ -431,6 +444,7 @@ async fn run_event_loop(
                     is_connected = true;
                     connected.fetch_add(1, Ordering::Relaxed);
                 }
+                shared.metrics.connected();
                 backoff = BACKOFF_MIN;
                 tracing::info!(client_id = %shared.client_id, %endpoint, max_packet, "upstream connected");
                 // SUBSCRIBEs of the old session will never be acknowledged; the resync
@@ -482,8 +496,10 @@ async fn run_event_loop(
                 if is_connected {
                     is_connected = false;
                     connected.fetch_sub(1, Ordering::Relaxed);
+                    shared.metrics.disconnected();
                     tracing::warn!(client_id = %shared.client_id, %endpoint, error = %e, "upstream connection lost");
                 } else {
+                    shared.metrics.connect_failed();
                     tracing::debug!(client_id = %shared.client_id, %endpoint, error = %e, "upstream connect failed");
                 }
                 if matches!(e, rumqttc::v5::ConnectionError::RequestsDone) {
@@ -506,7 +522,7 @@ fn shut_down(shared: &Shared) {
             let _ = tx.send(Err(PublishError::Closed));
         }
     }
-    for (_, tx) in r.inflight.drain() {
+    for (_, (tx, _)) in r.inflight.drain() {
         if let Some(tx) = tx {
             let _ = tx.send(Err(PublishError::Lost));
         }

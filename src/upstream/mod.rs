@@ -100,7 +100,8 @@ impl Pool {
         max_packet: usize,
         dispatch: Arc<dyn Dispatch>,
     ) -> Arc<Self> {
-        Self::start_with_will(settings, endpoint, max_packet, dispatch, None)
+        let metrics = crate::metrics::Metrics::new().upstream.clone();
+        Self::start_with_will(settings, endpoint, max_packet, dispatch, None, metrics)
     }
 
     /// [`Pool::start`], with a last will `(topic, payload)` on the connection that carries
@@ -112,6 +113,7 @@ impl Pool {
         max_packet: usize,
         dispatch: Arc<dyn Dispatch>,
         will: Option<(String, Bytes)>,
+        metrics: crate::metrics::UpstreamMetrics,
     ) -> Arc<Self> {
         let connected = Arc::new(AtomicUsize::new(0));
         let hasher = std::collections::hash_map::RandomState::new();
@@ -135,6 +137,7 @@ impl Pool {
                     max_queued_bytes: QUEUED_BYTES_MIN.max(4 * max_packet),
                     connected: connected.clone(),
                     dispatch: dispatch.clone(),
+                    metrics: metrics.clone(),
                     will: will.clone().filter(|_| will_on == Some(i)),
                 })
             })

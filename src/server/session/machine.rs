@@ -31,6 +31,7 @@ use tokio::time::Instant;
 use super::CloseReason;
 use crate::auth::Actor;
 use crate::auth::session_token::now_unix;
+use crate::metrics::Dropped;
 use crate::policy::{Access, SubscriptionGrant};
 use crate::router::{JoinError, Membership, Outbox, Readiness, Reply, Subscriber};
 use crate::server::Proxy;
@@ -222,24 +223,29 @@ impl Machine {
 
     /// Handles one binary frame from the client; replies are appended to `out` in order.
     pub(super) fn on_frame(&mut self, bytes: &[u8], out: &mut Vec<Bytes>) {
+        let metrics = &self.proxy.metrics.sessions;
         let frame = match decode(bytes) {
             Ok(f) => f,
             Err(e) => {
+                metrics.frame_in("invalid", bytes.len());
                 out.push(frame_error(&e));
                 return;
             }
         };
+        metrics.frame_in(frame.kind(), bytes.len());
         let now = Instant::now();
         match frame {
             // PROTOCOL §3: echoed, within the control budget (an echo flood is refused
             // silently: heartbeats are never answered with errors).
             ClientFrame::Heartbeat if self.control.take(now) => out.push(encode::heartbeat()),
             ClientFrame::Heartbeat => {}
-            ClientFrame::Publish(p) => {
-                if let Some(reply) = self.publish(p) {
+            ClientFrame::Publish(p) => match self.publish(p) {
+                Ok(()) => self.proxy.metrics.sessions.published(self.actor.kind),
+                Err((why, reply)) => {
+                    self.proxy.metrics.sessions.dropped(why);
                     out.push(reply);
                 }
-            }
+            },
             ClientFrame::Subscribe(s) => {
                 if !self.control.take(now) {
                     out.push(errors::control_rate_limited(s.topic));
@@ -288,7 +294,8 @@ impl Machine {
     }
 
     /// The publish pipeline (PROTOCOL §9): rate → size → authorization → filters → upstream.
-    fn publish(&mut self, p: PublishFrame<'_>) -> Option<Bytes> {
+    /// A refused publish: why (for the metrics) and the error frame.
+    fn publish(&mut self, p: PublishFrame<'_>) -> Result<(), (Dropped, Bytes)> {
         let limits = &self.proxy.settings.limits;
         let msg_ref = p.msg_ref;
         let now = now_unix();
@@ -297,32 +304,35 @@ impl Machine {
             self.rate_count = 0;
         }
         if self.rate_count >= limits.publish_per_second {
-            return Some(errors::rate_limited(p.topic, msg_ref));
+            return Err((Dropped::Rate, errors::rate_limited(p.topic, msg_ref)));
         }
         self.rate_count += 1;
         if p.data.len() > limits.max_message_bytes {
-            return Some(errors::message_too_large(
-                p.topic,
-                msg_ref,
-                limits.max_message_bytes,
+            let max = limits.max_message_bytes;
+            return Err((
+                Dropped::Size,
+                errors::message_too_large(p.topic, msg_ref, max),
             ));
         }
         let topic = match ClientTopic::parse(p.topic) {
             Ok(t) => t,
-            Err(e) => return Some(errors::invalid_topic(p.topic, &e.to_string(), msg_ref)),
+            Err(e) => {
+                let reply = errors::invalid_topic(p.topic, &e.to_string(), msg_ref);
+                return Err((Dropped::Invalid, reply));
+            }
         };
         let snapshot = self.proxy.store.load();
         if let Err(d) = snapshot.policy.authorize(&self.actor, topic, Access::Write) {
-            return Some(errors::denied(
-                self.version,
-                p.topic,
-                &d.to_string(),
-                msg_ref,
-            ));
+            tracing::debug!(actor = %self.actor.id, topic = p.topic, reason = %d, "publish denied");
+            let reply = errors::denied(self.version, p.topic, &d.to_string(), msg_ref);
+            return Err((Dropped::Acl, reply));
         }
         let filter = match filters::publish_filter(p.filter, &p.filters) {
             Ok(f) => f,
-            Err(e) => return Some(errors::filter_error(&e.to_string(), p.topic, msg_ref)),
+            Err(e) => {
+                let reply = errors::filter_error(&e.to_string(), p.topic, msg_ref);
+                return Err((Dropped::Invalid, reply));
+            }
         };
         let upstream =
             self.proxy
@@ -343,18 +353,24 @@ impl Machine {
             .pool
             .publish(upstream, qos, p.retain, payload, ack)
         {
-            return Some(match e {
+            return Err(match e {
                 PublishError::TooLarge { max, .. } => {
                     // What the client may send is what fits the broker's packet.
                     let max = max.saturating_sub(p.topic.len() + 64);
-                    errors::message_too_large(p.topic, msg_ref, max)
+                    let reply = errors::message_too_large(p.topic, msg_ref, max);
+                    (Dropped::Size, reply)
                 }
                 PublishError::InvalidTopic => {
-                    errors::invalid_topic(p.topic, "not a valid upstream topic", msg_ref)
+                    let reply =
+                        errors::invalid_topic(p.topic, "not a valid upstream topic", msg_ref);
+                    (Dropped::Invalid, reply)
                 }
                 PublishError::Saturated | PublishError::Closed | PublishError::Lost => {
                     tracing::debug!(actor = %self.actor.id, error = %e, "publish refused by the upstream pool");
-                    errors::broker_unavailable(p.topic, msg_ref)
+                    (
+                        Dropped::Broker,
+                        errors::broker_unavailable(p.topic, msg_ref),
+                    )
                 }
             });
         }
@@ -363,15 +379,19 @@ impl Machine {
             // At most publish_per_second × PUBLISH_ACK_TIMEOUT of these per connection.
             let outbox = self.outbox.clone();
             let (topic, msg_ref) = (p.topic.to_string(), msg_ref.to_string());
+            let lost = self.proxy.metrics.sessions.dropped_counter(Dropped::Broker);
             tokio::spawn(async move {
                 let frame = match tokio::time::timeout(PUBLISH_ACK_TIMEOUT, ack_rx).await {
                     Ok(Ok(Ok(()))) => encode::published(&topic, &msg_ref),
-                    _ => errors::publish_failed(&topic, &msg_ref),
+                    _ => {
+                        lost.inc();
+                        errors::publish_failed(&topic, &msg_ref)
+                    }
                 };
                 outbox.push(frame);
             });
         }
-        None
+        Ok(())
     }
 
     /// Upstream filters for a subscription of this actor, or the error frame to send.
@@ -388,7 +408,10 @@ impl Machine {
         let grant = snapshot
             .policy
             .authorize_subscription(&self.actor, &filter)
-            .map_err(|d| errors::denied(self.version, topic, &d.to_string(), None))?;
+            .map_err(|d| {
+                tracing::debug!(actor = %self.actor.id, topic, reason = %d, "subscription denied");
+                errors::denied(self.version, topic, &d.to_string(), None)
+            })?;
         let filter_error =
             |e: &dyn std::fmt::Display| errors::filter_error(&e.to_string(), topic, None);
         let sub = filters::subscription_filters(items).map_err(|e| filter_error(&e))?;

@@ -114,6 +114,28 @@ enum End {
     ReadError(WsError),
 }
 
+impl End {
+    /// The `reason` label of `cuttle_connections_closed_total` (`metrics::CLOSE_REASONS`).
+    fn label(&self) -> &'static str {
+        match self {
+            End::ClientClosed => "client_closed",
+            End::ReadError(_) => "read_error",
+            End::Close(r) => match r {
+                CloseReason::Idle => "idle",
+                CloseReason::AuthTimeout => "auth_timeout",
+                CloseReason::AuthFailed(_) => "auth_failed",
+                CloseReason::SlowConsumer => "slow_consumer",
+                CloseReason::TokenExpired => "token_expired",
+                CloseReason::Revoked => "revoked",
+                CloseReason::ScopeChanged => "scope_changed",
+                CloseReason::ShuttingDown => "shutting_down",
+                CloseReason::WriteTimeout => "write_timeout",
+                CloseReason::TooBig => "too_big",
+            },
+        }
+    }
+}
+
 type Ws<S> = WebSocketStream<S>;
 
 /// Runs a session on an upgraded WebSocket until it ends.
@@ -125,16 +147,20 @@ where
     let span = tracing::info_span!("session", id);
     proxy.session_started();
     let guard = SessionCount(proxy.clone());
+    let started = tokio::time::Instant::now();
+    let pending = proxy.metrics.sessions.pending();
     async move {
         let _guard = guard;
         let mut ws = ws;
         let authenticated = match authenticate(&proxy, &mut ws).await {
             Ok(a) => a,
             Err(end) => {
-                finish(&mut ws, end, None).await;
+                drop(pending);
+                finish(&proxy, &mut ws, end, None, started).await;
                 return;
             }
         };
+        drop(pending);
         let Authenticated {
             actor,
             version,
@@ -143,8 +169,10 @@ where
             reconnect,
         } = authenticated;
         tracing::debug!(actor = %actor.id, kind = %actor.kind, project = %actor.project, "authenticated");
+        let _counted = proxy.metrics.sessions.authenticated(actor.kind);
         let limits = proxy.settings.limits;
         let (outbox, rx, overflow) = Outbox::channel(limits.send_queue, limits.send_queue_bytes);
+        let _tracked = proxy.track_outbox(id, rx.queued_bytes_counter());
         let mut machine = Machine::new(proxy.clone(), id, socket_id, actor.clone(), version, outbox);
         // PROTOCOL §13: on an automatic reconnect the SDK never re-subscribes; the server
         // restores what the actor had, re-checked against the current policy.
@@ -154,7 +182,7 @@ where
             Vec::new()
         };
         let ok = encode::auth_ok(&actor.id, &actor.project, actor.kind.as_str(), version, &restored);
-        let end = match send(&mut ws, ok).await {
+        let end = match send(&proxy, &mut ws, ok).await {
             Err(reason) => End::Close(reason),
             Ok(()) => main_loop(&proxy, &mut machine, &mut ws, rx, &overflow, generation).await,
         };
@@ -169,19 +197,31 @@ where
         {
             machine.end_cleanly();
         }
+        if let End::Close(CloseReason::TokenExpired) = end {
+            proxy.metrics.sessions.token_expired(actor.kind);
+        }
         // Leave the router and presence before the close handshake: nothing more is queued.
         drop(machine);
-        finish(&mut ws, end, Some(&actor)).await;
+        finish(&proxy, &mut ws, end, Some(&actor), started).await;
     }
     .instrument(span)
     .await
 }
 
-/// Logs how the session ended and closes it.
-async fn finish<S>(ws: &mut Ws<S>, end: End, actor: Option<&Arc<Actor>>)
-where
+/// Logs and counts how the session ended, and closes it.
+async fn finish<S>(
+    proxy: &Proxy,
+    ws: &mut Ws<S>,
+    end: End,
+    actor: Option<&Arc<Actor>>,
+    started: tokio::time::Instant,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    proxy
+        .metrics
+        .sessions
+        .closed(end.label(), started.elapsed());
     let actor = actor.map(|a| a.id.to_string());
     match end {
         End::Close(reason) => {
@@ -245,10 +285,11 @@ impl Drop for SessionCount {
     }
 }
 
-async fn send<S>(ws: &mut Ws<S>, frame: Bytes) -> Result<(), CloseReason>
+async fn send<S>(proxy: &Proxy, ws: &mut Ws<S>, frame: Bytes) -> Result<(), CloseReason>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    proxy.metrics.sessions.frames_out(1, frame.len());
     match tokio::time::timeout(WRITE_TIMEOUT, ws.send(Message::Binary(frame))).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) | Err(_) => Err(CloseReason::WriteTimeout),
@@ -314,6 +355,7 @@ where
 {
     let deadline = tokio::time::Instant::now() + proxy.settings.limits.auth_timeout;
     let mut shutdown = proxy.shutdown_signal();
+    let metrics = &proxy.metrics.sessions;
     loop {
         let msg = tokio::select! {
             _ = super::shutting_down(&mut shutdown) => {
@@ -322,7 +364,10 @@ where
             m = tokio::time::timeout_at(deadline, ws.next()) => m,
         };
         let msg = match msg {
-            Err(_) => return Err(End::Close(CloseReason::AuthTimeout)),
+            Err(_) => {
+                metrics.auth_failed("unknown", "timeout");
+                return Err(End::Close(CloseReason::AuthTimeout));
+            }
             Ok(None) => return Err(End::ClientClosed),
             // PROTOCOL §1: a message over the frame limit closes with 1009, before auth too.
             Ok(Some(Err(WsError::Capacity(_)))) => return Err(End::Close(CloseReason::TooBig)),
@@ -331,8 +376,9 @@ where
         };
         let bytes = match msg {
             Message::Binary(b) => b,
-            Message::Text(_) => {
-                send(ws, errors::invalid_frame("binary frames only"))
+            Message::Text(t) => {
+                metrics.frame_in("invalid", t.len());
+                send(proxy, ws, errors::invalid_frame("binary frames only"))
                     .await
                     .map_err(End::Close)?;
                 continue;
@@ -340,10 +386,17 @@ where
             Message::Close(_) => return Err(End::ClientClosed),
             _ => continue,
         };
-        let (token, reconnect, version) = match machine::pre_auth(&bytes) {
+        let pre_auth = machine::pre_auth(&bytes);
+        let kind = match &pre_auth {
+            PreAuth::Auth { .. } => "auth",
+            PreAuth::Ignore => "ignored",
+            PreAuth::Reply(_) => "invalid",
+        };
+        metrics.frame_in(kind, bytes.len());
+        let (token, reconnect, version) = match pre_auth {
             PreAuth::Ignore => continue,
             PreAuth::Reply(frame) => {
-                send(ws, frame).await.map_err(End::Close)?;
+                send(proxy, ws, frame).await.map_err(End::Close)?;
                 continue;
             }
             PreAuth::Auth {
@@ -356,9 +409,10 @@ where
         let actor = match snapshot.auth.authenticate(token.expose()) {
             Ok(a) => a,
             Err(e) => {
-                tracing::info!(reason = %e, "authentication failed");
+                tracing::debug!(reason = %e, "authentication failed");
+                metrics.auth_failed(crate::auth::claimed_type(token.expose()), e.reason());
                 let wire = e.wire_error();
-                send(ws, encode::auth_failed(wire))
+                send(proxy, ws, encode::auth_failed(wire))
                     .await
                     .map_err(End::Close)?;
                 return Err(End::Close(CloseReason::AuthFailed(wire)));
@@ -367,7 +421,9 @@ where
         let max = proxy.settings.limits.connections_per_actor;
         if !proxy.actors.acquire(&actor.project, &actor.id, max) {
             let wire = "connection_limit_reached";
-            send(ws, encode::auth_failed(wire))
+            tracing::debug!(actor = %actor.id, max, "authentication refused: connections_per_actor reached");
+            metrics.auth_failed(actor.kind.as_str(), wire);
+            send(proxy, ws, encode::auth_failed(wire))
                 .await
                 .map_err(End::Close)?;
             return Err(End::Close(CloseReason::AuthFailed(wire)));
@@ -446,7 +502,7 @@ where
             if let Err(reason) = machine.reevaluate(&mut replies) {
                 return End::Close(reason);
             }
-            if let Err(reason) = write_replies(ws, &mut replies).await {
+            if let Err(reason) = write_replies(proxy, ws, &mut replies).await {
                 return End::Close(reason);
             }
         }
@@ -474,7 +530,7 @@ where
                 let written = tokio::select! {
                     biased;
                     _ = overflow.wait() => Err(CloseReason::SlowConsumer),
-                    r = write_batch(ws, first, &mut rx) => r,
+                    r = write_batch(proxy, ws, first, &mut rx) => r,
                 };
                 if let Err(reason) = written {
                     return End::Close(reason);
@@ -486,7 +542,10 @@ where
                 paused_until = reads.charge(now);
                 match msg {
                     Message::Binary(b) => machine.on_frame(&b, &mut replies),
-                    Message::Text(_) => replies.push(errors::invalid_frame("binary frames only")),
+                    Message::Text(t) => {
+                        proxy.metrics.sessions.frame_in("invalid", t.len());
+                        replies.push(errors::invalid_frame("binary frames only"));
+                    }
                     Message::Close(_) => {
                         // A goodbye: presence leaves at once (no reconnect grace).
                         machine.end_cleanly();
@@ -502,7 +561,7 @@ where
                     }
                     _ => {}
                 }
-                if let Err(reason) = write_replies(ws, &mut replies).await {
+                if let Err(reason) = write_replies(proxy, ws, &mut replies).await {
                     return End::Close(reason);
                 }
             }
@@ -540,13 +599,19 @@ where
 }
 
 /// Writes the machine's replies (in order) with one flush.
-async fn write_replies<S>(ws: &mut Ws<S>, replies: &mut Vec<Bytes>) -> Result<(), CloseReason>
+async fn write_replies<S>(
+    proxy: &Proxy,
+    ws: &mut Ws<S>,
+    replies: &mut Vec<Bytes>,
+) -> Result<(), CloseReason>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     if replies.is_empty() {
         return Ok(());
     }
+    let bytes = replies.iter().map(Bytes::len).sum();
+    proxy.metrics.sessions.frames_out(replies.len(), bytes);
     let write = async {
         for r in replies.drain(..) {
             ws.feed(Message::Binary(r)).await?;
@@ -561,6 +626,7 @@ where
 
 /// Writes `first` and whatever else is queued (up to a batch), then flushes once.
 async fn write_batch<S>(
+    proxy: &Proxy,
     ws: &mut Ws<S>,
     first: Bytes,
     rx: &mut OutboxReceiver,
@@ -568,17 +634,25 @@ async fn write_batch<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    // Counted once per batch: one pair of atomic adds for up to WRITE_BATCH frames.
+    let (mut frames, mut bytes) = (1, first.len());
     let write = async {
         ws.feed(Message::Binary(first)).await?;
         for _ in 1..WRITE_BATCH {
             match rx.try_recv() {
-                Some(f) => ws.feed(Message::Binary(f)).await?,
+                Some(f) => {
+                    frames += 1;
+                    bytes += f.len();
+                    ws.feed(Message::Binary(f)).await?
+                }
                 None => break,
             }
         }
         ws.flush().await
     };
-    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+    let written = tokio::time::timeout(WRITE_TIMEOUT, write).await;
+    proxy.metrics.sessions.frames_out(frames, bytes);
+    match written {
         Ok(Ok(())) => Ok(()),
         _ => Err(CloseReason::WriteTimeout),
     }
