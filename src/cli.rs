@@ -209,11 +209,6 @@ async fn serve(loaded: Loaded) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing::info!(
-        config = %proxy.store.sources().config.display(),
-        summary = %proxy.store.load().policy.summary(),
-        "policy loaded"
-    );
     let watcher = match reload::watch(Arc::clone(&proxy.store)) {
         Ok(w) => w,
         Err(e) => {
@@ -221,21 +216,7 @@ async fn serve(loaded: Loaded) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let (Some(tls), Some(files)) = (proxy.store.tls(), &settings.tls) {
-        tracing::info!(
-            cert = %files.cert.display(),
-            fingerprint = %tls.fingerprint,
-            chain = tls.chain_len,
-            "TLS certificate loaded"
-        );
-    }
-    let scheme = if settings.tls.is_some() { "wss" } else { "ws" };
-    tracing::info!(
-        listen = %settings.listen,
-        admin = %settings.admin,
-        "serving WebSocket clients at {scheme}://{}/ws",
-        settings.listen
-    );
+    started_line(&proxy, &listener, &admin);
     let serving = {
         let proxy = proxy.clone();
         tokio::spawn(async move { proxy.serve(listener, admin).await })
@@ -255,6 +236,43 @@ async fn serve(loaded: Loaded) -> ExitCode {
     proxy.restore.flush();
     tracing::info!(still_open = proxy.open_connections(), "stopped");
     ExitCode::SUCCESS
+}
+
+/// The one start-up record: version, listeners (as bound), broker, pool, policy generation,
+/// TLS certificate and presence replica — what an operator checks first in a new pod's log.
+fn started_line(
+    proxy: &crate::server::Proxy,
+    listener: &tokio::net::TcpListener,
+    admin: &tokio::net::TcpListener,
+) {
+    let settings = &proxy.settings;
+    let bound = |l: &tokio::net::TcpListener, fallback| l.local_addr().unwrap_or(fallback);
+    let scheme = if settings.tls.is_some() { "wss" } else { "ws" };
+    let broker = match (&settings.upstream.broker, proxy.embedded_broker) {
+        (_, Some(addr)) => format!("embedded (mqtt://{addr})"),
+        (crate::config::Broker::Remote { host, port, tls }, None) => {
+            format!("{}://{host}:{port}", if *tls { "mqtts" } else { "mqtt" })
+        }
+        (crate::config::Broker::Embedded, None) => "embedded".to_string(),
+    };
+    let tls = proxy
+        .store
+        .tls()
+        .map_or_else(|| "off".to_string(), |t| t.fingerprint.to_string());
+    let snapshot = proxy.store.load();
+    tracing::info!(
+        version = %env!("CARGO_PKG_VERSION"),
+        listen = %format!("{scheme}://{}/ws", bound(listener, settings.listen)),
+        admin = %format!("http://{}", bound(admin, settings.admin)),
+        broker = %broker,
+        pool = settings.upstream.pool,
+        policy_generation = snapshot.generation,
+        policy = %snapshot.policy.summary(),
+        config = %proxy.store.sources().config.display(),
+        tls = %tls,
+        replica = %proxy.presence.replica_id(),
+        "cuttle started"
+    );
 }
 
 /// Waits for Ctrl-C or SIGTERM; SIGHUP triggers a policy reload.

@@ -350,6 +350,9 @@ fn watch_dirs(sources: &Sources) -> Vec<PathBuf> {
 const MAX_DEBOUNCE_EXTRA: Duration = Duration::from_secs(2);
 
 async fn run(store: Arc<PolicyStore>, mut rx: mpsc::Receiver<Trigger>, debounce: Duration) {
+    // The diagnostics of the last rejected reload: the same broken file re-read (an editor's
+    // saves, SIGHUP) is logged once at error level, then at debug.
+    let mut last_rejected: Option<String> = None;
     while let Some(first) = rx.recv().await {
         // Debounce: wait until the sources have been quiet for `debounce`, so that an editor's
         // write-rename-chmod or a ConfigMap's several symlink swaps become one reload — but no
@@ -373,6 +376,7 @@ async fn run(store: Arc<PolicyStore>, mut rx: mpsc::Receiver<Trigger>, debounce:
                 generation,
                 restart_needed,
             }) => {
+                last_rejected = None;
                 tracing::info!(generation, trigger = ?first, summary = %store.load().policy.summary(), "policy reloaded");
                 if !restart_needed.is_empty() {
                     tracing::warn!(
@@ -387,11 +391,18 @@ async fn run(store: Arc<PolicyStore>, mut rx: mpsc::Receiver<Trigger>, debounce:
                 tracing::debug!(trigger = ?first, "policy sources unchanged")
             }
             Ok(ReloadOutcome::Rejected(diags)) => {
+                let text = diags.to_string();
+                if last_rejected.as_deref() == Some(text.as_str()) {
+                    tracing::debug!(trigger = ?first, "config still rejected (same errors)");
+                    continue;
+                }
+                // One event, however many lines: a log pipeline keeps the list together.
                 tracing::error!(
                     errors = diags.errors().count(),
-                    "config reload rejected; keeping policy generation {}:\n{diags}",
+                    "config reload rejected; keeping policy generation {}:\n{text}",
                     store.generation()
                 );
+                last_rejected = Some(text);
             }
             Err(e) => tracing::error!(error = %e, "policy reload task failed"),
         }

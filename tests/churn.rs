@@ -744,6 +744,7 @@ async fn churn(b: TestBroker, linger_ms: u64) {
             cuttle::config::LogFormat::Pretty,
             tracing_subscriber::EnvFilter::new("cuttle::upstream=trace"),
             std::io::stderr,
+            false,
         );
     }
     let sequences = env_num("CHURN_SEQUENCES", 8);

@@ -75,6 +75,7 @@ fn install(capture: &Capture) {
         cuttle::config::LogFormat::Pretty,
         tracing_subscriber::EnvFilter::new("trace"),
         move || capture.clone(),
+        false,
     )
     .expect("the only subscriber of this test binary");
 }

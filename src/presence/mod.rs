@@ -236,6 +236,11 @@ impl Presence {
         &self.settings
     }
 
+    /// This replica's id (`presence.replica_id`, or the one derived at start-up).
+    pub fn replica_id(&self) -> Arc<str> {
+        self.state.lock().core.config().replica.clone()
+    }
+
     /// The topic this replica publishes on.
     pub fn topic(&self) -> &str {
         &self.topic

@@ -260,7 +260,7 @@ async fn serve_http<I>(
         let nth = served.fetch_add(1, Ordering::Relaxed).saturating_add(1);
         async move {
             let metrics = proxy.metrics.clone();
-            let mut response = route(proxy, role, req, &slot);
+            let mut response = route(proxy, role, req, &slot, peer);
             metrics
                 .http
                 .response(role.label(), response.status().as_u16());
@@ -396,6 +396,7 @@ fn route(
     role: Role,
     req: Request<Incoming>,
     slot: &SlotCell,
+    peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
     match (role, req.method(), req.uri().path()) {
         (Role::Admin, &Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
@@ -410,7 +411,7 @@ fn route(
         }
         (Role::Admin, &Method::GET, "/metrics") => metrics(&proxy, &req),
         // The query string is ignored (PROTOCOL §1).
-        (Role::Client, &Method::GET, "/ws") => upgrade(proxy, req, slot),
+        (Role::Client, &Method::GET, "/ws") => upgrade(proxy, req, slot, peer),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -420,6 +421,7 @@ fn upgrade(
     proxy: Arc<Proxy>,
     mut req: Request<Incoming>,
     slot: &SlotCell,
+    peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
     let is_upgrade = req
         .headers()
@@ -469,7 +471,7 @@ fn upgrade(
         let ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), WsRole::Server, Some(config))
                 .await;
-        super::session::run(proxy, ws).await;
+        super::session::run(proxy, ws, peer).await;
     });
     // No subprotocol and no permessage-deflate are negotiated (PROTOCOL §1).
     let mut r = Response::new(Full::new(Bytes::new()));

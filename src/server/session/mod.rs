@@ -139,12 +139,22 @@ impl End {
 type Ws<S> = WebSocketStream<S>;
 
 /// Runs a session on an upgraded WebSocket until it ends.
-pub(super) async fn run<S>(proxy: Arc<Proxy>, ws: Ws<S>)
+pub(super) async fn run<S>(proxy: Arc<Proxy>, ws: Ws<S>, peer: std::net::SocketAddr)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (id, socket_id) = proxy.new_session_id();
-    let span = tracing::info_span!("session", id);
+    // Every record of the session carries these; the actor's fields are filled in once it
+    // authenticates.
+    let span = tracing::info_span!(
+        "session",
+        id,
+        %peer,
+        actor = tracing::field::Empty,
+        actor_type = tracing::field::Empty,
+        project = tracing::field::Empty,
+        scope = tracing::field::Empty,
+    );
     proxy.session_started();
     let guard = SessionCount(proxy.clone());
     let started = tokio::time::Instant::now();
@@ -168,12 +178,18 @@ where
             slot: _slot,
             reconnect,
         } = authenticated;
-        tracing::debug!(actor = %actor.id, kind = %actor.kind, project = %actor.project, "authenticated");
+        let span = tracing::Span::current();
+        span.record("actor", &*actor.id);
+        span.record("actor_type", actor.kind.as_str());
+        span.record("project", &*actor.project);
+        span.record("scope", actor.scope().unwrap_or("-"));
+        tracing::debug!("authenticated");
         let _counted = proxy.metrics.sessions.authenticated(actor.kind);
         let limits = proxy.settings.limits;
         let (outbox, rx, overflow) = Outbox::channel(limits.send_queue, limits.send_queue_bytes);
         let _tracked = proxy.track_outbox(id, rx.queued_bytes_counter());
-        let mut machine = Machine::new(proxy.clone(), id, socket_id, actor.clone(), version, outbox);
+        let mut machine =
+            Machine::new(proxy.clone(), id, socket_id, actor.clone(), version, outbox);
         // PROTOCOL §13: on an automatic reconnect the SDK never re-subscribes; the server
         // restores what the actor had, re-checked against the current policy.
         let restored = if reconnect {
@@ -181,7 +197,13 @@ where
         } else {
             Vec::new()
         };
-        let ok = encode::auth_ok(&actor.id, &actor.project, actor.kind.as_str(), version, &restored);
+        let ok = encode::auth_ok(
+            &actor.id,
+            &actor.project,
+            actor.kind.as_str(),
+            version,
+            &restored,
+        );
         let end = match send(&proxy, &mut ws, ok).await {
             Err(reason) => End::Close(reason),
             Ok(()) => main_loop(&proxy, &mut machine, &mut ws, rx, &overflow, generation).await,
