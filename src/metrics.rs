@@ -407,9 +407,9 @@ where
     f
 }
 
-fn by_actor<M: Clone>(f: &Family<Label, M>) -> [M; 4]
+fn by_actor<M>(f: &Family<Label, M>) -> [M; 4]
 where
-    M: prometheus_client::metrics::TypedMetric + Default,
+    M: prometheus_client::metrics::TypedMetric + Default + Clone,
 {
     let get = |i: usize| f.get_or_create(&[("actor_type", ACTOR_TYPES[i])]).clone();
     [get(0), get(1), get(2), get(3)]
@@ -603,6 +603,22 @@ impl Metrics {
                 None,
             ),
         };
+        // The series every replica has, at 0 until they happen.
+        for (listener, code) in [
+            ("client", 101),
+            ("client", 400),
+            ("client", 404),
+            ("admin", 200),
+            ("admin", 404),
+            ("admin", 503),
+        ] {
+            let _ = http
+                .responses
+                .get_or_create(&[("listener", listener), ("code", status_label(code))]);
+        }
+        for reason in ["tls", "deadline", "upgrade"] {
+            let _ = http.handshake_failures.get_or_create(&[("reason", reason)]);
+        }
         Arc::new(Self {
             registry: r,
             sessions,
