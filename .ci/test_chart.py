@@ -314,13 +314,6 @@ def termination_grace_is_above_the_drain():
             assert "must be above shutdown.grace_s" in str(e), e
         else:
             raise AssertionError(f"terminationGracePeriodSeconds={bad} (<= 20 + 5) was accepted")
-    # A drain closes the admin port: liveness must not give up before the drain ends.
-    for name, make in SCENARIOS.items():
-        m = make()
-        live, grace = m.cuttle()["livenessProbe"], m.settings().get("shutdown", {}).get("grace_s", 20)
-        assert live["periodSeconds"] * live["failureThreshold"] > grace, (name, live, grace)
-    expect_failure(["config.settings.shutdown.grace_s=60"], "probes.liveness")
-    render(sets=["config.settings.shutdown.grace_s=60", "probes.liveness.failureThreshold=7"])
     # The sidecar templates compute it the same way.
     m = SCENARIOS["example-sidecar-mosquitto"]()
     assert m.pod()["spec"]["terminationGracePeriodSeconds"] > 10 + 5

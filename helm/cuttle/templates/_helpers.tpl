@@ -143,11 +143,6 @@ proxy.yaml: the values' settings plus what the chart decides (listeners, policy_
 {{- fail (printf "preStop.sleepSeconds uses the native sleep lifecycle action, on by default from Kubernetes 1.30 (this is %s): set preStop.sleepSeconds=0, or enable the PodLifecycleSleepAction feature gate and render with --kube-version 1.30" .Capabilities.KubeVersion.Version) -}}
 {{- end -}}
 {{- end -}}
-{{- $live := .Values.probes.liveness -}}
-{{- $window := mul (int $live.periodSeconds) (int $live.failureThreshold) -}}
-{{- if le (int $window) (include "cuttle.graceSeconds" . | int) -}}
-{{- fail (printf "probes.liveness: periodSeconds x failureThreshold (%d s) must be above shutdown.grace_s (%s s): during a drain the admin port is closed, and the kubelet would count it as a liveness failure" $window (include "cuttle.graceSeconds" .)) -}}
-{{- end -}}
 {{- $_ := include "cuttle.terminationGracePeriodSeconds" . -}}
 {{- end -}}
 
