@@ -179,10 +179,12 @@ where
             reconnect,
         } = authenticated;
         let span = tracing::Span::current();
-        span.record("actor", &*actor.id);
-        span.record("actor_type", actor.kind.as_str());
-        span.record("project", &*actor.project);
-        span.record("scope", actor.scope().unwrap_or("-"));
+        // Display, not Debug: `actor=sensor-1` like every other record, not `actor="sensor-1"`.
+        use tracing::field::display;
+        span.record("actor", display(&*actor.id));
+        span.record("actor_type", display(actor.kind.as_str()));
+        span.record("project", display(&*actor.project));
+        span.record("scope", display(actor.scope().unwrap_or("-")));
         tracing::debug!("authenticated");
         let _counted = proxy.metrics.sessions.authenticated(actor.kind);
         let limits = proxy.settings.limits;
