@@ -234,6 +234,7 @@ fn compile_project(
             secret: cx
                 .secret(&s.secret_env, &format!("{sp}.secret_env"), diags)
                 .map(|v| SessionSecret::new(v.expose().as_bytes())),
+            secret_env: s.secret_env.clone(),
             max_ttl_s: s.max_ttl_s,
         }
     });
