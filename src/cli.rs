@@ -4,7 +4,9 @@
 //! - `cuttle check` validates a config and lists every problem;
 //! - `cuttle hash-token TOKEN` prints the SHA-256 the policy stores for a device token or key;
 //! - `cuttle session-token --project P --ttl 15m [--scope S] [--room app/room]…` mints a
-//!   session token from the project's session secret.
+//!   session token from the project's session secret;
+//! - `cuttle dev-jwt --project P --sub alice --ttl 1h [--scope S] [--role R]…` mints a user JWT
+//!   with an HMAC project's own secret, for development only.
 //!
 //! Exit codes: 0 success; 1 a configuration that is invalid or cannot be read, or a refused
 //! mint; 2 usage errors and failures to start (bind, runtime, watcher).
@@ -16,6 +18,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
+use crate::auth::dev_jwt::{self, DevJwtRequest};
 use crate::auth::session_token::{self, MintRequest};
 use crate::config::{self, DEFAULT_CONFIG_PATH, Loaded};
 use crate::diagnostics::Diagnostics;
@@ -47,6 +50,7 @@ pub enum Command {
     },
     /// Mint a session token from a project's session secret.
     SessionToken {
+        /// The project's id, e.g. demo.
         #[arg(long)]
         project: String,
         /// Lifetime, e.g. 90s, 15m, 1h (at most the project's max_ttl_s).
@@ -58,6 +62,33 @@ pub enum Command {
         /// Restrict the session to these rooms (app/room); repeatable.
         #[arg(long = "room")]
         rooms: Vec<String>,
+    },
+    /// FOR DEVELOPMENT ONLY: mint a user JWT signed with an HMAC project's own secret.
+    #[command(
+        name = "dev-jwt",
+        long_about = "FOR DEVELOPMENT ONLY: mint a user JWT signed with an HMAC project's own secret.\n\n\
+            In production, user JWTs come from your identity provider (the project's jwt.issuer). \
+            This signs one with the secret in the project's jwt.secret_env variable (the proxy \
+            must run with the same value), with iss and aud from its jwt settings, sub, iat and \
+            exp, so that a project can be tried without an identity provider. Projects that \
+            verify RSA, EC or EdDSA signatures are refused."
+    )]
+    DevJwt {
+        /// The project's id, e.g. demo.
+        #[arg(long)]
+        project: String,
+        /// The user's id (the `sub` claim), e.g. alice.
+        #[arg(long)]
+        sub: String,
+        /// Lifetime, e.g. 90s, 15m, 1h (the `exp` claim).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// The scope claim: the access scope of a user the policy does not list.
+        #[arg(long)]
+        scope: Option<String>,
+        /// A role name for the roles claim; repeatable.
+        #[arg(long = "role")]
+        roles: Vec<String>,
     },
 }
 
@@ -95,6 +126,22 @@ where
                 rooms,
             },
         ),
+        Command::DevJwt {
+            project,
+            sub,
+            ttl,
+            scope,
+            roles,
+        } => dev_jwt(
+            &cli.config,
+            DevJwtRequest {
+                project,
+                sub,
+                ttl_s: ttl.as_secs(),
+                scope,
+                roles,
+            },
+        ),
     }
 }
 
@@ -106,6 +153,21 @@ fn print_diagnostics(path: &Path, diags: &Diagnostics) {
 }
 
 fn load_or_report(path: &Path) -> Result<Loaded, ExitCode> {
+    if matches!(path.try_exists(), Ok(false)) {
+        // A newcomer's likely first error: `cuttle` run outside the directory holding
+        // proxy.yaml. Say where the file was looked for and how to name another.
+        let hint = if path == Path::new(DEFAULT_CONFIG_PATH) {
+            " (the default, in the current directory; the repository root holds the demo one)"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            std::io::stderr(),
+            "error: no configuration file at {}{hint}: pass --config FILE or set CUTTLE_CONFIG",
+            path.display()
+        );
+        return Err(ExitCode::from(1));
+    }
     config::load(path).map_err(|diags| {
         print_diagnostics(path, &diags);
         let _ = writeln!(
@@ -169,6 +231,49 @@ fn mint(path: &Path, req: MintRequest) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn dev_jwt(path: &Path, req: DevJwtRequest) -> ExitCode {
+    let loaded = match load_or_report(path) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let now = session_token::now_unix();
+    let minted = match dev_jwt::mint(&loaded.policy, &req, now, &crate::policy::process_env) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("cannot mint a development JWT: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // The proxy's own verification, so that a token it would refuse (a listed user's scope
+    // contradicted, a `sub` naming a device) is never handed out.
+    let auth = crate::auth::Authenticator::new(
+        Arc::new(loaded.policy),
+        crate::auth::AuthCacheSettings::default(),
+    );
+    if let Err(e) = auth.verify_uncached(&minted.token, now) {
+        eprintln!("cannot mint a development JWT: the proxy would refuse it: {e}");
+        return ExitCode::from(1);
+    }
+    eprintln!(
+        "FOR DEVELOPMENT ONLY: a user JWT for '{}' in project '{}', {:?} with the secret in {}{}, expires in {} ({}). In production, user JWTs come from your identity provider.",
+        req.sub.escape_debug(),
+        req.project.escape_debug(),
+        minted.algorithm,
+        minted.secret_env.escape_debug(),
+        minted
+            .kid
+            .as_deref()
+            .map(|k| format!(" (kid '{}')", k.escape_debug()))
+            .unwrap_or_default(),
+        humantime::format_duration(std::time::Duration::from_secs(req.ttl_s)),
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(minted.exp)
+        ),
+    );
+    println!("{}", minted.token);
+    ExitCode::SUCCESS
 }
 
 fn run(path: &Path) -> ExitCode {

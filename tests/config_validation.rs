@@ -639,3 +639,69 @@ policy:
         "{all}"
     );
 }
+
+/// The errors of the repository's `proxy.yaml` after replacing `from` with `to` in it, one
+/// string per error, in order.
+fn errors_in_demo_with(edits: &[(&str, &str)]) -> Vec<String> {
+    let mut text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.yaml")).unwrap();
+    for (from, to) in edits {
+        assert!(
+            text.contains(from),
+            "proxy.yaml no longer contains {from:?}"
+        );
+        text = text.replace(from, to);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "proxy.yaml", &text);
+    match config::load_with_env(&p, &|_| None) {
+        Ok(_) => panic!("should be invalid:\n{text}"),
+        Err(d) => d.errors().map(ToString::to_string).collect(),
+    }
+}
+
+/// One mistake, one error. An app with any error used to be dropped before the roles were
+/// checked against its topics, so a room naming an unknown actor, or a topic with an invalid
+/// permission, also reported `roles.moderator.analytics: unknown topic 'analytics'` for a
+/// topic that exists.
+#[test]
+fn each_mistake_in_an_app_is_reported_once() {
+    const ROOM: (&str, &str) = ("actors: [alice, billing]", "actors: [alice, bob]");
+    const PERM: (&str, &str) = (
+        "messages:      { device: read-write",
+        "messages:      { device: readwrite",
+    );
+    let unknown_actor = "error: policy.projects[0].apps[0].rooms[1].actors[1]: unknown actor 'bob'";
+    let bad_permission = "error: policy.projects[0].apps[0].topics.messages.device: unknown permission 'readwrite' (expected read, write, read-write or none)";
+    assert_eq!(errors_in_demo_with(&[ROOM]), [unknown_actor]);
+    assert_eq!(errors_in_demo_with(&[PERM]), [bad_permission]);
+    assert_eq!(
+        errors_in_demo_with(&[ROOM, PERM]),
+        [bad_permission, unknown_actor]
+    );
+    // A grant naming a topic that really is missing is still reported.
+    assert_eq!(
+        errors_in_demo_with(&[ROOM, ("analytics: read", "analytic: read")]),
+        [
+            unknown_actor,
+            "error: policy.projects[0].roles.moderator.analytic: unknown topic 'analytic': a grant names `topic` (in any app) or `app/topic` of this project",
+        ]
+    );
+}
+
+/// The same for what is left out for an error of its own: a grant naming a topic whose name
+/// is invalid, a room listing an actor whose type is invalid.
+#[test]
+fn what_is_left_out_for_its_own_error_is_not_reported_again() {
+    assert_eq!(
+        errors_in_demo_with(&[
+            ("analytics: read", "Analytics: read"),
+            ("analytics:     {", "Analytics:     {"),
+            ("{ id: billing, type: server", "{ id: billing, type: robot"),
+        ]),
+        [
+            "error: policy.projects[0].actors[3].type: unknown actor type 'robot' (expected device, user or server)",
+            "error: policy.projects[0].apps[0].topics.Analytics: invalid topic name 'Analytics': upper case is not allowed (slugs are lower case)",
+        ]
+    );
+}

@@ -47,11 +47,26 @@ fn fingerprint(issuer: &str, kid: Option<&str>, material: &[u8]) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// Where one configured key comes from: names only, never key material. `cuttle dev-jwt`
+/// reads an HMAC key's variable again to sign with the same secret, and names the variable
+/// when it is unset (a disabled key is not in [`JwtVerifier`]'s keys at all).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySource {
+    /// The key's field relative to the project: `jwt.secret_env`, `jwt.keys[1].secret_env`,
+    /// `jwt.public_key_file`, …
+    pub field: String,
+    pub kid: Option<String>,
+    /// The variable holding an HMAC secret; `None` for a public key file.
+    pub secret_env: Option<String>,
+}
+
 /// The compiled JWT settings of one project.
 pub struct JwtVerifier {
     pub issuer: Arc<str>,
+    pub audience: Arc<str>,
     algorithms: Vec<Algorithm>,
     keys: Vec<JwtKey>,
+    sources: Vec<KeySource>,
     validation: Validation,
     pub scope_claim: String,
     pub roles_claim: String,
@@ -166,13 +181,25 @@ impl JwtVerifier {
             secret_env: spec.secret_env.clone(),
             public_key_file: spec.public_key_file.clone(),
         };
-        let mut specs: Vec<(String, &JwtKeySpec)> = Vec::new();
+        // (YAML path, the same relative to the project, key)
+        let mut specs: Vec<(String, String, &JwtKeySpec)> = Vec::new();
         if shorthand.secret_env.is_some() || shorthand.public_key_file.is_some() {
-            specs.push((path.to_string(), &shorthand));
+            specs.push((path.to_string(), "jwt".into(), &shorthand));
         }
         for (i, k) in spec.keys.iter().enumerate() {
-            specs.push((format!("{path}.keys[{i}]"), k));
+            specs.push((format!("{path}.keys[{i}]"), format!("jwt.keys[{i}]"), k));
         }
+        let sources = specs
+            .iter()
+            .map(|(_, field, k)| KeySource {
+                field: match k.secret_env {
+                    Some(_) => format!("{field}.secret_env"),
+                    None => format!("{field}.public_key_file"),
+                },
+                kid: k.kid.clone(),
+                secret_env: k.secret_env.clone(),
+            })
+            .collect();
         if specs.is_empty() {
             diags.error(
                 path.to_string(),
@@ -181,13 +208,13 @@ impl JwtVerifier {
         }
         let mut keys = Vec::new();
         let mut disabled = 0;
-        for (key_path, k) in &specs {
+        for (key_path, _, k) in &specs {
             if let Some(kid) = &k.kid {
                 if kid.is_empty() {
                     diags.error(format!("{key_path}.kid"), "must not be empty");
                 } else if specs
                     .iter()
-                    .filter(|(_, o)| o.kid.as_deref() == Some(kid.as_str()))
+                    .filter(|(_, _, o)| o.kid.as_deref() == Some(kid.as_str()))
                     .count()
                     > 1
                 {
@@ -207,7 +234,7 @@ impl JwtVerifier {
                 KeyLoad::Failed => {}
             }
         }
-        if specs.iter().filter(|(_, k)| k.kid.is_none()).count() > 1 {
+        if specs.iter().filter(|(_, _, k)| k.kid.is_none()).count() > 1 {
             diags.error(
                 path.to_string(),
                 "at most one key may omit `kid` (it is the key for tokens without a kid)",
@@ -236,8 +263,10 @@ impl JwtVerifier {
 
         Some(Self {
             issuer: spec.issuer.as_str().into(),
+            audience: spec.audience.as_str().into(),
             algorithms,
             keys,
+            sources,
             validation,
             scope_claim: spec.scope_claim.clone().unwrap_or_else(|| "scope".into()),
             roles_claim: spec.roles_claim.clone().unwrap_or_else(|| "roles".into()),
@@ -247,6 +276,17 @@ impl JwtVerifier {
     /// Clock-skew leeway on `exp`/`nbf`, in seconds.
     pub fn leeway(&self) -> u64 {
         self.validation.leeway
+    }
+
+    /// The accepted algorithms, in configured order (all of one family).
+    pub fn algorithms(&self) -> &[Algorithm] {
+        &self.algorithms
+    }
+
+    /// Where each configured key comes from, in configured order (the shorthand key first,
+    /// then `keys`), whether or not it is loaded.
+    pub fn key_sources(&self) -> &[KeySource] {
+        &self.sources
     }
 
     /// Whether any key is loaded (a secret variable may be unset).

@@ -13,6 +13,7 @@
 //! it — not even one racing with the swap.
 
 pub mod actor;
+pub mod dev_jwt;
 pub mod jwt;
 pub mod session_token;
 

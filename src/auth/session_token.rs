@@ -91,8 +91,11 @@ pub enum MintError {
     UnknownProject(String),
     #[error("project '{0}' has no `session:` settings")]
     NotConfigured(String),
-    #[error("project '{0}' has no session secret (its secret_env variable is unset)")]
-    NoSecret(String),
+    #[error(
+        "project '{project}' has no session secret: set {variable} (project {project}'s session.secret_env) to the secret the proxy runs with (at least {min} bytes, e.g. from `openssl rand -hex 32`)",
+        min = crate::policy::MIN_SECRET_BYTES
+    )]
+    NoSecret { project: String, variable: String },
     #[error("ttl must be between 1 s and max_ttl_s ({max} s), got {got} s")]
     Ttl { got: u64, max: u64 },
     #[error("scope '{0}' is not a scope of the project")]
@@ -131,7 +134,10 @@ pub fn mint(policy: &Policy, req: &MintRequest, now: u64) -> Result<String, Mint
     let secret = settings
         .secret
         .as_ref()
-        .ok_or_else(|| MintError::NoSecret(req.project.clone()))?;
+        .ok_or_else(|| MintError::NoSecret {
+            project: req.project.clone(),
+            variable: settings.secret_env.escape_debug().to_string(),
+        })?;
     if req.ttl_s == 0 || req.ttl_s > settings.max_ttl_s {
         return Err(MintError::Ttl {
             got: req.ttl_s,

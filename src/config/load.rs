@@ -5,6 +5,9 @@
 //! - `serde_path_to_error` records where a type error happened (`limits.send_queue: invalid
 //!   type…`);
 //! - `serde_ignored` reports *every* unknown key, not just the first, so typos are all listed.
+//!
+//! A syntax or type error names the file, line and column (`--> proxy.yaml:15:9`) with the
+//! offending line, so a policy file's errors point into the policy file.
 
 use std::path::{Path, PathBuf};
 
@@ -86,7 +89,8 @@ pub fn load_str(
     let mut diags = Diagnostics::new();
     let mut hasher = Sha256::new();
     hasher.update(text);
-    let spec: SettingsSpec = parse_yaml(text, "", &mut diags).ok_or_else(|| diags.clone())?;
+    let spec: SettingsSpec =
+        parse_yaml_in(text, Some(path), "", &mut diags).ok_or_else(|| diags.clone())?;
 
     let base_dir = path.parent().unwrap_or(Path::new("."));
     let cx = CompileContext::new(base_dir, env);
@@ -103,7 +107,7 @@ pub fn load_str(
             sources.policy_file = Some(file.clone());
             read_file(&file, &mut diags).and_then(|text| {
                 hasher.update(&text);
-                parse_policy_file(&text, &mut diags)
+                parse_policy_file(&text, &file, &mut diags)
             })
         }
         (Some(_), Some(_)) => {
@@ -188,15 +192,25 @@ fn read_file(path: &Path, diags: &mut Diagnostics) -> Option<String> {
     }
 }
 
-/// Parses the content of a `policy_file` (the policy mapping itself, as under `policy:`).
-pub fn parse_policy_file(text: &str, diags: &mut Diagnostics) -> Option<PolicySpec> {
-    parse_yaml(text, "policy", diags)
+/// Parses the content of policy file `source` (the policy mapping itself, as under `policy:`).
+pub fn parse_policy_file(text: &str, source: &Path, diags: &mut Diagnostics) -> Option<PolicySpec> {
+    parse_yaml_in(text, Some(source), "policy", diags)
 }
 
 /// Parses YAML into `T`, reporting unknown keys and the first type error with their paths
 /// under `root`. `None` when the document could not be read as a `T`.
 pub fn parse_yaml<T: DeserializeOwned>(
     text: &str,
+    root: &str,
+    diags: &mut Diagnostics,
+) -> Option<T> {
+    parse_yaml_in(text, None, root, diags)
+}
+
+/// [`parse_yaml`] of text read from file `source`, which a syntax or type error names.
+pub fn parse_yaml_in<T: DeserializeOwned>(
+    text: &str,
+    source: Option<&Path>,
     root: &str,
     diags: &mut Diagnostics,
 ) -> Option<T> {
@@ -219,18 +233,62 @@ pub fn parse_yaml<T: DeserializeOwned>(
         Ok(value) => Some(value),
         Err(e) => {
             let path = track.path().to_string();
-            let path = match (root, path.as_str()) {
-                (r, ".") => r.to_string(),
+            // A syntax error inside a mapping leaves a `?` (a key not read yet) at the end.
+            let path = path.trim_end_matches(".?").trim_end_matches('?');
+            let path = match (root, path) {
+                (r, "." | "") => r.to_string(),
                 ("", p) => p.to_string(),
                 (r, p) if p.starts_with('[') => format!("{r}{p}"),
                 (r, p) => format!("{r}.{p}"),
             };
-            let message = e.to_string();
-            // serde-saphyr's messages start with their own "error: " label.
-            let message = message.strip_prefix("error: ").unwrap_or(&message);
-            diags.error(path, message);
+            diags.error(path, yaml_error_message(&e, source));
             None
         }
+    }
+}
+
+/// The message of a YAML syntax or type error: what is wrong, then where, rustc-style:
+///
+/// ```text
+/// invalid u64
+///   --> proxy.yaml:15:9
+///    |
+/// 15 |   pool: four
+///    |         ^ invalid u64
+/// ```
+///
+/// (serde-saphyr's own rendering names the source `<input>` and repeats the location in its
+/// first line.)
+fn yaml_error_message(e: &serde_saphyr::Error, source: Option<&Path>) -> String {
+    use serde_saphyr::MessageFormatter;
+    let name = source.map(|p| p.display().to_string());
+    let rendered = e.render_with_options(serde_saphyr::render_options! {
+        source_name: name.as_deref(),
+    });
+    // The formatter's text is not sanitized the way a rendering is (a value quoted in it may
+    // hold a newline): control characters are escaped so that a message stays one line.
+    let what: String = serde_saphyr::DefaultMessageFormatter
+        .format_message(e.without_snippet())
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect();
+    let snippet = rendered.split_once('\n').map(|(_, rest)| rest);
+    match (e.location(), snippet, name) {
+        (Some(_), Some(snippet), Some(_)) if snippet.contains("-->") => {
+            format!("{what}\n{snippet}")
+        }
+        (Some(at), _, Some(name)) => {
+            format!("{what} at {name}:{}:{}", at.line(), at.column())
+        }
+        (Some(at), _, None) => format!("{what} at line {}, column {}", at.line(), at.column()),
+        (None, _, Some(name)) => format!("{what} in {name}"),
+        (None, _, None) => what,
     }
 }
 
@@ -280,6 +338,48 @@ mod tests {
         let from_str = load_str(text, &path, &|_| None).unwrap();
         assert_eq!(from_file.digest, from_str.digest);
         assert_eq!(from_file.sources, from_str.sources);
+    }
+
+    /// Type and syntax errors used to point at `<input>`: they name the file they are in, with
+    /// line and column, the config file's or the policy file's.
+    #[test]
+    fn yaml_errors_name_their_file_line_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("proxy.yaml");
+        let text = "upstream:\n  broker: embedded\n  pool: four\npolicy:\n  projects: []\n";
+        std::fs::write(&config, text).unwrap();
+        let e = load_with_env(&config, &|_| None).unwrap_err();
+        let errors: Vec<_> = e.errors().collect();
+        assert_eq!(errors.len(), 1, "{e}");
+        assert_eq!(errors[0].path, "upstream.pool");
+        let mut lines = errors[0].message.lines();
+        assert_eq!(lines.next(), Some("invalid u64"), "{e}");
+        let at = lines.next().unwrap();
+        assert_eq!(at.trim(), format!("--> {}:3:9", config.display()), "{e}");
+        assert!(e.to_string().contains("3 |   pool: four"), "{e}");
+        assert!(!e.to_string().contains("<input>"), "{e}");
+
+        // A syntax error in a policy file names the policy file, and no `?` path level.
+        std::fs::write(&config, "policy_file: policy.yaml\n").unwrap();
+        let policy = dir.path().join("policy.yaml");
+        std::fs::write(&policy, "projects:\n  - id: demo\n    jwt: { issuer: x\n").unwrap();
+        let e = load_with_env(&config, &|_| None).unwrap_err();
+        let errors: Vec<_> = e.errors().collect();
+        assert_eq!(errors.len(), 1, "{e}");
+        assert_eq!(errors[0].path, "policy.projects[0].jwt");
+        let mut lines = errors[0].message.lines();
+        assert_eq!(lines.next(), Some("unclosed bracket '{'"), "{e}");
+        assert_eq!(
+            lines.next().unwrap().trim(),
+            format!("--> {}:3:10", policy.display()),
+            "{e}"
+        );
+
+        // Text not read from a file has no name to give.
+        let mut diags = Diagnostics::new();
+        assert!(parse_yaml::<SettingsSpec>("upstream: { pool: four }", "", &mut diags).is_none());
+        let message = &diags.errors().next().unwrap().message;
+        assert_eq!(message, "invalid u64 at line 1, column 19");
     }
 
     /// Reads used to be bounded only by the size `metadata` reports, which is 0 for a device:

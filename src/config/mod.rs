@@ -9,7 +9,9 @@
 mod load;
 mod settings;
 
-pub use load::{Loaded, Sources, load, load_str, load_with_env, parse_policy_file, parse_yaml};
+pub use load::{
+    Loaded, Sources, load, load_str, load_with_env, parse_policy_file, parse_yaml, parse_yaml_in,
+};
 pub use settings::{
     Broker, Limits, LogFormat, LogSettings, PresenceSettings, ReloadSettings, Settings,
     TlsSettings, UpstreamSettings,

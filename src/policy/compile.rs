@@ -148,9 +148,10 @@ fn compile_project(
                 continue;
             }
         }
-        let Some(app) = compile_app(a, &ap, &actors, diags) else {
-            continue;
-        };
+        // Kept even with errors of its own (any error fails the whole compile, so it is never
+        // served): roles are checked against its topics, and a missing app would report every
+        // grant naming one of them as a second, spurious "unknown topic".
+        let app = compile_app(a, &ap, &actors, &p.actors, diags);
         app_order.push(app.slug.clone());
         apps.insert(app.slug.clone(), app);
     }
@@ -195,7 +196,13 @@ fn compile_project(
                     matched += 1;
                 }
             }
-            if matched == 0 {
+            // A topic left out for its own error (an invalid name, a duplicate app) has been
+            // reported at its own path; naming it here is not a second problem.
+            let declared = p
+                .apps
+                .iter()
+                .any(|a| app_filter.is_none_or(|f| f == a.slug) && a.topics.contains_key(topic));
+            if matched == 0 && !declared {
                 diags.error(
                     &gp,
                     format!(
@@ -227,6 +234,7 @@ fn compile_project(
             secret: cx
                 .secret(&s.secret_env, &format!("{sp}.secret_env"), diags)
                 .map(|v| SessionSecret::new(v.expose().as_bytes())),
+            secret_env: s.secret_env.clone(),
             max_ttl_s: s.max_ttl_s,
         }
     });
@@ -396,26 +404,27 @@ fn parse_sha256(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// Compiles app `a`, reporting every problem. The app is returned even when it has errors, so
+/// that what refers to it (roles) is checked against everything it declares; the compile as a
+/// whole fails on any error.
 fn compile_app(
     a: &AppSpec,
     path: &str,
     actors: &HashMap<Arc<str>, ListedActor>,
+    declared_actors: &[ActorSpec],
     diags: &mut Diagnostics,
-) -> Option<App> {
-    let mut ok = true;
+) -> App {
     if let Err(why) = check_slug(&a.slug) {
         diags.error(
             format!("{path}.slug"),
             format!("invalid slug {}: {why}", quoted(&a.slug)),
         );
-        ok = false;
     }
     let mut topics = HashMap::new();
     for (name, perms) in &a.topics {
         let tp = key_path(&format!("{path}.topics"), name);
         if let Err(why) = check_slug(name) {
             diags.error(&tp, format!("invalid topic name {}: {why}", quoted(name)));
-            ok = false;
             continue;
         }
         let mut by_type = [Permission::NONE; 4];
@@ -430,15 +439,11 @@ fn compile_app(
                         quoted(kind)
                     ),
                 );
-                ok = false;
                 continue;
             };
             match Permission::parse(perm) {
                 Some(p) => by_type[kind as usize] = p,
-                None => {
-                    diags.error(key_path(&tp, kind.as_str()), unknown_permission(perm));
-                    ok = false;
-                }
+                None => diags.error(key_path(&tp, kind.as_str()), unknown_permission(perm)),
             }
         }
         topics.insert(Arc::from(name.as_str()), TopicAcl::new(by_type));
@@ -451,7 +456,6 @@ fn compile_app(
                 format!("{rp}.slug"),
                 format!("invalid slug {}: {why}", quoted(&r.slug)),
             );
-            ok = false;
             continue;
         }
         if rooms.contains_key(r.slug.as_str()) {
@@ -459,21 +463,19 @@ fn compile_app(
                 format!("{rp}.slug"),
                 format!("duplicate room {}", quoted(&r.slug)),
             );
-            ok = false;
             continue;
         }
         let mut members = HashSet::new();
         for (j, actor) in r.actors.iter().enumerate() {
             let mp = format!("{rp}.actors[{j}]");
             match actors.get(actor.as_str()) {
-                None => {
-                    diags.error(mp, format!("unknown actor {}", quoted(actor)));
-                    ok = false;
-                }
+                // An actor left out for its own error (an invalid id or type) has been
+                // reported at its own path; naming it here is not a second problem.
+                None if declared_actors.iter().any(|d| d.id == *actor) => {}
+                None => diags.error(mp, format!("unknown actor {}", quoted(actor))),
                 Some(listed) => {
                     if !members.insert(listed.id.clone()) {
                         diags.error(mp, format!("duplicate actor {}", quoted(actor)));
-                        ok = false;
                     }
                 }
             }
@@ -509,26 +511,25 @@ fn compile_app(
             );
             lobby_ok = false;
         }
-        match compile_lobby_rooms(l, &lp, a, &rooms, diags) {
-            Some(members) if lobby_ok => {
-                let slug: Arc<str> = l.slug.as_str().into();
-                lobbies.insert(
-                    slug.clone(),
-                    Lobby {
-                        slug,
-                        rooms: members,
-                    },
-                );
-            }
-            _ => ok = false,
+        if let Some(members) = compile_lobby_rooms(l, &lp, a, &rooms, diags)
+            && lobby_ok
+        {
+            let slug: Arc<str> = l.slug.as_str().into();
+            lobbies.insert(
+                slug.clone(),
+                Lobby {
+                    slug,
+                    rooms: members,
+                },
+            );
         }
     }
-    ok.then(|| App {
+    App {
         slug: a.slug.as_str().into(),
         topics,
         rooms,
         lobbies,
-    })
+    }
 }
 
 /// The rooms of lobby `l` at YAML path `path`, resolved against the app's compiled `rooms`;

@@ -190,6 +190,9 @@ pub struct SessionSettings {
     /// `None` when the configured environment variable is unset: session tokens are then
     /// refused for this project (fail closed) and `check` warns.
     pub secret: Option<SessionSecret>,
+    /// The variable the secret is read from (`session.secret_env`), for messages that tell
+    /// the operator what to set.
+    pub secret_env: String,
     pub max_ttl_s: u64,
 }
 
