@@ -337,8 +337,13 @@ async fn serve(loaded: Loaded) -> ExitCode {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     serving.abort();
-    // Subscription sets changed in the last moments go to the broker before the pool stops.
+    // Subscription sets changed in the last moments go to the broker before the pool stops;
+    // a clean DISCONNECT after them (the broker then logs no reset and drops the will).
     proxy.restore.flush();
+    proxy
+        .pool
+        .disconnect(std::time::Duration::from_secs(2))
+        .await;
     tracing::info!(still_open = proxy.open_connections(), "stopped");
     ExitCode::SUCCESS
 }

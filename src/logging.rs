@@ -28,12 +28,14 @@ pub fn init(settings: &LogSettings) {
         Ok("pretty") => LogFormat::Pretty,
         _ => settings.format,
     };
-    // The embedded broker logs every client connect at info; the proxy's own logs say what
-    // matters, so rumqttd is quieted unless the level names it.
+    // The embedded broker's only clients are this process's own pool connections, and it
+    // logs their ordinary comings and goings (a clean DISCONNECT at shutdown) as errors; the
+    // proxy logs what matters about them itself (upstream connected, lost, refused), so
+    // rumqttd is silent unless the level names it (`log.level: info,rumqttd=warn`).
     let level = if settings.level.contains("rumqttd") {
         settings.level.clone()
     } else {
-        format!("{},rumqttd=warn", settings.level)
+        format!("{},rumqttd=off", settings.level)
     };
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&level))

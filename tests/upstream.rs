@@ -700,3 +700,95 @@ async fn an_unsubscribed_shared_subscription_delivers_nothing_embedded() {
 async fn an_unsubscribed_shared_subscription_delivers_nothing_mosquitto() {
     an_unsubscribed_shared_subscription_delivers_nothing(mosquitto()).await;
 }
+
+/// The end of a drain: what was handed over before `disconnect` reaches the broker, the
+/// connection then closes with DISCONNECT (the broker drops the will) and does not come back,
+/// and later publishes are refused.
+async fn a_clean_disconnect_sends_what_came_before_and_no_will(endpoint: Endpoint) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let listener = Pool::start(
+        &settings(1),
+        endpoint.clone(),
+        1 << 20,
+        Arc::new(Collect(tx)),
+    );
+    wait_ready(&listener).await;
+    let base = unique("bye");
+    listener.subscribe(&arc(format!("{base}/#")), qos(1), 9);
+    let (sink, _) = mpsc::unbounded_channel();
+    let will = (format!("{base}/will"), Bytes::from_static(b"gone"));
+    let sender = Pool::start_with_will(
+        &settings(1),
+        endpoint,
+        1 << 20,
+        Arc::new(Collect(sink)),
+        Some(will),
+        cuttle::metrics::Metrics::new().upstream.clone(),
+    );
+    wait_ready(&sender).await;
+    // The subscription is live once a probe arrives.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            sender
+                .publish(format!("{base}/probe"), qos(0), false, Bytes::new(), None)
+                .unwrap();
+            if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the listener's subscription goes live");
+    while tokio::time::timeout(Duration::from_millis(200), rx.recv())
+        .await
+        .is_ok()
+    {}
+
+    const N: usize = 200;
+    for i in 0..N {
+        let payload = Bytes::from(format!("m{i}"));
+        sender
+            .publish(format!("{base}/m"), qos(1), false, payload, None)
+            .unwrap();
+    }
+    sender.disconnect(Duration::from_secs(5)).await;
+    assert_eq!(sender.connected(), 0);
+
+    let mut got = Vec::new();
+    while let Ok(Some((topic, _, payload))) =
+        tokio::time::timeout(Duration::from_secs(2), rx.recv()).await
+    {
+        got.push((topic, payload));
+    }
+    let messages: Vec<_> = got.iter().filter(|(t, _)| t.ends_with("/m")).collect();
+    assert_eq!(
+        messages.len(),
+        N,
+        "every publish handed over before the DISCONNECT"
+    );
+    assert!(
+        !got.iter().any(|(t, _)| t.ends_with("/will")),
+        "a clean disconnect must not publish the will"
+    );
+    let refused = sender.publish(format!("{base}/m"), qos(0), false, Bytes::new(), None);
+    assert!(
+        refused.is_err(),
+        "a publish after the disconnect is refused"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        sender.connected(),
+        0,
+        "a disconnected pool does not reconnect"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_disconnect_sends_what_came_before_and_no_will_embedded() {
+    a_clean_disconnect_sends_what_came_before_and_no_will(embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_disconnect_sends_what_came_before_and_no_will_mosquitto() {
+    a_clean_disconnect_sends_what_came_before_and_no_will(mosquitto()).await;
+}

@@ -134,8 +134,13 @@ struct Shared {
     /// publishes costs a known amount of memory and then fails fast.
     queued_bytes: AtomicUsize,
     max_queued_bytes: usize,
-    /// The event loop has ended (the pool was dropped).
+    /// The event loop has ended (the pool was dropped, or it disconnected).
     closed: AtomicBool,
+    /// A clean DISCONNECT was asked for ([`Connection::disconnect`]): the event loop ends once
+    /// it is written instead of reconnecting.
+    closing: AtomicBool,
+    /// Notified when the event loop has ended.
+    ended: Notify,
     metrics: crate::metrics::UpstreamMetrics,
 }
 
@@ -198,6 +203,8 @@ impl Connection {
             queued_bytes: AtomicUsize::new(0),
             max_queued_bytes: o.max_queued_bytes,
             closed: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            ended: Notify::new(),
             metrics: o.metrics,
         });
         tokio::spawn(run_event_loop(
@@ -208,6 +215,24 @@ impl Connection {
         ));
         tokio::spawn(reconcile(shared.clone()));
         Self { shared }
+    }
+
+    /// Sends DISCONNECT after everything already handed over (rumqttc's channel is in order)
+    /// and ends the event loop once it is written: the broker discards the will (presence has
+    /// said goodbye) and logs no reset. Completes when the loop has ended, or after `timeout`.
+    pub async fn disconnect(&self, timeout: Duration) {
+        let shared = &self.shared;
+        let ended = shared.ended.notified();
+        tokio::pin!(ended);
+        ended.as_mut().enable();
+        if shared.closed.load(Ordering::Acquire) {
+            return;
+        }
+        shared.closing.store(true, Ordering::Release);
+        if shared.client.try_disconnect().is_err() {
+            return; // the loop is gone, or its channel is full: nothing clean to do
+        }
+        let _ = tokio::time::timeout(timeout, ended).await;
     }
 
     pub fn subscribe(&self, filter: &Arc<str>, qos: QoS, id: usize) {
@@ -455,6 +480,14 @@ async fn run_event_loop(
                 shared.resync.store(true, Ordering::Release);
                 shared.poke.notify_one();
             }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) if shared.closing.load(Ordering::Acquire) => {
+                tracing::debug!(client_id = %shared.client_id, %endpoint, "upstream disconnected");
+                if is_connected {
+                    connected.fetch_sub(1, Ordering::Relaxed);
+                }
+                shut_down(&shared);
+                return;
+            }
             Ok(Event::Outgoing(out)) => shared.on_outgoing(&out),
             Ok(Event::Incoming(Packet::PubAck(a))) => shared.resolve(a.pkid),
             Ok(Event::Incoming(Packet::PubComp(c))) => shared.resolve(c.pkid),
@@ -502,9 +535,11 @@ async fn run_event_loop(
                     shared.metrics.connect_failed();
                     tracing::debug!(client_id = %shared.client_id, %endpoint, error = %e, "upstream connect failed");
                 }
-                if matches!(e, rumqttc::v5::ConnectionError::RequestsDone) {
+                if matches!(e, rumqttc::v5::ConnectionError::RequestsDone)
+                    || shared.closing.load(Ordering::Acquire)
+                {
                     shut_down(&shared);
-                    return; // every client handle is gone: the pool was dropped
+                    return; // the pool was dropped, or disconnected
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -515,7 +550,8 @@ async fn run_event_loop(
 
 /// Fails every waiting publish: the event loop is gone.
 fn shut_down(shared: &Shared) {
-    shared.closed.store(true, Ordering::Relaxed);
+    shared.closed.store(true, Ordering::Release);
+    shared.ended.notify_waiters();
     let mut r = shared.requests.lock();
     for q in r.queued.drain(..) {
         if let Queued::Publish { ack: Some(tx), .. } = q {

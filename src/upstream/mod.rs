@@ -149,6 +149,12 @@ impl Pool {
         })
     }
 
+    /// Disconnects every connection cleanly (MQTT DISCONNECT after what was already handed
+    /// over), at most `timeout` in all: the end of a drain.
+    pub async fn disconnect(&self, timeout: std::time::Duration) {
+        futures_util::future::join_all(self.conns.iter().map(|c| c.disconnect(timeout))).await;
+    }
+
     /// Connections currently connected to the broker.
     pub fn connected(&self) -> usize {
         self.connected.load(Ordering::Relaxed)
