@@ -739,7 +739,7 @@ impl Core {
         }
         if !self.remotes.contains_key(&m.replica) {
             if self.remotes.len() >= self.cfg.max_replicas && !self.forget_one_dead() {
-                tracing::warn!(replica = %m.replica, "presence: too many replicas tracked (presence.max_replicas); ignored");
+                tracing::warn!(replica = %m.replica, "presence: more replicas than this one tracks (1,024, live or recently dead); ignored");
                 return;
             }
             self.remotes.insert(m.replica.clone(), Remote::default());
