@@ -173,6 +173,7 @@ fn policy_spec() -> impl Strategy<Value = PolicySpec> {
                         )))),
                         api_key_sha256: None,
                         scope: s.and_then(|s| scopes.get(s).map(|s| s.to_string())),
+                        scopes: None,
                     })
                     .collect()
             };

@@ -13,8 +13,8 @@ pub use load::{
     Loaded, Sources, load, load_str, load_with_env, parse_policy_file, parse_yaml, parse_yaml_in,
 };
 pub use settings::{
-    Broker, Limits, LogFormat, LogSettings, PresenceSettings, ReloadSettings, Settings,
-    TlsSettings, UpstreamSettings,
+    ApiSettings, Broker, Limits, LogFormat, LogSettings, PresenceSettings, ReloadSettings,
+    Settings, TlsSettings, UpstreamSettings,
 };
 
 /// The config file used when `--config` is not given.

@@ -32,6 +32,7 @@ pub(crate) struct SettingsSpec {
     pub log: LogSpec,
     pub shutdown: ShutdownSpec,
     pub presence: PresenceSpec,
+    pub api: ApiSpec,
     /// Inline policy…
     pub policy: Option<PolicySpec>,
     /// …or a path to a file holding it (relative to the config file).
@@ -51,6 +52,7 @@ impl Default for SettingsSpec {
             log: LogSpec::default(),
             shutdown: ShutdownSpec::default(),
             presence: PresenceSpec::default(),
+            api: ApiSpec::default(),
             policy: None,
             policy_file: None,
         }
@@ -152,6 +154,33 @@ impl Default for AuthCacheSpec {
         Self {
             capacity: d.capacity,
             ttl_s: d.ttl.as_secs(),
+        }
+    }
+}
+
+/// `api:` — the `/v1` HTTP API for server actors.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub(crate) struct ApiSpec {
+    pub max_body_bytes: u64,
+    pub max_batch: u64,
+    pub requests_per_second: u64,
+    pub messages_per_second: u64,
+    pub ack_timeout_ms: u64,
+    pub idempotency_ttl_s: u64,
+    pub idempotency_bytes: u64,
+}
+
+impl Default for ApiSpec {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 4 << 20,
+            max_batch: 100,
+            requests_per_second: 100,
+            messages_per_second: 1000,
+            ack_timeout_ms: 5000,
+            idempotency_ttl_s: 600,
+            idempotency_bytes: 16 << 20,
         }
     }
 }
@@ -294,6 +323,25 @@ pub struct Limits {
     pub restore_bytes: usize,
 }
 
+/// The `/v1` API's bounds (`api:`), per replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiSettings {
+    /// Largest request body; larger ones get 413 before they are read whole.
+    pub max_body_bytes: usize,
+    /// Messages in one batch publish.
+    pub max_batch: usize,
+    /// Requests per second per API key (a token bucket of that burst).
+    pub requests_per_second: u32,
+    /// Messages per second per API key, over single and batch publishes.
+    pub messages_per_second: u32,
+    /// How long a publish waits for the broker's acknowledgement before answering 504.
+    pub ack_timeout: Duration,
+    /// How long an `idempotency_key`'s answer is remembered.
+    pub idempotency_ttl: Duration,
+    /// Bytes of remembered answers, over all keys (the oldest are forgotten first).
+    pub idempotency_bytes: usize,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Pretty,
@@ -381,6 +429,7 @@ pub struct Settings {
     pub log: LogSettings,
     pub shutdown_grace: Duration,
     pub presence: PresenceSettings,
+    pub api: ApiSettings,
 }
 
 impl Settings {
@@ -402,6 +451,7 @@ impl Settings {
         check("log", self.log != other.log);
         check("shutdown", self.shutdown_grace != other.shutdown_grace);
         check("presence", self.presence != other.presence);
+        check("api", self.api != other.api);
         changed
     }
 }
@@ -765,6 +815,52 @@ pub(crate) fn validate(
     }
     let grace = in_range(spec.shutdown.grace_s, 0, 3600, "shutdown.grace_s", diags);
     let presence = validate_presence(&spec.presence, diags);
+    let a = &spec.api;
+    let api = ApiSettings {
+        max_body_bytes: in_range(
+            a.max_body_bytes,
+            1024,
+            64 << 20,
+            "api.max_body_bytes",
+            diags,
+        ) as usize,
+        max_batch: in_range(a.max_batch, 1, 10_000, "api.max_batch", diags) as usize,
+        requests_per_second: in_range(
+            a.requests_per_second,
+            1,
+            1_000_000,
+            "api.requests_per_second",
+            diags,
+        ) as u32,
+        messages_per_second: in_range(
+            a.messages_per_second,
+            1,
+            10_000_000,
+            "api.messages_per_second",
+            diags,
+        ) as u32,
+        ack_timeout: Duration::from_millis(in_range(
+            a.ack_timeout_ms,
+            100,
+            60_000,
+            "api.ack_timeout_ms",
+            diags,
+        )),
+        idempotency_ttl: Duration::from_secs(in_range(
+            a.idempotency_ttl_s,
+            1,
+            86_400,
+            "api.idempotency_ttl_s",
+            diags,
+        )),
+        idempotency_bytes: in_range(
+            a.idempotency_bytes,
+            0,
+            1 << 30,
+            "api.idempotency_bytes",
+            diags,
+        ) as usize,
+    };
 
     if diags.errors().count() > before {
         return None;
@@ -795,6 +891,7 @@ pub(crate) fn validate(
         },
         shutdown_grace: Duration::from_secs(grace),
         presence: presence?,
+        api,
     })
 }
 

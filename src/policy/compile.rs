@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::model::*;
-use super::spec::{ActorSpec, AppSpec, LobbySpec, PolicySpec, ProjectSpec};
+use super::spec::{ActorSpec, AppSpec, LobbySpec, PolicySpec, ProjectSpec, ScopeGrantSpec};
 use super::{CompileContext, check_actor_id, check_slug};
 use crate::auth::jwt::JwtVerifier;
 use crate::auth::session_token::SessionSecret;
@@ -311,6 +311,7 @@ fn compile_actor(
         found
     });
     let kind = kind?;
+    let grants = compile_grants(a, kind, path, scopes, diags);
 
     // Each type has exactly its own credential field (users have none).
     let fields = [
@@ -352,7 +353,59 @@ fn compile_actor(
         id: a.id.as_str().into(),
         kind,
         scope,
+        grants,
     })
+}
+
+/// `scopes:` of an actor: server actors only, `"*"` or known slugs, each at most once.
+fn compile_grants(
+    a: &ActorSpec,
+    kind: ActorType,
+    path: &str,
+    scopes: &HashMap<Arc<str>, Scope>,
+    diags: &mut Diagnostics,
+) -> ScopeGrants {
+    let Some(spec) = &a.scopes else {
+        return ScopeGrants::Own;
+    };
+    let path = format!("{path}.scopes");
+    if kind != ActorType::Server {
+        diags.error(
+            path,
+            format!("only server actors have scope grants (this is a {kind} actor; over WebSocket every actor stays in its own scope)"),
+        );
+        return ScopeGrants::Own;
+    }
+    match spec {
+        ScopeGrantSpec::All(s) if s == "*" => ScopeGrants::All,
+        ScopeGrantSpec::All(s) => {
+            diags.error(
+                path,
+                format!(
+                    "expected \"*\" or a list of scope slugs, found {}",
+                    quoted(s)
+                ),
+            );
+            ScopeGrants::Own
+        }
+        ScopeGrantSpec::List(list) => {
+            let mut granted: Vec<Arc<str>> = Vec::with_capacity(list.len());
+            for (i, s) in list.iter().enumerate() {
+                match scopes.get(s.as_str()) {
+                    None => diags.error(
+                        format!("{path}[{i}]"),
+                        format!("unknown scope {}", quoted(s)),
+                    ),
+                    Some(_) if granted.iter().any(|g| **g == **s) => diags.error(
+                        format!("{path}[{i}]"),
+                        format!("scope {} is granted twice", quoted(s)),
+                    ),
+                    Some(scope) => granted.push(scope.slug.clone()),
+                }
+            }
+            ScopeGrants::Some(granted.into_boxed_slice())
+        }
+    }
 }
 
 fn register_credential(

@@ -21,7 +21,7 @@ pub use authorize::{Denial, SubscriptionGrant};
 pub use compile::compile;
 pub use model::{
     Access, ActorType, App, CredentialEntry, ListedActor, Lobby, MAX_LOBBY_ROOMS, Permission,
-    Policy, Project, Room, Scope, SessionSettings, TopicAcl,
+    Policy, Project, Room, Scope, ScopeGrants, SessionSettings, TopicAcl,
 };
 pub use slug::{check_actor_id, check_slug};
 

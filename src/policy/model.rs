@@ -182,6 +182,35 @@ pub struct ListedActor {
     pub id: Arc<str>,
     pub kind: ActorType,
     pub scope: Option<Arc<str>>,
+    /// Server actors: the scopes the HTTP API may address besides the actor's own namespace.
+    /// Over WebSocket every actor stays in its own namespace whatever this says.
+    pub grants: ScopeGrants,
+}
+
+/// Which scopes a server actor's HTTP requests may address (`scopes:` in the policy).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ScopeGrants {
+    /// Only the actor's own namespace (its `scope`, or the unscoped one).
+    #[default]
+    Own,
+    /// These scopes, and the own namespace.
+    Some(Box<[Arc<str>]>),
+    /// Every scope of the project (`"*"`), and the own namespace.
+    All,
+}
+
+impl ScopeGrants {
+    /// Whether `scope` (a slug of the project) may be addressed. `own` is the actor's scope.
+    pub fn allows(&self, scope: Option<&str>, own: Option<&str>) -> bool {
+        if scope == own {
+            return true;
+        }
+        match (self, scope) {
+            (ScopeGrants::All, Some(_)) => true,
+            (ScopeGrants::Some(list), Some(s)) => list.iter().any(|g| &**g == s),
+            _ => false,
+        }
+    }
 }
 
 /// Session-token settings of a project.

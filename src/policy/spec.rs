@@ -133,4 +133,16 @@ pub struct ActorSpec {
     pub api_key_sha256: Option<String>,
     #[serde(default)]
     pub scope: Option<String>,
+    /// Server actors only: the scopes the HTTP API may address for it (DESIGN §3, "Reaching
+    /// tenants from the backend"): a list of slugs, or `"*"` for every scope of the project.
+    #[serde(default)]
+    pub scopes: Option<ScopeGrantSpec>,
+}
+
+/// `scopes:` of a server actor: `"*"` or `[slug, …]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ScopeGrantSpec {
+    All(String),
+    List(Vec<String>),
 }

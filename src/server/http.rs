@@ -260,7 +260,11 @@ async fn serve_http<I>(
         let nth = served.fetch_add(1, Ordering::Relaxed).saturating_add(1);
         async move {
             let metrics = proxy.metrics.clone();
-            let mut response = route(proxy, role, req, &slot, peer);
+            let mut response = if role == Role::Client && req.uri().path().starts_with("/v1/") {
+                super::api::handle(proxy, req).await
+            } else {
+                route(proxy, role, req, &slot, peer)
+            };
             metrics
                 .http
                 .response(role.label(), response.status().as_u16());

@@ -5,6 +5,7 @@
 //! pool, router — and [`Proxy::serve`] runs the listeners on already-bound sockets, so tests
 //! bind port 0 and run the real server in-process.
 
+mod api;
 mod http;
 pub mod restore;
 mod session;
@@ -88,6 +89,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     /// Each session's queued outbox bytes, summed at scrape time (`cuttle_outbox_bytes`).
     outboxes: OutboxBytes,
+    /// The `/v1` API's rate buckets and idempotency cache.
+    api: api::Api,
     pub settings: Settings,
     /// `limits.max_connections`, shared by handshakes and sessions.
     connections: Arc<http::Slots>,
@@ -196,6 +199,7 @@ impl Proxy {
             embedded_broker,
             metrics,
             outboxes: OutboxBytes::default(),
+            api: api::Api::new(&settings.api),
             connections: http::Slots::new(settings.limits.max_connections as usize),
             admin_slots: http::Slots::new(http::ADMIN_MAX_CONNECTIONS),
             actors: ActorConnections::default(),

@@ -222,42 +222,54 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Appends `v` as MessagePack: null → nil, bool, integers in their smallest form, other
+/// numbers as f64, strings as str, arrays, objects as maps with str keys. For JSON from the
+/// HTTP API (its nesting is bounded by `serde_json`'s recursion limit, 128).
+pub fn write_json(out: &mut Vec<u8>, v: &serde_json::Value) {
+    use serde_json::Value as V;
+    // Writing to a Vec cannot fail; the results are ignored for that reason.
+    let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    match v {
+        V::Null => {
+            let _ = rmp::encode::write_nil(out);
+        }
+        V::Bool(b) => {
+            let _ = rmp::encode::write_bool(out, *b);
+        }
+        V::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                let _ = rmp::encode::write_sint(out, i);
+            } else if let Some(u) = n.as_u64() {
+                let _ = rmp::encode::write_uint(out, u);
+            } else {
+                let _ = rmp::encode::write_f64(out, n.as_f64().unwrap_or(0.0));
+            }
+        }
+        V::String(s) => {
+            let _ = rmp::encode::write_str(out, s);
+        }
+        V::Array(a) => {
+            let _ = rmp::encode::write_array_len(out, len(a.len()));
+            a.iter().for_each(|x| write_json(out, x));
+        }
+        V::Object(m) => {
+            let _ = rmp::encode::write_map_len(out, len(m.len()));
+            for (k, x) in m {
+                let _ = rmp::encode::write_str(out, k);
+                write_json(out, x);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn enc(v: &serde_json::Value) -> Vec<u8> {
-        // A tiny encoder for test values via rmp.
         let mut out = Vec::new();
-        write(&mut out, v);
+        write_json(&mut out, v);
         out
-    }
-
-    fn write(out: &mut Vec<u8>, v: &serde_json::Value) {
-        use serde_json::Value as V;
-        match v {
-            V::Null => rmp::encode::write_nil(out).unwrap(),
-            V::Bool(b) => rmp::encode::write_bool(out, *b).unwrap(),
-            V::Number(n) => {
-                if let Some(i) = n.as_i64() {
-                    rmp::encode::write_sint(out, i).unwrap();
-                } else {
-                    rmp::encode::write_f64(out, n.as_f64().unwrap()).unwrap();
-                }
-            }
-            V::String(s) => rmp::encode::write_str(out, s).unwrap(),
-            V::Array(a) => {
-                rmp::encode::write_array_len(out, a.len() as u32).unwrap();
-                a.iter().for_each(|x| write(out, x));
-            }
-            V::Object(m) => {
-                rmp::encode::write_map_len(out, m.len() as u32).unwrap();
-                for (k, x) in m {
-                    rmp::encode::write_str(out, k).unwrap();
-                    write(out, x);
-                }
-            }
-        }
     }
 
     #[test]

@@ -21,8 +21,12 @@ pub const OTHER_SECRET: &str = "another-secret-entirely-0123456789abcdef-xyz";
 
 pub const SENSOR1_TOKEN: &str = "tok-sensor-1";
 pub const SENSOR2_TOKEN: &str = "tok-sensor-2";
+/// An unscoped device.
+pub const SENSOR0_TOKEN: &str = "tok-sensor-0";
 pub const BILLING_KEY: &str = "key-billing";
 pub const OPS_KEY: &str = "key-ops";
+/// A server actor granted every scope (`scopes: "*"`).
+pub const HUB_KEY: &str = "key-hub";
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -79,7 +83,9 @@ projects:
       - {{ id: bob, type: user }}
       - {{ id: sensor-1, type: device, token_sha256: "{s1}", scope: acme }}
       - {{ id: sensor-2, type: device, token_sha256: "{s2}", scope: globex }}
-      - {{ id: billing, type: server, api_key_sha256: "{billing}" }}
+      - {{ id: sensor-0, type: device, token_sha256: "{s0}" }}
+      - {{ id: billing, type: server, api_key_sha256: "{billing}", scopes: [acme] }}
+      - {{ id: hub, type: server, api_key_sha256: "{hub}", scopes: "*" }}
   - id: rsa
     jwt:
       issuer: https://rsa.example.com
@@ -101,7 +107,9 @@ projects:
 "#,
         s1 = sha(SENSOR1_TOKEN),
         s2 = sha(SENSOR2_TOKEN),
+        s0 = sha(SENSOR0_TOKEN),
         billing = sha(BILLING_KEY),
+        hub = sha(HUB_KEY),
         ops = sha(OPS_KEY),
     )
 }

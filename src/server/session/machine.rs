@@ -69,7 +69,7 @@ impl SubState {
 
 /// A token bucket: `rate` per second, bursts of up to `rate`.
 #[derive(Debug)]
-pub(super) struct Bucket {
+pub(crate) struct Bucket {
     rate: f64,
     burst: f64,
     tokens: f64,
@@ -77,12 +77,12 @@ pub(super) struct Bucket {
 }
 
 impl Bucket {
-    pub(super) fn new(rate: u32, now: Instant) -> Self {
+    pub(crate) fn new(rate: u32, now: Instant) -> Self {
         Self::with_burst(rate, rate, now)
     }
 
     /// `rate` per second, bursts of up to `burst` (at least `rate`).
-    pub(super) fn with_burst(rate: u32, burst: u32, now: Instant) -> Self {
+    pub(crate) fn with_burst(rate: u32, burst: u32, now: Instant) -> Self {
         let rate = f64::from(rate.max(1));
         let burst = f64::from(burst).max(rate);
         Self {
@@ -104,7 +104,7 @@ impl Bucket {
     }
 
     /// Takes `n` tokens if there are that many; takes none otherwise.
-    pub(super) fn take_n(&mut self, n: usize, now: Instant) -> bool {
+    pub(crate) fn take_n(&mut self, n: usize, now: Instant) -> bool {
         self.refill(now);
         let n = n as f64;
         if self.tokens >= n {
@@ -113,6 +113,14 @@ impl Bucket {
         } else {
             false
         }
+    }
+
+    /// How long until `n` tokens are there (zero when they are now; `n` beyond the burst
+    /// waits as if the bucket refilled past it).
+    pub(crate) fn wait_for(&mut self, n: usize, now: Instant) -> Duration {
+        self.refill(now);
+        let missing = n as f64 - self.tokens;
+        Duration::from_secs_f64((missing / self.rate).max(0.0))
     }
 
     /// Takes a token even when there is none, going into debt: for work already done (a frame

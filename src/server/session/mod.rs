@@ -43,7 +43,8 @@ use crate::auth::Actor;
 use crate::auth::session_token::now_unix;
 use crate::router::{Outbox, OutboxReceiver, Overflow};
 use crate::wire::encode::{self, errors};
-use machine::{Bucket, Machine, PreAuth};
+pub(crate) use machine::Bucket;
+use machine::{Machine, PreAuth};
 
 /// How long one write to the client may take before the client counts as gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);

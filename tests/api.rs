@@ -1,0 +1,405 @@
+//! `POST /v1/publish`: a server actor's HTTP publish, on both brokers. Every success and
+//! failure mode of the endpoint, and the isolation promise: a device in `acme` receives a
+//! server's publish into `acme`; one in `globex` and an unscoped one do not.
+
+mod common;
+
+use std::time::Duration;
+
+use common::server::*;
+use common::*;
+use rmpv::Value;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_api_embedded() {
+    publish_api(TestBroker::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_api_mosquitto() {
+    publish_api(TestBroker::Mosquitto).await;
+}
+
+struct Reply {
+    status: u16,
+    head: String,
+    body: serde_json::Value,
+}
+
+/// One HTTP/1.1 request on its own connection (the client port answers one per connection).
+async fn request(
+    p: &TestProxy,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
+    let addr = p
+        .url
+        .trim_start_matches("ws://")
+        .trim_end_matches("/ws")
+        .to_string();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out))
+        .await
+        .expect("an answer within 15 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+    Reply {
+        status,
+        head: head.to_lowercase(),
+        body,
+    }
+}
+
+async fn post(p: &TestProxy, key: &str, body: serde_json::Value) -> Reply {
+    let auth = format!("Bearer {key}");
+    request(
+        p,
+        "POST",
+        "/v1/publish",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        body.to_string().as_bytes(),
+    )
+    .await
+}
+
+fn problem_type(r: &Reply) -> &str {
+    r.body["type"].as_str().unwrap_or("")
+}
+
+/// The `message` frames arriving within `ms`.
+async fn messages_within(c: &mut Client, ms: u64) -> Vec<rmpv::Value> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return got;
+        }
+        match c.recv_within(left.as_millis() as u64).await {
+            Some(Received::Frame(v)) if get_str(&v, "type") == Some("message") => got.push(v),
+            None | Some(Received::Closed(_)) => return got,
+            _ => {}
+        }
+    }
+}
+
+async fn publish_api(b: TestBroker) {
+    let p = start_proxy(
+        b,
+        "limits: { max_message_bytes: 1000 }\napi: { max_body_bytes: 65536, requests_per_second: 40, max_batch: 10 }",
+    )
+    .await;
+    let topic = "chat/general/orders";
+    let mut acme = Client::login(&p.url, SENSOR1_TOKEN).await;
+    let mut globex = Client::login(&p.url, SENSOR2_TOKEN).await;
+    let mut unscoped = Client::login(&p.url, SENSOR0_TOKEN).await;
+    for c in [&mut acme, &mut globex, &mut unscoped] {
+        assert_eq!(
+            get_str(&c.subscribe(topic).await, "type"),
+            Some("subscribed")
+        );
+    }
+
+    // Into acme: only the acme device hears it, with the data as MessagePack.
+    let r = post(
+        &p,
+        BILLING_KEY,
+        json!({"topic": topic, "scope": "acme", "data": {"n": 1, "s": "x"}}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body, json!({"topic": topic, "status": "published"}));
+    let got = acme.frame_of("message").await;
+    let data = get(&got, "data").unwrap();
+    assert_eq!(get(data, "n").and_then(Value::as_u64), Some(1));
+    assert_eq!(get_str(data, "s"), Some("x"));
+    globex.no_message_within(400).await;
+    unscoped.no_message_within(100).await;
+
+    // No scope: the key's own namespace (billing is unscoped).
+    let r = post(&p, BILLING_KEY, json!({"topic": topic, "data": "own"})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        get_str(&unscoped.frame_of("message").await, "data"),
+        Some("own")
+    );
+    acme.no_message_within(400).await;
+    globex.no_message_within(100).await;
+
+    // A scope not granted to the key; one granted by "*".
+    let r = post(
+        &p,
+        BILLING_KEY,
+        json!({"topic": topic, "scope": "globex", "data": 1}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, problem_type(&r)),
+        (403, "urn:cuttle:problem:scope-not-granted")
+    );
+    assert!(
+        r.head.contains("content-type: application/problem+json"),
+        "{}",
+        r.head
+    );
+    let r = post(
+        &p,
+        BILLING_KEY,
+        json!({"topic": topic, "scope": "initech", "data": 1}),
+    )
+    .await;
+    assert_eq!(r.status, 403, "an unknown scope is not granted either");
+    let r = post(
+        &p,
+        HUB_KEY,
+        json!({"topic": topic, "scope": "globex", "data": "g"}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        get_str(&globex.frame_of("message").await, "data"),
+        Some("g")
+    );
+    acme.no_message_within(300).await;
+
+    // Authentication.
+    let r = request(
+        &p,
+        "POST",
+        "/v1/publish",
+        &[("Content-Type", "application/json")],
+        b"{}",
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    assert!(r.head.contains("www-authenticate: bearer"), "{}", r.head);
+    let r = post(&p, "key-nobody-has", json!({"topic": topic, "data": 1})).await;
+    assert_eq!(
+        (r.status, problem_type(&r)),
+        (401, "urn:cuttle:problem:unauthorized")
+    );
+    let r = post(&p, SENSOR1_TOKEN, json!({"topic": topic, "data": 1})).await;
+    assert_eq!(
+        (r.status, problem_type(&r)),
+        (403, "urn:cuttle:problem:not-a-server")
+    );
+    // A key of another project cannot reach this project's apps.
+    let r = post(&p, OPS_KEY, json!({"topic": topic, "data": 1})).await;
+    assert_eq!(
+        (r.status, problem_type(&r)),
+        (403, "urn:cuttle:problem:not-authorized")
+    );
+
+    // The policy (servers may only read telemetry), the topic, the sizes, the body.
+    let r = post(
+        &p,
+        BILLING_KEY,
+        json!({"topic": "chat/general/telemetry", "scope": "acme", "data": 1}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, problem_type(&r)),
+        (403, "urn:cuttle:problem:not-authorized")
+    );
+    let r = post(&p, BILLING_KEY, json!({"topic": "chat//orders", "data": 1})).await;
+    assert_eq!(
+        (r.status, problem_type(&r)),
+        (400, "urn:cuttle:problem:invalid-topic")
+    );
+    let r = post(
+        &p,
+        BILLING_KEY,
+        json!({"topic": topic, "data": "x".repeat(2000)}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, problem_type(&r)),
+        (413, "urn:cuttle:problem:message-too-large")
+    );
+    let r = post(
+        &p,
+        BILLING_KEY,
+        json!({"topic": topic, "data": "x".repeat(70_000)}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, problem_type(&r)),
+        (413, "urn:cuttle:problem:body-too-large")
+    );
+    let r = post(&p, BILLING_KEY, json!({"topic": topic})).await;
+    assert_eq!(
+        (r.status, problem_type(&r)),
+        (400, "urn:cuttle:problem:invalid-request")
+    );
+    let auth = format!("Bearer {BILLING_KEY}");
+    let r = request(
+        &p,
+        "POST",
+        "/v1/publish",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        b"{nope",
+    )
+    .await;
+    assert_eq!(
+        (r.status, problem_type(&r)),
+        (400, "urn:cuttle:problem:invalid-json")
+    );
+    let r = request(
+        &p,
+        "POST",
+        "/v1/publish",
+        &[("Authorization", &auth), ("Content-Type", "text/plain")],
+        b"{}",
+    )
+    .await;
+    assert_eq!(r.status, 415);
+    let r = request(&p, "GET", "/v1/publish", &[("Authorization", &auth)], b"").await;
+    assert_eq!(r.status, 405);
+    assert!(r.head.contains("allow: post"), "{}", r.head);
+    let r = request(&p, "GET", "/v1/nope", &[("Authorization", &auth)], b"").await;
+    assert_eq!(r.status, 404);
+    acme.no_message_within(200).await;
+
+    // A batch is all or nothing at validation.
+    let r = post(
+        &p,
+        BILLING_KEY,
+        json!([
+            {"topic": topic, "scope": "acme", "data": "b1"},
+            {"topic": "chat/general/telemetry", "scope": "acme", "data": "b2"},
+        ]),
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(r.body["errors"][0]["index"], 1);
+    acme.no_message_within(400).await;
+    let batch: Vec<_> = (0..3)
+        .map(|i| json!({"topic": topic, "scope": "acme", "data": i}))
+        .collect();
+    let r = post(&p, BILLING_KEY, json!(batch)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["results"].as_array().map(Vec::len), Some(3));
+    assert_eq!(messages_within(&mut acme, 1500).await.len(), 3);
+    let eleven: Vec<_> = (0..11)
+        .map(|i| json!({"topic": topic, "data": i}))
+        .collect();
+    let r = post(&p, BILLING_KEY, json!(eleven)).await;
+    assert_eq!(
+        (r.status, problem_type(&r)),
+        (400, "urn:cuttle:problem:invalid-batch")
+    );
+
+    // Idempotent replay: published once.
+    let once =
+        json!({"topic": topic, "scope": "acme", "data": "once", "idempotency_key": "order-42"});
+    assert_eq!(
+        post(&p, BILLING_KEY, once.clone()).await.body["status"],
+        "published"
+    );
+    let again = post(&p, BILLING_KEY, once.clone()).await;
+    assert_eq!(
+        (again.status, again.body["status"].as_str()),
+        (200, Some("duplicate"))
+    );
+    // The same key from another API key is another key.
+    let hub = post(&p, HUB_KEY, once).await;
+    assert_eq!(hub.body["status"], "published");
+    assert_eq!(messages_within(&mut acme, 1000).await.len(), 2);
+
+    // The per-key request rate: 40/s; a burst of 60 gets 429 with Retry-After.
+    let mut limited = None;
+    for _ in 0..60 {
+        let r = post(&p, BILLING_KEY, json!({"topic": topic, "data": 0})).await;
+        if r.status == 429 {
+            limited = Some(r);
+            break;
+        }
+    }
+    let limited = limited.expect("a burst over api.requests_per_second is refused");
+    assert_eq!(problem_type(&limited), "urn:cuttle:problem:rate-limited");
+    assert!(limited.head.contains("retry-after: "), "{}", limited.head);
+    // Another key is unaffected.
+    assert_eq!(
+        post(&p, HUB_KEY, json!({"topic": topic, "data": 0}))
+            .await
+            .status,
+        200
+    );
+
+    // The metrics saw the server's publishes and the refusals.
+    let published = p.proxy.metrics.render(&p.proxy.metrics_state(), false);
+    let line = published
+        .lines()
+        .find(|l| l.starts_with("cuttle_messages_published_total{actor_type=\"server\"}"))
+        .unwrap();
+    let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= 9.0, "{line}");
+}
+
+#[test]
+fn scope_grants_are_validated_with_their_yaml_path() {
+    let yaml = policy_yaml()
+        .replace("scopes: [acme] }", "scopes: [acme, initech, acme] }")
+        .replace("scopes: \"*\" }", "scopes: \"all\" }");
+    let errors: Vec<String> = match try_compile(&yaml) {
+        Ok(_) => panic!("accepted"),
+        Err(d) => d.errors().map(|e| e.to_string()).collect(),
+    };
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("actors[") && e.contains(".scopes[1]: unknown scope 'initech'")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains(".scopes[2]: scope 'acme' is granted twice")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains(".scopes: expected \"*\" or a list")),
+        "{errors:?}"
+    );
+    let device = policy_yaml().replace("scope: globex }", "scope: globex, scopes: [acme] }");
+    let errors: Vec<String> = match try_compile(&device) {
+        Ok(_) => panic!("accepted"),
+        Err(d) => d.errors().map(|e| e.to_string()).collect(),
+    };
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("only server actors have scope grants")),
+        "{errors:?}"
+    );
+}
