@@ -403,3 +403,148 @@ fn scope_grants_are_validated_with_their_yaml_path() {
         "{errors:?}"
     );
 }
+
+async fn get_json(p: &TestProxy, key: &str, path: &str) -> Reply {
+    let auth = format!("Bearer {key}");
+    request(p, "GET", path, &[("Authorization", &auth)], b"").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_tokens_presence_and_lobbies_embedded() {
+    session_tokens_presence_and_lobbies(TestBroker::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_tokens_presence_and_lobbies_mosquitto() {
+    session_tokens_presence_and_lobbies(TestBroker::Mosquitto).await;
+}
+
+async fn session_tokens_presence_and_lobbies(b: TestBroker) {
+    let p = start_proxy(b, "").await;
+    // A second replica of the same deployment: the API reads presence across replicas.
+    let broker = match p.proxy.embedded_broker {
+        Some(addr) => format!("mqtt://{addr}"),
+        None => mosquitto_url(),
+    };
+    let q = start_replica(&broker, &p.prefix, "", "", &test_env).await;
+
+    // Session tokens: minted into a granted scope, usable over WebSocket at once.
+    let auth = format!("Bearer {BILLING_KEY}");
+    let mint = |body: serde_json::Value| {
+        let auth = auth.clone();
+        let p = &p;
+        async move {
+            request(
+                p,
+                "POST",
+                "/v1/session-tokens",
+                &[
+                    ("Authorization", &auth),
+                    ("Content-Type", "application/json"),
+                ],
+                body.to_string().as_bytes(),
+            )
+            .await
+        }
+    };
+    let r = mint(json!({"ttl_s": 600, "scope": "acme", "rooms": ["chat/general"]})).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let token = r.body["token"].as_str().unwrap().to_string();
+    let expires = r.body["expires_at"].as_u64().unwrap();
+    assert!(
+        expires >= now() + 590 && expires <= now() + 610,
+        "{expires}"
+    );
+    let mut guest = Client::login(&p.url, &token).await;
+    assert_eq!(
+        get_str(&guest.subscribe("chat/general/messages").await, "type"),
+        Some("subscribed")
+    );
+    assert_eq!(
+        get_str(&guest.subscribe("chat/lobby/messages").await, "error"),
+        Some("not_authorized"),
+        "the token's rooms are its allow-list"
+    );
+    let r = mint(json!({"ttl_s": 600, "scope": "globex"})).await;
+    assert_eq!(
+        (r.status, problem_type(&r)),
+        (403, "urn:cuttle:problem:scope-not-granted")
+    );
+    let r = mint(json!({"ttl_s": 999_999})).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    let r = mint(json!({"ttl_s": 60, "rooms": ["chat/nope"]})).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    let r = mint(json!({"ttl": 60})).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+
+    // Presence: alice (acme) on replica q, read through p.
+    let mut alice = Client::login(&q.url, &hs256(&user_claims("alice"))).await;
+    alice
+        .send(map(&[
+            ("type", "presence".into()),
+            ("roomId", "vip".into()),
+            ("data", map(&[("status", "online".into())])),
+        ]))
+        .await;
+    alice.frame_of("presence").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        let r = get_json(&p, BILLING_KEY, "/v1/presence/chat/vip?scope=acme").await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        if r.body["members"].as_array().is_some_and(|m| !m.is_empty()) {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "alice never showed up on p: {}",
+            r.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(r.body["scope"], "acme");
+    assert_eq!(r.body["members"][0]["actor_id"], "alice");
+    assert_eq!(r.body["members"][0]["data"], json!({"status": "online"}));
+    assert!(r.body["members"][0]["joined_at"].as_u64().unwrap() >= now() - 60);
+    // Other namespaces do not see her; a scope not granted is refused; a private room is
+    // refused to a key its actor is not listed in.
+    let r = get_json(&p, BILLING_KEY, "/v1/presence/chat/vip").await;
+    assert_eq!(r.body["members"], json!([]), "the unscoped namespace");
+    let r = get_json(&p, HUB_KEY, "/v1/presence/chat/general?scope=globex").await;
+    assert_eq!((r.status, &r.body["members"]), (200, &json!([])));
+    let r = get_json(&p, BILLING_KEY, "/v1/presence/chat/vip?scope=globex").await;
+    assert_eq!(r.status, 403);
+    let r = get_json(&p, HUB_KEY, "/v1/presence/chat/vip?scope=acme").await;
+    assert_eq!(
+        (r.status, problem_type(&r)),
+        (403, "urn:cuttle:problem:not-authorized")
+    );
+    let r = get_json(&p, BILLING_KEY, "/v1/presence/chat/nope").await;
+    assert_eq!(r.status, 404);
+    let r = get_json(&p, OPS_KEY, "/v1/presence/chat/general").await;
+    assert_eq!(r.status, 404, "another project's app");
+
+    // Lobbies: `hall` holds general, lobby and vip.
+    let r = get_json(&p, BILLING_KEY, "/v1/lobbies/chat/hall?scope=acme").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["lobby"], "hall");
+    assert_eq!(r.body["rooms"]["vip"][0]["actor_id"], "alice");
+    assert_eq!(r.body["rooms"]["general"], json!([]));
+    let r = get_json(&p, HUB_KEY, "/v1/lobbies/chat/hall?scope=acme").await;
+    assert!(
+        r.body["rooms"].get("vip").is_none(),
+        "a private room the key may not see: {}",
+        r.body
+    );
+    assert!(r.body["rooms"].get("general").is_some());
+    let r = get_json(&p, BILLING_KEY, "/v1/lobbies/chat/nope").await;
+    assert_eq!(r.status, 404);
+    let r = request(
+        &p,
+        "POST",
+        "/v1/lobbies/chat/hall",
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 405);
+}

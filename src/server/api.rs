@@ -18,8 +18,17 @@
 //! from the moment its message is accepted, so two concurrent requests with one key publish
 //! once, and forgotten again if its publish fails, so that a retry can succeed.
 //!
-//! The rest of `/v1` (session tokens, presence and lobby queries, disconnects) answers 404
-//! until it is built (issue 11).
+//! **`POST /v1/session-tokens`** `{ttl_s, scope?, rooms?}` → 201 `{token, expires_at}` (unix
+//! seconds): a guest token of the key's project, in its own namespace or a granted scope.
+//!
+//! **`GET /v1/presence/{app}/{room}?scope=`** → `{app, room, scope, members: [{actor_id, data,
+//! joined_at}]}` and **`GET /v1/lobbies/{app}/{lobby}?scope=`** → `{app, lobby, scope, rooms:
+//! {room: members}}`: the merged view of every replica, as this replica holds it (`data` is the
+//! member's MessagePack as JSON). The room must be open to the key's actor (a private room
+//! lists it); a lobby shows the rooms that are.
+//!
+//! Not built yet (issue 11): `POST /v1/actors/{id}/disconnect`, webhooks. Every endpoint is
+//! in `docs/openapi.yaml`.
 
 // An error is a whole HTTP response (144 bytes), built at most once per request: boxing it
 // would buy nothing off the hot path.
@@ -89,26 +98,34 @@ impl Api {
 /// Serves one `/v1/...` request.
 pub(super) async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
-    match (req.method(), path.as_str()) {
-        (&Method::POST, "/v1/publish") => match publish(&proxy, req).await {
-            Ok(r) | Err(r) => r,
-        },
-        (_, "/v1/publish") => {
-            let mut r = problem(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method-not-allowed",
-                "use POST",
-            );
-            r.headers_mut()
-                .insert(hyper::header::ALLOW, HeaderValue::from_static("POST"));
-            r
-        }
-        _ => problem(
+    let segments: Vec<&str> = path.trim_start_matches("/v1/").split('/').collect();
+    let answer = match (req.method(), segments.as_slice()) {
+        (&Method::POST, ["publish"]) => publish(&proxy, req).await,
+        (&Method::POST, ["session-tokens"]) => session_token(&proxy, req).await,
+        (&Method::GET, ["presence", app, slug]) => presence(&proxy, &req, app, slug),
+        (&Method::GET, ["lobbies", app, slug]) => lobby(&proxy, &req, app, slug),
+        (_, ["publish"] | ["session-tokens"]) => Err(not_allowed("POST")),
+        (_, ["presence" | "lobbies", _, _]) => Err(not_allowed("GET")),
+        _ => Err(problem(
             StatusCode::NOT_FOUND,
             "not-found",
-            "no such endpoint (built: POST /v1/publish)",
-        ),
+            "no such endpoint (docs/openapi.yaml lists them)",
+        )),
+    };
+    match answer {
+        Ok(r) | Err(r) => r,
     }
+}
+
+fn not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut r = problem(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        &format!("use {allow}"),
+    );
+    r.headers_mut()
+        .insert(hyper::header::ALLOW, HeaderValue::from_static(allow));
+    r
 }
 
 type Answer = Result<Response<Full<Bytes>>, Response<Full<Bytes>>>;
@@ -482,31 +499,14 @@ fn validate(proxy: &Proxy, actor: &Actor, item: PublishItem) -> Result<Ready, Re
     let snapshot = proxy.store.load();
     let policy = &snapshot.policy;
     let refuse = |status, slug, detail: String, why| Err((status, slug, detail, why));
-    // The namespace: the key's own, or a granted scope of its project.
-    let grants = policy
-        .project(&actor.project)
-        .and_then(|p| p.actors.get(&*actor.id))
-        .map(|a| a.grants.clone())
-        .unwrap_or_default();
-    let scope = match item.scope.as_deref() {
-        None => actor.scope.clone(),
-        Some(s) => {
-            let known = policy
-                .project(&actor.project)
-                .and_then(|p| p.scopes.get(s).map(|sc| sc.slug.clone()));
-            match known {
-                Some(slug) if grants.allows(Some(&slug), actor.scope()) => Some(slug),
-                _ => {
-                    return refuse(
-                        StatusCode::FORBIDDEN,
-                        "scope-not-granted",
-                        format!("scope {s:?} is not granted to this API key"),
-                        Dropped::Acl,
-                    );
-                }
-            }
-        }
-    };
+    let scope = granted_scope(policy, actor, item.scope.as_deref()).map_err(|detail| {
+        (
+            StatusCode::FORBIDDEN,
+            "scope-not-granted",
+            detail,
+            Dropped::Acl,
+        )
+    })?;
     let topic = match ClientTopic::parse(&item.topic) {
         Ok(t) => t,
         Err(e) => {
@@ -586,4 +586,213 @@ fn validate(proxy: &Proxy, actor: &Actor, item: PublishItem) -> Result<Ready, Re
         retain: item.retain,
         idempotency,
     })
+}
+
+/// The namespace a request addresses: the key's own (`requested` absent), or a scope of its
+/// project that its actor is granted. `Err`: the detail of the refusal.
+fn granted_scope(
+    policy: &crate::policy::Policy,
+    actor: &Actor,
+    requested: Option<&str>,
+) -> Result<Option<Arc<str>>, String> {
+    let Some(s) = requested else {
+        return Ok(actor.scope.clone());
+    };
+    let project = policy.project(&actor.project);
+    let grants = project
+        .and_then(|p| p.actors.get(&*actor.id))
+        .map(|a| a.grants.clone())
+        .unwrap_or_default();
+    match project.and_then(|p| p.scopes.get(s)) {
+        Some(scope) if grants.allows(Some(&scope.slug), actor.scope()) => {
+            Ok(Some(scope.slug.clone()))
+        }
+        _ => Err(format!("scope {s:?} is not granted to this API key")),
+    }
+}
+
+/// `?scope=<slug>` of a GET request.
+fn scope_param(req: &Request<Incoming>) -> Option<String> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == "scope" && !v.is_empty()).then(|| v.to_string())
+    })
+}
+
+fn scope_refused(detail: String) -> Response<Full<Bytes>> {
+    problem(StatusCode::FORBIDDEN, "scope-not-granted", &detail)
+}
+
+/// `POST /v1/session-tokens` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionTokenRequest {
+    ttl_s: u64,
+    #[serde(default)]
+    scope: Option<String>,
+    #[serde(default)]
+    rooms: Vec<String>,
+}
+
+/// `POST /v1/session-tokens` → `{token, expires_at}`: a guest token of the key's project, in
+/// its own namespace or a granted scope.
+async fn session_token(proxy: &Arc<Proxy>, req: Request<Incoming>) -> Answer {
+    use crate::auth::session_token::{MintError, MintRequest, mint, now_unix};
+    let actor = authenticate(proxy, &req)?;
+    admit(proxy, &actor, 0)?;
+    let body = json_body(proxy, req).await?;
+    let r: SessionTokenRequest = serde_json::from_value(body)
+        .map_err(|e| problem(StatusCode::BAD_REQUEST, "invalid-request", &e.to_string()))?;
+    let snapshot = proxy.store.load();
+    let scope =
+        granted_scope(&snapshot.policy, &actor, r.scope.as_deref()).map_err(scope_refused)?;
+    let now = now_unix();
+    let request = MintRequest {
+        project: actor.project.to_string(),
+        ttl_s: r.ttl_s,
+        scope: scope.map(|s| s.to_string()),
+        rooms: r.rooms,
+    };
+    match mint(&snapshot.policy, &request, now) {
+        Ok(token) => Ok(respond(
+            StatusCode::CREATED,
+            &json!({"token": token, "expires_at": now + request.ttl_s}),
+        )),
+        Err(MintError::NotConfigured(_) | MintError::NoSecret { .. }) => Err(problem(
+            StatusCode::CONFLICT,
+            "session-tokens-disabled",
+            "session tokens are not configured for this project (session: with a secret)",
+        )),
+        Err(e @ MintError::UnknownScope(_)) => Err(scope_refused(e.to_string())),
+        Err(e) => Err(problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-request",
+            &e.to_string(),
+        )),
+    }
+}
+
+/// The room `app/room` of the key's project, if the key's actor may see it.
+fn room_of<'p>(
+    policy: &'p crate::policy::Policy,
+    actor: &Actor,
+    app: &str,
+    room: &str,
+) -> Result<(&'p crate::policy::App, &'p crate::policy::Room), Response<Full<Bytes>>> {
+    let not_found = || {
+        problem(
+            StatusCode::NOT_FOUND,
+            "no-such-room",
+            "no such room in this API key's project",
+        )
+    };
+    let app = policy
+        .project(&actor.project)
+        .and_then(|p| p.apps.get(app))
+        .ok_or_else(not_found)?;
+    let room = app.rooms.get(room).ok_or_else(not_found)?;
+    policy
+        .room_access(actor, app, room)
+        .map_err(|d| problem(StatusCode::FORBIDDEN, "not-authorized", &d.to_string()))?;
+    Ok((app, room))
+}
+
+/// The members of a room as JSON: `[{actor_id, data, joined_at}]`, sorted by actor id.
+fn members_json(members: &[(Arc<str>, crate::presence::core::Member)]) -> Value {
+    Value::Array(
+        members
+            .iter()
+            .map(|(actor, m)| {
+                json!({
+                    "actor_id": &**actor,
+                    "data": crate::wire::msgpack::read_json(&m.data).unwrap_or(Value::Null),
+                    "joined_at": m.joined_at,
+                })
+            })
+            .collect(),
+    )
+}
+
+fn room_key(
+    actor: &Actor,
+    app: &Arc<str>,
+    room: &Arc<str>,
+    scope: Option<Arc<str>>,
+) -> crate::presence::core::RoomKey {
+    crate::presence::core::RoomKey {
+        project: actor.project.clone(),
+        app: app.clone(),
+        scope,
+        room: room.clone(),
+    }
+}
+
+/// `GET /v1/presence/{app}/{room}?scope=` → `{app, room, scope, members}`, across replicas.
+fn presence(proxy: &Arc<Proxy>, req: &Request<Incoming>, app: &str, room: &str) -> Answer {
+    let actor = authenticate(proxy, req)?;
+    admit(proxy, &actor, 0)?;
+    let snapshot = proxy.store.load();
+    let policy = &snapshot.policy;
+    let scope =
+        granted_scope(policy, &actor, scope_param(req).as_deref()).map_err(scope_refused)?;
+    let (app, room) = room_of(policy, &actor, app, room)?;
+    let members = proxy
+        .presence
+        .members(&room_key(&actor, &app.slug, &room.slug, scope.clone()));
+    Ok(respond(
+        StatusCode::OK,
+        &json!({
+            "app": &*app.slug,
+            "room": &*room.slug,
+            "scope": scope.as_deref(),
+            "members": members_json(&members),
+        }),
+    ))
+}
+
+/// `GET /v1/lobbies/{app}/{lobby}?scope=` → `{app, lobby, scope, rooms: {room: members}}`:
+/// the lobby's rooms the key's actor may see.
+fn lobby(proxy: &Arc<Proxy>, req: &Request<Incoming>, app: &str, lobby: &str) -> Answer {
+    let actor = authenticate(proxy, req)?;
+    admit(proxy, &actor, 0)?;
+    let snapshot = proxy.store.load();
+    let policy = &snapshot.policy;
+    let scope =
+        granted_scope(policy, &actor, scope_param(req).as_deref()).map_err(scope_refused)?;
+    let found = policy
+        .project(&actor.project)
+        .and_then(|p| p.lobby(lobby))
+        .filter(|(a, _)| &*a.slug == app);
+    let Some((app, lobby)) = found else {
+        return Err(problem(
+            StatusCode::NOT_FOUND,
+            "no-such-lobby",
+            "no such lobby in this app of the API key's project",
+        ));
+    };
+    let rooms: Vec<Arc<str>> = lobby
+        .rooms
+        .iter()
+        .filter(|r| {
+            app.rooms
+                .get(&***r)
+                .is_some_and(|room| policy.room_access(&actor, app, room).is_ok())
+        })
+        .cloned()
+        .collect();
+    let key = room_key(&actor, &app.slug, &app.slug, scope.clone());
+    let view = proxy.presence.lobby_view(&key, &rooms);
+    let rooms: serde_json::Map<String, Value> = view
+        .iter()
+        .map(|(room, members)| (room.to_string(), members_json(members)))
+        .collect();
+    Ok(respond(
+        StatusCode::OK,
+        &json!({
+            "app": &*app.slug,
+            "lobby": &*lobby.slug,
+            "scope": scope.as_deref(),
+            "rooms": rooms,
+        }),
+    ))
 }

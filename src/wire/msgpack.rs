@@ -222,6 +222,101 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// One MessagePack value as JSON, for the HTTP API's answers (presence data): maps become
+/// objects (non-string keys are written as their JSON text), bin becomes `{"$bin": hex}`, ext
+/// `{"$ext": type, "$bin": hex}`, non-finite floats `null`. Depth is bounded by [`MAX_DEPTH`];
+/// trailing bytes are ignored.
+pub fn read_json(bytes: &[u8]) -> Result<serde_json::Value, MsgpackError> {
+    Reader::new(bytes).json(0)
+}
+
+impl Reader<'_> {
+    fn json(&mut self, depth: usize) -> Result<serde_json::Value, MsgpackError> {
+        use serde_json::Value as V;
+        if depth > MAX_DEPTH {
+            return Err(MsgpackError::TooDeep);
+        }
+        let bin = |b: &[u8]| serde_json::json!({ "$bin": hex::encode(b) });
+        let float = |f: f64| serde_json::Number::from_f64(f).map_or(V::Null, V::Number);
+        Ok(match self.peek_marker()? {
+            Marker::Null => {
+                self.marker()?;
+                V::Null
+            }
+            Marker::True | Marker::False => V::Bool(self.bool()?),
+            Marker::FixPos(_) | Marker::U8 | Marker::U16 | Marker::U32 | Marker::U64 => {
+                V::from(self.uint()?)
+            }
+            Marker::FixNeg(_) | Marker::I8 | Marker::I16 | Marker::I32 | Marker::I64 => {
+                let m = self.marker()?;
+                let v = match m {
+                    Marker::FixNeg(n) => i64::from(n),
+                    Marker::I8 => i64::from(self.be(1)? as u8 as i8),
+                    Marker::I16 => i64::from(self.be(2)? as u16 as i16),
+                    Marker::I32 => i64::from(self.be(4)? as u32 as i32),
+                    _ => self.be(8)? as i64,
+                };
+                V::from(v)
+            }
+            Marker::F32 | Marker::F64 => float(self.number()?),
+            Marker::FixStr(_) | Marker::Str8 | Marker::Str16 | Marker::Str32 => {
+                V::String(self.str()?.to_string())
+            }
+            Marker::Bin8 | Marker::Bin16 | Marker::Bin32 => {
+                let len = match self.marker()? {
+                    Marker::Bin8 => self.be(1)?,
+                    Marker::Bin16 => self.be(2)?,
+                    _ => self.be(4)?,
+                } as usize;
+                bin(self.take(len)?)
+            }
+            Marker::FixArray(_) | Marker::Array16 | Marker::Array32 => {
+                let n = self.array_len()?;
+                if n > self.buf.len() {
+                    return Err(MsgpackError::Truncated);
+                }
+                let mut a = Vec::with_capacity(n);
+                for _ in 0..n {
+                    a.push(self.json(depth + 1)?);
+                }
+                V::Array(a)
+            }
+            Marker::FixMap(_) | Marker::Map16 | Marker::Map32 => {
+                let n = self.map_len()?;
+                if n.saturating_mul(2) > self.buf.len() {
+                    return Err(MsgpackError::Truncated);
+                }
+                let mut m = serde_json::Map::new();
+                for _ in 0..n {
+                    let key = match self.json(depth + 1)? {
+                        V::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    let value = self.json(depth + 1)?;
+                    m.insert(key, value);
+                }
+                V::Object(m)
+            }
+            Marker::Reserved => return Err(MsgpackError::Reserved),
+            // Ext: its type byte and payload.
+            _ => {
+                let whole = self.value_bytes()?;
+                let (kind, payload) = match whole.first().map(|b| Marker::from_u8(*b)) {
+                    Some(Marker::FixExt1 | Marker::FixExt2 | Marker::FixExt4)
+                    | Some(Marker::FixExt8 | Marker::FixExt16) => (whole.get(1), whole.get(2..)),
+                    Some(Marker::Ext8) => (whole.get(2), whole.get(3..)),
+                    Some(Marker::Ext16) => (whole.get(3), whole.get(4..)),
+                    _ => (whole.get(5), whole.get(6..)),
+                };
+                serde_json::json!({
+                    "$ext": kind.map_or(0, |k| *k as i8),
+                    "$bin": hex::encode(payload.unwrap_or_default()),
+                })
+            }
+        })
+    }
+}
+
 /// Appends `v` as MessagePack: null → nil, bool, integers in their smallest form, other
 /// numbers as f64, strings as str, arrays, objects as maps with str keys. For JSON from the
 /// HTTP API (its nesting is bounded by `serde_json`'s recursion limit, 128).
@@ -270,6 +365,30 @@ mod tests {
         let mut out = Vec::new();
         write_json(&mut out, v);
         out
+    }
+
+    #[test]
+    fn json_round_trips_and_hostile_bytes_error() {
+        let v = serde_json::json!({"a": [1, -2, 3.5, null, true, "x", {"b": 300, "c": -70000, "d": u64::MAX}]});
+        assert_eq!(read_json(&enc(&v)).unwrap(), v);
+        // bin and ext, and a map with a non-string key.
+        let bytes = [
+            0x83, 0xa1, b'b', 0xc4, 0x02, 0x01, 0xff, 0xa1, b'e', 0xd4, 0x05, 0x07, 0x01, 0x02,
+        ];
+        assert_eq!(
+            read_json(&bytes).unwrap(),
+            serde_json::json!({"b": {"$bin": "01ff"}, "e": {"$ext": 5, "$bin": "07"}, "1": 2})
+        );
+        let deep = vec![0x91u8; 1000];
+        assert_eq!(read_json(&deep), Err(MsgpackError::TooDeep));
+        for bad in [
+            &[0xdd, 0xff, 0xff, 0xff, 0xff][..],
+            &[0xdf, 0x7f, 0xff, 0xff, 0xff],
+            &[0xc1],
+            &[],
+        ] {
+            assert!(read_json(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
