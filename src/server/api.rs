@@ -95,6 +95,15 @@ impl Api {
     }
 }
 
+/// Every route served, as (method, path template): what `docs/openapi.yaml` documents
+/// (`tests/api.rs` holds the two together, and each route to the live server).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("POST", "/v1/publish"),
+    ("POST", "/v1/session-tokens"),
+    ("GET", "/v1/presence/{app}/{room}"),
+    ("GET", "/v1/lobbies/{app}/{lobby}"),
+];
+
 /// Serves one `/v1/...` request.
 pub(super) async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();

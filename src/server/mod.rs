@@ -6,6 +6,7 @@
 //! bind port 0 and run the real server in-process.
 
 mod api;
+pub use api::ROUTES as API_ROUTES;
 mod http;
 pub mod restore;
 mod session;
