@@ -593,3 +593,135 @@ async fn the_openapi_document_matches_the_routes() {
     let r = request(&p, "GET", "/v1/nope", &[], b"").await;
     assert_eq!(r.status, 404);
 }
+
+/// Whether a `message` with `data` arrives within `ms` (returns as soon as it does); every
+/// message's data read meanwhile is added to `seen`.
+async fn heard_within(c: &mut Client, data: &str, ms: u64, seen: &mut Vec<String>) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        match c.recv_within(left.as_millis() as u64).await {
+            Some(Received::Frame(v)) if get_str(&v, "type") == Some("message") => {
+                let got = get_str(&v, "data").unwrap_or_default().to_string();
+                let found = got == data;
+                seen.push(got);
+                if found {
+                    return true;
+                }
+            }
+            None | Some(Received::Closed(_)) => return false,
+            _ => {}
+        }
+    }
+}
+
+/// splitmix64, seeded: `CUTTLE_API_SEED=<n>` replays a sequence.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[(self.next() % items.len() as u64) as usize]
+    }
+}
+
+/// Model-based: random (server key, requested scope) publishes against a small model of the
+/// grants. A publish is accepted exactly when the model grants the scope, and then only the
+/// device of that namespace receives it; a refused one reaches nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_keys_reach_exactly_their_granted_scopes() {
+    let seed = std::env::var("CUTTLE_API_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5c0_9e5u64);
+    let p = start_proxy(TestBroker::Embedded, "").await;
+    let topic = "chat/general/orders";
+    // The devices, by namespace.
+    let namespaces = [None, Some("acme"), Some("globex")];
+    let mut devices = Vec::new();
+    for token in [SENSOR0_TOKEN, SENSOR1_TOKEN, SENSOR2_TOKEN] {
+        let mut c = Client::login(&p.url, token).await;
+        c.subscribe(topic).await;
+        devices.push(c);
+    }
+    // The model: each key's own namespace and grants.
+    struct Key {
+        key: &'static str,
+        own: Option<&'static str>,
+        grants: &'static [&'static str],
+    }
+    let keys = [
+        Key {
+            key: BILLING_KEY,
+            own: None,
+            grants: &["acme"],
+        },
+        Key {
+            key: HUB_KEY,
+            own: None,
+            grants: &["acme", "globex"],
+        },
+        Key {
+            key: ACME_BOT_KEY,
+            own: Some("acme"),
+            grants: &[],
+        },
+    ];
+    let requests = [None, Some("acme"), Some("globex"), Some("initech")];
+    let mut rng = Rng(seed);
+    // What each device may hear (the model), and what it heard.
+    let mut expected: Vec<Vec<String>> = vec![Vec::new(); 3];
+    let mut seen: Vec<Vec<String>> = vec![Vec::new(); 3];
+    for step in 0..24 {
+        let k = rng.pick(&keys);
+        let requested = *rng.pick(&requests);
+        let target = requested.or(k.own);
+        let allowed = requested.is_none_or(|s| Some(s) == k.own || k.grants.contains(&s));
+        let data = format!("step-{step}");
+        let mut body = json!({"topic": topic, "data": data});
+        if let Some(s) = requested {
+            body["scope"] = json!(s);
+        }
+        let r = post(&p, k.key, body).await;
+        let ctx = format!("seed {seed} step {step}: key {} scope {requested:?}", k.key);
+        assert_eq!(
+            r.status,
+            if allowed { 200 } else { 403 },
+            "{ctx}: {}",
+            r.body
+        );
+        for (d, (ns, device)) in namespaces.iter().zip(devices.iter_mut()).enumerate() {
+            if allowed && *ns == target {
+                expected[d].push(data.clone());
+            }
+            let wait = if allowed && *ns == target { 3000 } else { 150 };
+            let heard = heard_within(device, &data, wait, &mut seen[d]).await;
+            assert_eq!(
+                heard,
+                allowed && *ns == target,
+                "{ctx}: device of {ns:?} (CUTTLE_API_SEED={seed})"
+            );
+        }
+    }
+    // Late deliveries too: everything each device ever heard was meant for its namespace.
+    for (d, device) in devices.iter_mut().enumerate() {
+        heard_within(device, "-", 500, &mut seen[d]).await;
+        for got in &seen[d] {
+            assert!(
+                expected[d].contains(got),
+                "device of {:?} heard {got} (CUTTLE_API_SEED={seed})",
+                namespaces[d]
+            );
+        }
+    }
+}

@@ -27,6 +27,8 @@ pub const BILLING_KEY: &str = "key-billing";
 pub const OPS_KEY: &str = "key-ops";
 /// A server actor granted every scope (`scopes: "*"`).
 pub const HUB_KEY: &str = "key-hub";
+/// A server actor in scope acme, with no grants.
+pub const ACME_BOT_KEY: &str = "key-acme-bot";
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -86,6 +88,7 @@ projects:
       - {{ id: sensor-0, type: device, token_sha256: "{s0}" }}
       - {{ id: billing, type: server, api_key_sha256: "{billing}", scopes: [acme] }}
       - {{ id: hub, type: server, api_key_sha256: "{hub}", scopes: "*" }}
+      - {{ id: acme-bot, type: server, api_key_sha256: "{acme_bot}", scope: acme }}
   - id: rsa
     jwt:
       issuer: https://rsa.example.com
@@ -110,6 +113,7 @@ projects:
         s0 = sha(SENSOR0_TOKEN),
         billing = sha(BILLING_KEY),
         hub = sha(HUB_KEY),
+        acme_bot = sha(ACME_BOT_KEY),
         ops = sha(OPS_KEY),
     )
 }
