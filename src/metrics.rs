@@ -112,7 +112,7 @@ const FRAME_TYPES: [&str; 15] = [
 
 /// Why a session ended (`cuttle_connections_closed_total{reason}`): the proxy's close reasons
 /// and the client's own ways of leaving.
-pub const CLOSE_REASONS: [&str; 12] = [
+pub const CLOSE_REASONS: [&str; 13] = [
     "client_closed",
     "read_error",
     "idle",
@@ -122,6 +122,7 @@ pub const CLOSE_REASONS: [&str; 12] = [
     "token_expired",
     "revoked",
     "scope_changed",
+    "disconnected",
     "shutting_down",
     "write_timeout",
     "too_big",

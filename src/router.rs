@@ -358,6 +358,9 @@ pub struct Router {
     metrics: crate::metrics::RouterMetrics,
     /// Where messages of the presence subscription ([`crate::presence::SUBSCRIPTION_ID`]) go.
     presence: OnceLock<std::sync::Weak<crate::presence::Presence>>,
+    /// Where messages of the control subscription ([`crate::server::control::SUBSCRIPTION_ID`])
+    /// go.
+    control: OnceLock<Box<dyn crate::server::control::ControlSink>>,
 }
 
 impl std::fmt::Debug for Router {
@@ -399,12 +402,18 @@ impl Router {
             subscriptions: AtomicUsize::new(0),
             metrics,
             presence: OnceLock::new(),
+            control: OnceLock::new(),
         })
     }
 
     /// Hands the messages of the presence subscription to `presence` (once, at start-up).
     pub fn attach_presence(&self, presence: &Arc<crate::presence::Presence>) {
         let _ = self.presence.set(Arc::downgrade(presence));
+    }
+
+    /// Hands the messages of the control subscription to `sink` (once, at start-up).
+    pub fn attach_control(&self, sink: Box<dyn crate::server::control::ControlSink>) {
+        let _ = self.control.set(sink);
     }
 
     /// Connects the router to the pool it subscribes through (once, at start-up), and starts
@@ -662,6 +671,12 @@ impl Router {
             }
             return;
         }
+        if ids.contains(&crate::server::control::SUBSCRIPTION_ID) {
+            if let Some(sink) = self.control.get() {
+                sink.deliver(&payload);
+            }
+            return;
+        }
         if self.complete_fetches(ids, &payload) {
             return;
         }
@@ -739,6 +754,12 @@ impl Router {
         if id == crate::presence::SUBSCRIPTION_ID {
             if let Some(p) = self.presence.get().and_then(std::sync::Weak::upgrade) {
                 p.on_subscribed(granted);
+            }
+            return;
+        }
+        if id == crate::server::control::SUBSCRIPTION_ID {
+            if !granted {
+                tracing::error!(%filter, "the broker refused the control subscription: API disconnects reach only this replica");
             }
             return;
         }

@@ -574,6 +574,7 @@ async fn the_openapi_document_matches_the_routes() {
     let p = start_proxy(TestBroker::Embedded, "").await;
     for (method, template) in &documented {
         let path = template
+            .replace("{id}", "alice")
             .replace("{app}", "chat")
             .replace("{room}", "general")
             .replace("{lobby}", "hall");
@@ -724,4 +725,125 @@ async fn server_keys_reach_exactly_their_granted_scopes() {
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_embedded() {
+    disconnect_everywhere(TestBroker::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_mosquitto() {
+    disconnect_everywhere(TestBroker::Mosquitto).await;
+}
+
+/// Whether the client stays open (no close frame, no EOF) for `ms`.
+async fn stays_open(c: &mut Client, ms: u64) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        match c.recv_within(left.as_millis() as u64).await {
+            Some(Received::Closed(_)) => return false,
+            None => return true,
+            _ => {}
+        }
+    }
+}
+
+/// `POST /v1/actors/{id}/disconnect` closes the actor's connections on every replica, in the
+/// namespaces the key may reach, and nothing else.
+async fn disconnect_everywhere(b: TestBroker) {
+    let p = start_proxy(b, "").await;
+    let broker = match p.proxy.embedded_broker {
+        Some(addr) => format!("mqtt://{addr}"),
+        None => mosquitto_url(),
+    };
+    let q = start_replica(&broker, &p.prefix, "", "", &test_env).await;
+    // The control subscription is live once a probe disconnect reaches q.
+    let alice = hs256(&user_claims("alice"));
+    let mut eve_claims = user_claims("eve");
+    eve_claims["scope"] = json!("globex");
+    let eve = hs256(&eve_claims);
+    let auth = |key: &str| format!("Bearer {key}");
+    let kick = |key: &'static str, id: &'static str| {
+        let p = &p;
+        async move {
+            let a = auth(key);
+            request(
+                p,
+                "POST",
+                &format!("/v1/actors/{id}/disconnect"),
+                &[("Authorization", &a)],
+                b"",
+            )
+            .await
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut probe = Client::login(&q.url, &alice).await;
+        assert_eq!(kick(BILLING_KEY, "alice").await.status, 202);
+        if !stays_open(&mut probe, 1000).await {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the control subscription never went live on q"
+        );
+    }
+
+    let mut alice_p = Client::login(&p.url, &alice).await;
+    let mut alice_q = Client::login(&q.url, &alice).await;
+    let mut bob_q = Client::login(&q.url, &hs256(&user_claims("bob"))).await;
+    let mut eve_p = Client::login(&p.url, &eve).await;
+
+    let r = kick(BILLING_KEY, "alice").await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.body["actor"], "alice");
+    assert_eq!(r.body["notified_here"], 1);
+    for c in [&mut alice_p, &mut alice_q] {
+        assert_eq!(
+            c.closed_within(5000).await,
+            Some((4001, "disconnected_by_server".to_string()))
+        );
+    }
+    assert!(
+        stays_open(&mut bob_q, 500).await,
+        "another actor is untouched"
+    );
+    // billing may reach acme and the unscoped namespace, not globex.
+    assert_eq!(kick(BILLING_KEY, "eve").await.status, 202);
+    assert!(
+        stays_open(&mut eve_p, 1000).await,
+        "eve is in globex, not granted to billing"
+    );
+    // Another project's key reaches nobody here.
+    assert_eq!(kick(OPS_KEY, "bob").await.status, 202);
+    assert!(stays_open(&mut bob_q, 1000).await, "another project's key");
+    // hub may reach every scope.
+    assert_eq!(kick(HUB_KEY, "eve").await.status, 202);
+    assert_eq!(eve_p.closed_within(5000).await.map(|c| c.0), Some(4001));
+    assert!(stays_open(&mut bob_q, 300).await);
+    // Bad requests.
+    let a = auth(BILLING_KEY);
+    let r = request(
+        &p,
+        "POST",
+        "/v1/actors/a%0Ab/disconnect",
+        &[("Authorization", &a)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = request(&p, "POST", "/v1/actors/alice/disconnect", &[], b"").await;
+    assert_eq!(r.status, 401);
+    // The closes are counted.
+    let text = p.proxy.metrics.render(&p.proxy.metrics_state(), false);
+    assert!(
+        text.contains("cuttle_connections_closed_total{reason=\"disconnected\"} 2"),
+        "p closed alice and eve"
+    );
 }

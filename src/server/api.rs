@@ -27,8 +27,14 @@
 //! member's MessagePack as JSON). The room must be open to the key's actor (a private room
 //! lists it); a lobby shows the rooms that are.
 //!
-//! Not built yet (issue 11): `POST /v1/actors/{id}/disconnect`, webhooks. Every endpoint is
-//! in `docs/openapi.yaml`.
+//! **`POST /v1/actors/{id}/disconnect`** → 202 `{actor, notified_here}` (that actor's sessions
+//! on this replica, in any namespace, that were told): every session of that
+//! actor of the key's project, on every replica, in the namespaces the key may reach (its own
+//! and its granted scopes), closes with 4001 `disconnected_by_server`. This replica acts at
+//! once; the others through the broker (`server::control`), answered once the broker has the
+//! request.
+//!
+//! Not built yet (issue 11): webhooks. Every endpoint is in `docs/openapi.yaml`.
 
 // An error is a whole HTTP response (144 bytes), built at most once per request: boxing it
 // would buy nothing off the hot path.
@@ -102,6 +108,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/session-tokens"),
     ("GET", "/v1/presence/{app}/{room}"),
     ("GET", "/v1/lobbies/{app}/{lobby}"),
+    ("POST", "/v1/actors/{id}/disconnect"),
 ];
 
 /// Serves one `/v1/...` request.
@@ -113,7 +120,17 @@ pub(super) async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Respons
         (&Method::POST, ["session-tokens"]) => session_token(&proxy, req).await,
         (&Method::GET, ["presence", app, slug]) => presence(&proxy, &req, app, slug),
         (&Method::GET, ["lobbies", app, slug]) => lobby(&proxy, &req, app, slug),
-        (_, ["publish"] | ["session-tokens"]) => Err(not_allowed("POST")),
+        (&Method::POST, ["actors", id, "disconnect"]) => match percent_decoded(id) {
+            Some(id) => disconnect(&proxy, &req, &id).await,
+            None => Err(problem(
+                StatusCode::BAD_REQUEST,
+                "invalid-actor",
+                "the actor id is not valid percent-encoded UTF-8",
+            )),
+        },
+        (_, ["publish"] | ["session-tokens"] | ["actors", _, "disconnect"]) => {
+            Err(not_allowed("POST"))
+        }
         (_, ["presence" | "lobbies", _, _]) => Err(not_allowed("GET")),
         _ => Err(problem(
             StatusCode::NOT_FOUND,
@@ -804,4 +821,111 @@ fn lobby(proxy: &Arc<Proxy>, req: &Request<Incoming>, app: &str, lobby: &str) ->
             "rooms": rooms,
         }),
     ))
+}
+
+/// `POST /v1/actors/{id}/disconnect`.
+async fn disconnect(proxy: &Arc<Proxy>, req: &Request<Incoming>, id: &str) -> Answer {
+    use super::control::{Disconnect, Namespaces};
+    use crate::policy::ScopeGrants;
+    let actor = authenticate(proxy, req)?;
+    admit(proxy, &actor, 0)?;
+    if let Err(why) = crate::policy::check_actor_id(id) {
+        return Err(problem(
+            StatusCode::BAD_REQUEST,
+            "invalid-actor",
+            &format!("invalid actor id {id:?}: {why}"),
+        ));
+    }
+    let grants = {
+        let snapshot = proxy.store.load();
+        snapshot
+            .policy
+            .project(&actor.project)
+            .and_then(|p| p.actors.get(&*actor.id))
+            .map(|a| a.grants.clone())
+            .unwrap_or_default()
+    };
+    let own = actor.scope.as_deref().map(str::to_string);
+    let namespaces = match grants {
+        ScopeGrants::All => Namespaces::AllScopes { own },
+        ScopeGrants::Some(list) => {
+            let mut n = vec![own];
+            n.extend(list.iter().map(|s| Some(s.to_string())));
+            Namespaces::Only(n)
+        }
+        ScopeGrants::Own => Namespaces::Only(vec![own]),
+    };
+    let request = Disconnect {
+        project: actor.project.to_string(),
+        actor: id.to_string(),
+        namespaces,
+    };
+    let notified_here = proxy.kick(&request);
+    let topic = proxy.router.layout().control_topic("disconnect");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let sent = proxy
+        .pool
+        .publish(
+            topic,
+            crate::upstream::qos(1),
+            false,
+            request.encode(),
+            Some(tx),
+        )
+        .map_err(|e| e.to_string());
+    let acked = match sent {
+        Ok(()) => match tokio::time::timeout(proxy.settings.api.ack_timeout, rx).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(e.to_string()),
+            _ => Err("no acknowledgement from the broker".to_string()),
+        },
+        Err(e) => Err(e),
+    };
+    tracing::debug!(by = %actor.id, actor = id, notified_here, ok = acked.is_ok(), "api: disconnect");
+    match acked {
+        Ok(()) => Ok(respond(
+            StatusCode::ACCEPTED,
+            &json!({"actor": id, "notified_here": notified_here}),
+        )),
+        Err(detail) => Err(problem_with(
+            StatusCode::BAD_GATEWAY,
+            "broker-unavailable",
+            &format!("closed here, but the other replicas were not told: {detail}"),
+            json!({"notified_here": notified_here}),
+        )),
+    }
+}
+
+/// A path segment with its `%XX` escapes decoded (actor ids may hold characters a URL must
+/// escape, e.g. `auth0|123`). `None`: a broken escape or invalid UTF-8.
+fn percent_decoded(segment: &str) -> Option<String> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decoded;
+
+    #[test]
+    fn path_segments_are_percent_decoded() {
+        assert_eq!(percent_decoded("alice").as_deref(), Some("alice"));
+        assert_eq!(percent_decoded("auth0%7C123").as_deref(), Some("auth0|123"));
+        assert_eq!(percent_decoded("a%20b").as_deref(), Some("a b"));
+        for bad in ["%", "%4", "%zz", "%ff%fe"] {
+            assert_eq!(percent_decoded(bad), None, "{bad}");
+        }
+    }
 }

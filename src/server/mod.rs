@@ -6,6 +6,7 @@
 //! bind port 0 and run the real server in-process.
 
 mod api;
+pub mod control;
 pub use api::ROUTES as API_ROUTES;
 mod http;
 pub mod restore;
@@ -44,33 +45,58 @@ pub enum StartError {
     Bind(SocketAddr, std::io::Error),
 }
 
-/// Live connection counts per actor, for `limits.connections_per_actor`.
+/// Live connections per actor: their count, for `limits.connections_per_actor`, and the
+/// channel a disconnect request reaches them on (`control`).
 /// (project, actor id).
 type ActorKey = (Arc<str>, Arc<str>);
 
+/// What a session of an actor watches for a disconnect request.
+pub(crate) type KickWatch = watch::Receiver<Option<Arc<control::Disconnect>>>;
+
 #[derive(Debug, Default)]
-pub(crate) struct ActorConnections(Mutex<HashMap<ActorKey, u32>>);
+pub(crate) struct ActorConnections(Mutex<HashMap<ActorKey, (u32, control::Kicks)>>);
 
 impl ActorConnections {
-    /// Takes a slot for (project, actor) if fewer than `max` are in use.
-    pub(crate) fn acquire(&self, project: &Arc<str>, actor: &Arc<str>, max: u32) -> bool {
+    /// Takes a slot for (project, actor) if fewer than `max` are in use; the session watches
+    /// the returned receiver for disconnect requests.
+    pub(crate) fn acquire(
+        &self,
+        project: &Arc<str>,
+        actor: &Arc<str>,
+        max: u32,
+    ) -> Option<KickWatch> {
         let mut m = self.0.lock();
-        let n = m.entry((project.clone(), actor.clone())).or_insert(0);
+        let (n, kicks) = m
+            .entry((project.clone(), actor.clone()))
+            .or_insert_with(|| (0, watch::channel(None).0));
         if *n >= max {
-            return false;
+            return None;
         }
         *n += 1;
-        true
+        Some(kicks.subscribe())
     }
 
     pub(crate) fn release(&self, project: &Arc<str>, actor: &Arc<str>) {
         let mut m = self.0.lock();
         let key = (project.clone(), actor.clone());
-        if let Some(n) = m.get_mut(&key) {
+        if let Some((n, _)) = m.get_mut(&key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 m.remove(&key);
             }
+        }
+    }
+
+    /// Sends `d` to the sessions of its actor here; how many sessions were told.
+    fn kick(&self, d: &control::Disconnect) -> usize {
+        let m = self.0.lock();
+        let key: ActorKey = (d.project.as_str().into(), d.actor.as_str().into());
+        match m.get(&key) {
+            Some((n, kicks)) => {
+                kicks.send_replace(Some(Arc::new(d.clone())));
+                *n as usize
+            }
+            None => 0,
         }
     }
 }
@@ -189,9 +215,13 @@ impl Proxy {
             router.attach(pool.clone());
         }
         presence.attach(pool.clone());
+        if attach {
+            let filter: Arc<str> = settings.upstream.layout.control_filter().into();
+            pool.subscribe(&filter, crate::upstream::qos(1), control::SUBSCRIPTION_ID);
+        }
         let restore = restore::RestoreWriter::start(pool.clone());
         let (shutdown, _) = watch::channel(false);
-        Arc::new(Self {
+        let proxy = Arc::new(Self {
             store,
             router,
             pool,
@@ -209,7 +239,11 @@ impl Proxy {
             instance,
             settings,
             shutdown,
-        })
+        });
+        proxy
+            .router
+            .attach_control(Box::new(control::Sink(Arc::downgrade(&proxy))));
+        proxy
     }
 
     /// A proxy for unit tests of the session machinery, with no broker and no listener.
@@ -330,6 +364,12 @@ impl Proxy {
     ) -> OutboxTracked {
         self.outboxes.0.lock().insert(session, bytes);
         OutboxTracked(self.clone(), session)
+    }
+
+    /// Closes this replica's sessions of `d`'s actor in `d`'s namespaces (4001
+    /// `disconnected_by_server`); how many of the actor's sessions were told.
+    pub(crate) fn kick(&self, d: &control::Disconnect) -> usize {
+        self.actors.kick(d)
     }
 
     pub(crate) fn session_started(&self) {

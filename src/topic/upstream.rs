@@ -236,6 +236,16 @@ impl TopicLayout {
         )
     }
 
+    /// The topic of control requests of `kind` to every replica (`server::control`).
+    pub fn control_topic(&self, kind: &str) -> String {
+        format!("{}{UNSCOPED}/control/v1/{kind}", self.prefix)
+    }
+
+    /// The filter every replica subscribes to for control requests.
+    pub fn control_filter(&self) -> String {
+        format!("{}{UNSCOPED}/control/v1/+", self.prefix)
+    }
+
     /// The filter every replica subscribes to: every replica's presence topic.
     pub fn presence_filter(&self) -> String {
         format!("{}{UNSCOPED}/presence/v1/+", self.prefix)

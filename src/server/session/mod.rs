@@ -71,6 +71,8 @@ pub enum CloseReason {
     TokenExpired,
     Revoked,
     ScopeChanged,
+    /// `POST /v1/actors/{id}/disconnect`.
+    Disconnected,
     ShuttingDown,
     WriteTimeout,
     TooBig,
@@ -84,7 +86,10 @@ impl CloseReason {
             CloseReason::AuthTimeout | CloseReason::AuthFailed(_) => 1008,
             CloseReason::SlowConsumer | CloseReason::WriteTimeout => 1013,
             CloseReason::TooBig => 1009,
-            CloseReason::TokenExpired | CloseReason::Revoked | CloseReason::ScopeChanged => 4001,
+            CloseReason::TokenExpired
+            | CloseReason::Revoked
+            | CloseReason::ScopeChanged
+            | CloseReason::Disconnected => 4001,
         }
     }
 
@@ -97,6 +102,7 @@ impl CloseReason {
             CloseReason::TokenExpired => "token_expired",
             CloseReason::Revoked => "access_revoked",
             CloseReason::ScopeChanged => "scope_changed",
+            CloseReason::Disconnected => "disconnected_by_server",
             CloseReason::ShuttingDown => "server shutting down",
             CloseReason::WriteTimeout => "write timeout",
             CloseReason::TooBig => "message too big",
@@ -129,6 +135,7 @@ impl End {
                 CloseReason::TokenExpired => "token_expired",
                 CloseReason::Revoked => "revoked",
                 CloseReason::ScopeChanged => "scope_changed",
+                CloseReason::Disconnected => "disconnected",
                 CloseReason::ShuttingDown => "shutting_down",
                 CloseReason::WriteTimeout => "write_timeout",
                 CloseReason::TooBig => "too_big",
@@ -177,6 +184,7 @@ where
             version,
             generation,
             slot: _slot,
+            kicks,
             reconnect,
         } = authenticated;
         let span = tracing::Span::current();
@@ -209,7 +217,13 @@ where
         );
         let end = match send(&proxy, &mut ws, ok).await {
             Err(reason) => End::Close(reason),
-            Ok(()) => main_loop(&proxy, &mut machine, &mut ws, rx, &overflow, generation).await,
+            Ok(()) => {
+                let watched = Watched {
+                    authenticated_under: generation,
+                    kicks,
+                };
+                main_loop(&proxy, &mut machine, &mut ws, rx, &overflow, watched).await
+            }
         };
         // The proxy's own decisions end presence at once; a broken or idle connection
         // lingers for the grace period (the client is likely to come back).
@@ -217,6 +231,7 @@ where
             CloseReason::Revoked
             | CloseReason::TokenExpired
             | CloseReason::ScopeChanged
+            | CloseReason::Disconnected
             | CloseReason::ShuttingDown,
         ) = end
         {
@@ -359,6 +374,8 @@ struct Authenticated {
     version: u32,
     generation: u64,
     slot: ActorSlot,
+    /// Disconnect requests for this actor (`POST /v1/actors/{id}/disconnect`).
+    kicks: super::KickWatch,
     /// The auth frame had `reconnect: true`: restore the actor's subscriptions.
     reconnect: bool,
 }
@@ -444,7 +461,7 @@ where
             }
         };
         let max = proxy.settings.limits.connections_per_actor;
-        if !proxy.actors.acquire(&actor.project, &actor.id, max) {
+        let Some(kicks) = proxy.actors.acquire(&actor.project, &actor.id, max) else {
             let wire = "connection_limit_reached";
             tracing::debug!(actor = %actor.id, max, "authentication refused: connections_per_actor reached");
             metrics.auth_failed(actor.kind.as_str(), wire);
@@ -452,13 +469,14 @@ where
                 .await
                 .map_err(End::Close)?;
             return Err(End::Close(CloseReason::AuthFailed(wire)));
-        }
+        };
         let slot = ActorSlot(proxy.clone(), actor.clone());
         return Ok(Authenticated {
             actor,
             version,
             generation: snapshot.generation,
             slot,
+            kicks,
             reconnect,
         });
     }
@@ -482,6 +500,15 @@ enum Turn {
     Reload,
     /// The read budget refilled: the socket is read again.
     Resume,
+    /// Something was looked at that needs nothing done (a disconnect for other namespaces).
+    Nothing,
+}
+
+/// What a session watches besides its socket and queue.
+struct Watched {
+    /// The policy generation the actor was authenticated under.
+    authenticated_under: u64,
+    kicks: super::KickWatch,
 }
 
 async fn main_loop<S>(
@@ -490,7 +517,7 @@ async fn main_loop<S>(
     ws: &mut Ws<S>,
     mut rx: OutboxReceiver,
     overflow: &Overflow,
-    authenticated_under: u64,
+    watched: Watched,
 ) -> End
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -519,7 +546,11 @@ where
     );
     let mut paused_until: Option<tokio::time::Instant> = None;
     // A reload may have landed between authentication and here: catch up before serving.
-    let mut reload = *policy.borrow_and_update() != authenticated_under;
+    let mut reload = *policy.borrow_and_update() != watched.authenticated_under;
+    let mut kicks = watched.kicks;
+    // A request sent before this session subscribed is not for it.
+    kicks.borrow_and_update();
+    let mut kicks_open = true;
 
     loop {
         if reload {
@@ -542,6 +573,24 @@ where
                 Ok(()) => Turn::Reload,
                 Err(_) => Turn::Stop(End::Close(CloseReason::ShuttingDown)),
             },
+            kicked = kicks.changed(), if kicks_open => match kicked {
+                Ok(()) => {
+                    let scope = machine.actor().scope();
+                    let applies = kicks
+                        .borrow_and_update()
+                        .as_ref()
+                        .is_some_and(|d| d.namespaces.contains(scope));
+                    if applies {
+                        Turn::Stop(End::Close(CloseReason::Disconnected))
+                    } else {
+                        Turn::Nothing
+                    }
+                }
+                Err(_) => {
+                    kicks_open = false;
+                    Turn::Nothing
+                }
+            },
             // Reading and writing share what is left fairly: whichever is ready, at random.
             turn = serve_one(ws, &mut rx, paused_until) => turn,
         };
@@ -549,6 +598,7 @@ where
             Turn::Stop(end) => return end,
             Turn::Reload => reload = true,
             Turn::Resume => paused_until = None,
+            Turn::Nothing => {}
             Turn::Queued(first) => {
                 // A client that stops reading blocks this write; its queue then overflows,
                 // which must end the session at once, not after the write timeout.
