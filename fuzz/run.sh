@@ -27,7 +27,7 @@ seconds="${FUZZ_SECONDS:-30}"
 sanitizer="${FUZZ_SANITIZER:-leak}"
 jobs="${FUZZ_JOBS:-$(nproc)}"
 [[ "$jobs" =~ ^[1-9][0-9]*$ ]] || die "FUZZ_JOBS must be a positive number, got '$jobs'"
-read -r -a targets <<<"${FUZZ_TARGETS:-frame_decode restore_record topic_filter config_load presence_message}"
+read -r -a targets <<<"${FUZZ_TARGETS:-frame_decode restore_record topic_filter config_load presence_message broker_control}"
 for target in "${targets[@]}"; do
   [ -f "fuzz_targets/$target.rs" ] || die "no fuzz target '$target' (fuzz/fuzz_targets/$target.rs)"
   [ -d "corpus/$target" ] || die "no seed corpus for '$target' (fuzz/corpus/$target)"
