@@ -223,7 +223,8 @@ impl<'a> Reader<'a> {
 }
 
 /// One MessagePack value as JSON, for the HTTP API's answers (presence data): maps become
-/// objects (non-string keys are written as their JSON text), bin becomes `{"$bin": hex}`, ext
+/// objects (scalar non-string keys are written as their JSON text; a map or array as a key
+/// is an error), bin becomes `{"$bin": hex}`, ext
 /// `{"$ext": type, "$bin": hex}`, non-finite floats `null`. Depth is bounded by [`MAX_DEPTH`];
 /// trailing bytes are ignored.
 pub fn read_json(bytes: &[u8]) -> Result<serde_json::Value, MsgpackError> {
@@ -288,8 +289,12 @@ impl Reader<'_> {
                 }
                 let mut m = serde_json::Map::new();
                 for _ in 0..n {
+                    // A scalar key is written as its JSON text. A map or array key is refused:
+                    // stringified, each level would escape the one inside it again, and nested
+                    // keys would grow exponentially (found by fuzzing).
                     let key = match self.json(depth + 1)? {
                         V::String(s) => s,
+                        V::Array(_) | V::Object(_) => return Err(MsgpackError::Type),
                         other => other.to_string(),
                     };
                     let value = self.json(depth + 1)?;
@@ -381,6 +386,10 @@ mod tests {
         );
         let deep = vec![0x91u8; 1000];
         assert_eq!(read_json(&deep), Err(MsgpackError::TooDeep));
+        // Maps as keys of maps: refused, not stringified level by level (exponential).
+        let mut keys = vec![0x81u8; 40];
+        keys.extend([0x01, 0x02]);
+        assert_eq!(read_json(&keys), Err(MsgpackError::Type));
         for bad in [
             &[0xdd, 0xff, 0xff, 0xff, 0xff][..],
             &[0xdf, 0x7f, 0xff, 0xff, 0xff],
