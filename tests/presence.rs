@@ -61,6 +61,25 @@ async fn until_event(c: &mut Client, kind: &str, actor: &str) {
     }
 }
 
+/// Skips events until each of `actors` has left, in any order; panics on a `leave` of anyone
+/// else.
+async fn until_leaves(c: &mut Client, actors: &[&str]) {
+    let mut left: Vec<String> = Vec::new();
+    while left.len() < actors.len() {
+        let (e, a) = event(c).await;
+        if e != "leave" {
+            continue;
+        }
+        assert!(
+            actors.contains(&a.as_str()),
+            "unexpected leave of {a} while waiting for {actors:?}"
+        );
+        if !left.contains(&a) {
+            left.push(a);
+        }
+    }
+}
+
 /// No `presence` event within `ms`.
 async fn no_event_within(c: &mut Client, ms: u64) {
     let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
@@ -423,8 +442,8 @@ async fn killed_replicas(embedded: Option<u16>) {
     let pid = r2.child.id().expect("running") as i32;
     // SAFETY: sending a signal to our own child process.
     unsafe { libc_kill(pid, 15) };
-    until_event(&mut watcher, "leave", "bob").await;
-    until_event(&mut watcher, "leave", "hal").await;
+    // The goodbye's leaves come in no particular order.
+    until_leaves(&mut watcher, &["bob", "hal"]).await;
     let drained = t.elapsed();
     eprintln!(
         "SIGTERM → leave on another replica: {} ms",

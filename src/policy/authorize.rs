@@ -168,6 +168,25 @@ impl Policy {
         self.authorize(actor, topic, Access::Read).is_ok()
     }
 
+    /// The rooms of `lobby` (of `app`) open to `actor`, in the lobby's order.
+    pub fn lobby_rooms_open_to(
+        &self,
+        actor: &Actor,
+        app: &App,
+        lobby: &super::model::Lobby,
+    ) -> Vec<std::sync::Arc<str>> {
+        lobby
+            .rooms
+            .iter()
+            .filter(|r| {
+                app.rooms
+                    .get(&***r)
+                    .is_some_and(|room| self.room_access(actor, app, room).is_ok())
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Whether `actor` may use `room` of `app` at all, whatever the topic: the room half of
     /// [`Self::authorize`], and all that presence and lobbies check (DESIGN §9). A private
     /// room admits only its listed actors (sessions never); a session token's allow-list must

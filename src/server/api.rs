@@ -753,15 +753,26 @@ fn room_key(
     }
 }
 
-/// `GET /v1/presence/{app}/{room}?scope=` → `{app, room, scope, members}`, across replicas.
-fn presence(proxy: &Arc<Proxy>, req: &Request<Incoming>, app: &str, room: &str) -> Answer {
+/// A presence read: the key's actor (admitted by its buckets), the policy, and the namespace
+/// `?scope=` names.
+type PresenceRead = (Arc<Actor>, Arc<crate::reload::Snapshot>, Option<Arc<str>>);
+
+fn presence_read(
+    proxy: &Proxy,
+    req: &Request<Incoming>,
+) -> Result<PresenceRead, Response<Full<Bytes>>> {
     let actor = authenticate(proxy, req)?;
     admit(proxy, &actor, 0)?;
-    let snapshot = proxy.store.load();
-    let policy = &snapshot.policy;
-    let scope =
-        granted_scope(policy, &actor, scope_param(req).as_deref()).map_err(scope_refused)?;
-    let (app, room) = room_of(policy, &actor, app, room)?;
+    let snapshot = proxy.store.snapshot();
+    let scope = granted_scope(&snapshot.policy, &actor, scope_param(req).as_deref())
+        .map_err(scope_refused)?;
+    Ok((actor, snapshot, scope))
+}
+
+/// `GET /v1/presence/{app}/{room}?scope=` → `{app, room, scope, members}`, across replicas.
+fn presence(proxy: &Arc<Proxy>, req: &Request<Incoming>, app: &str, room: &str) -> Answer {
+    let (actor, snapshot, scope) = presence_read(proxy, req)?;
+    let (app, room) = room_of(&snapshot.policy, &actor, app, room)?;
     let members = proxy
         .presence
         .members(&room_key(&actor, &app.slug, &room.slug, scope.clone()));
@@ -779,12 +790,8 @@ fn presence(proxy: &Arc<Proxy>, req: &Request<Incoming>, app: &str, room: &str) 
 /// `GET /v1/lobbies/{app}/{lobby}?scope=` → `{app, lobby, scope, rooms: {room: members}}`:
 /// the lobby's rooms the key's actor may see.
 fn lobby(proxy: &Arc<Proxy>, req: &Request<Incoming>, app: &str, lobby: &str) -> Answer {
-    let actor = authenticate(proxy, req)?;
-    admit(proxy, &actor, 0)?;
-    let snapshot = proxy.store.load();
+    let (actor, snapshot, scope) = presence_read(proxy, req)?;
     let policy = &snapshot.policy;
-    let scope =
-        granted_scope(policy, &actor, scope_param(req).as_deref()).map_err(scope_refused)?;
     let found = policy
         .project(&actor.project)
         .and_then(|p| p.lobby(lobby))
@@ -796,16 +803,7 @@ fn lobby(proxy: &Arc<Proxy>, req: &Request<Incoming>, app: &str, lobby: &str) ->
             "no such lobby in this app of the API key's project",
         ));
     };
-    let rooms: Vec<Arc<str>> = lobby
-        .rooms
-        .iter()
-        .filter(|r| {
-            app.rooms
-                .get(&***r)
-                .is_some_and(|room| policy.room_access(&actor, app, room).is_ok())
-        })
-        .cloned()
-        .collect();
+    let rooms = policy.lobby_rooms_open_to(&actor, app, lobby);
     let key = room_key(&actor, &app.slug, &app.slug, scope.clone());
     let view = proxy.presence.lobby_view(&key, &rooms);
     let rooms: serde_json::Map<String, Value> = view

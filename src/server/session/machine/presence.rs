@@ -174,16 +174,7 @@ impl Machine {
         else {
             return Err(errors::lobby_denied(slug, "no such lobby"));
         };
-        let rooms: Vec<Arc<str>> = lobby
-            .rooms
-            .iter()
-            .filter(|r| {
-                app.rooms
-                    .get(&***r)
-                    .is_some_and(|room| policy.room_access(&self.actor, app, room).is_ok())
-            })
-            .cloned()
-            .collect();
+        let rooms = policy.lobby_rooms_open_to(&self.actor, app, lobby);
         if rooms.is_empty() {
             return Err(errors::lobby_denied(
                 slug,
