@@ -217,11 +217,26 @@ impl Connection {
         Self { shared }
     }
 
-    /// Sends DISCONNECT after everything already handed over (rumqttc's channel is in order)
-    /// and ends the event loop once it is written: the broker discards the will (presence has
-    /// said goodbye) and logs no reset. Completes when the loop has ended, or after `timeout`.
+    /// Waits until everything already handed over is written and acknowledged (some brokers,
+    /// rumqttd among them, drop publishes still unrouted when a DISCONNECT arrives), then
+    /// sends DISCONNECT and ends the event loop once it is written: the broker discards the
+    /// will (presence has said goodbye) and logs no reset. Completes when the loop has ended,
+    /// or after `timeout` in all.
     pub async fn disconnect(&self, timeout: Duration) {
         let shared = &self.shared;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let settled = async {
+            loop {
+                {
+                    let r = shared.requests.lock();
+                    if r.queued.is_empty() && r.inflight.is_empty() {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let _ = tokio::time::timeout_at(deadline, settled).await;
         let ended = shared.ended.notified();
         tokio::pin!(ended);
         ended.as_mut().enable();
@@ -232,7 +247,7 @@ impl Connection {
         if shared.client.try_disconnect().is_err() {
             return; // the loop is gone, or its channel is full: nothing clean to do
         }
-        let _ = tokio::time::timeout(timeout, ended).await;
+        let _ = tokio::time::timeout_at(deadline, ended).await;
     }
 
     pub fn subscribe(&self, filter: &Arc<str>, qos: QoS, id: usize) {

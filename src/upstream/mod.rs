@@ -149,8 +149,8 @@ impl Pool {
         })
     }
 
-    /// Disconnects every connection cleanly (MQTT DISCONNECT after what was already handed
-    /// over), at most `timeout` in all: the end of a drain.
+    /// Disconnects every connection cleanly (MQTT DISCONNECT once what was already handed
+    /// over is acknowledged), at most `timeout` in all: the end of a drain.
     pub async fn disconnect(&self, timeout: std::time::Duration) {
         futures_util::future::join_all(self.conns.iter().map(|c| c.disconnect(timeout))).await;
     }
