@@ -688,16 +688,9 @@ impl Router {
         let snapshot = self.store.load();
         let policy = &snapshot.policy;
         let metrics = &self.metrics;
-        let allowed = |s: &Subscriber| {
-            if sender == Some(&*s.socket_id) {
-                return false;
-            }
-            let ok = !s.check_delivery || policy.authorize_delivery(&s.actor, client_topic);
-            if !ok {
-                metrics.delivery_denied();
-            }
-            ok
-        };
+        let echo = |s: &Subscriber| sender == Some(&*s.socket_id);
+        let denied =
+            |s: &Subscriber| s.check_delivery && !policy.authorize_delivery(&s.actor, client_topic);
         let mut queued = 0usize;
         let mut push = |s: &Subscriber, frame: Bytes| {
             if s.outbox.push(frame) {
@@ -730,16 +723,24 @@ impl Router {
                 // One local member per message, round-robin over those allowed to have it.
                 let n = e.subscribers.len();
                 let start = e.next.fetch_add(1, Ordering::Relaxed);
-                if let Some(s) = (0..n)
+                let member = (0..n)
                     .filter_map(|i| e.subscribers.get_index((start + i) % n))
                     .map(|(_, s)| s)
-                    .find(|s| allowed(s))
-                {
-                    push(s, frame_for(&s.topic));
+                    .find(|s| !echo(s) && !denied(s));
+                match member {
+                    Some(s) => push(s, frame_for(&s.topic)),
+                    // A member skipped for another is not a drop; the group having none the
+                    // policy allows is (counted once, not once per member).
+                    None if e.subscribers.values().any(|s| !echo(s)) => metrics.delivery_denied(),
+                    None => {}
                 }
             } else {
-                for s in e.subscribers.values().filter(|s| allowed(s)) {
-                    push(s, frame_for(&s.topic));
+                for s in e.subscribers.values().filter(|s| !echo(s)) {
+                    if denied(s) {
+                        metrics.delivery_denied();
+                    } else {
+                        push(s, frame_for(&s.topic));
+                    }
                 }
             }
         }
