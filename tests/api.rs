@@ -10,7 +10,6 @@ use common::server::*;
 use common::*;
 use rmpv::Value;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_api_embedded() {
@@ -41,30 +40,13 @@ async fn request(
         .trim_start_matches("ws://")
         .trim_end_matches("/ws")
         .to_string();
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    s.write_all(body).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out))
-        .await
-        .expect("an answer within 15 s")
-        .unwrap();
-    let text = String::from_utf8_lossy(&out).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let (head, body) = http_exchange(addr, method, path, headers, body).await;
     let status = head
         .split(' ')
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+    let body = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
     Reply {
         status,
         head: head.to_lowercase(),
@@ -616,23 +598,6 @@ async fn heard_within(c: &mut Client, data: &str, ms: u64, seen: &mut Vec<String
             None | Some(Received::Closed(_)) => return false,
             _ => {}
         }
-    }
-}
-
-/// splitmix64, seeded: `CUTTLE_API_SEED=<n>` replays a sequence.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[(self.next() % items.len() as u64) as usize]
     }
 }
 

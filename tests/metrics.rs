@@ -10,7 +10,6 @@ use std::time::Duration;
 use common::server::*;
 use common::*;
 use rmpv::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_series_after_a_workload_embedded() {
@@ -50,18 +49,8 @@ impl Scrape {
 }
 
 async fn http_get(admin: std::net::SocketAddr, path: &str, accept: &str) -> (String, String) {
-    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
-    let req =
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-        .await
-        .expect("response within 5 s")
-        .unwrap();
-    let text = String::from_utf8(out).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    (head.to_string(), body.to_string())
+    let headers = [("Accept", accept), ("Connection", "close")];
+    http_exchange(admin, "GET", path, &headers, b"").await
 }
 
 async fn scrape(admin: std::net::SocketAddr) -> Scrape {

@@ -328,3 +328,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         .await;
     }
 }
+
+/// One HTTP/1.1 exchange on a new connection to `addr`: `method path` with `headers` and
+/// `body` (and its Content-Length), read until the server closes. Returns (head, body).
+/// A keep-alive port (admin) needs `("Connection", "close")` among the headers.
+pub async fn http_exchange(
+    addr: impl tokio::net::ToSocketAddrs,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out))
+        .await
+        .expect("an answer within 15 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.to_string(), body.to_string())
+}
