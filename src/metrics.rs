@@ -393,7 +393,20 @@ fn duration_buckets() -> impl Iterator<Item = f64> {
     exponential_buckets(1.0, 4.0, 10)
 }
 
-/// Registers a family and returns it (registration clones share the series).
+/// Registers `metric` under `name` (with `unit` appended to it) and returns it: the registry
+/// and the returned handle share the series.
+fn registered<M>(r: &mut Registry, name: &str, help: &str, unit: Option<Unit>, metric: M) -> M
+where
+    M: prometheus_client::registry::Metric + Clone,
+{
+    match unit {
+        Some(u) => r.register_with_unit(name, help, u, metric.clone()),
+        None => r.register(name, help, metric.clone()),
+    }
+    metric
+}
+
+/// Registers a new family and returns it.
 fn family<L, M>(r: &mut Registry, name: &str, help: &str, unit: Option<Unit>) -> Family<L, M>
 where
     L: prometheus_client::encoding::EncodeLabelSet
@@ -412,12 +425,7 @@ where
         + Sync
         + 'static,
 {
-    let f = Family::<L, M>::default();
-    match unit {
-        Some(u) => r.register_with_unit(name, help, u, f.clone()),
-        None => r.register(name, help, f.clone()),
-    }
-    f
+    registered(r, name, help, unit, Family::<L, M>::default())
 }
 
 fn by_actor<M>(f: &Family<Label, M>) -> [M; 4]
@@ -439,11 +447,12 @@ impl Metrics {
             "Authenticated WebSocket sessions open, by actor type",
             None,
         );
-        let pending = Gauge::default();
-        r.register(
+        let pending = registered(
+            &mut r,
             "cuttle_connections_unauthenticated",
             "WebSocket sessions open that have not authenticated yet",
-            pending.clone(),
+            None,
+            Gauge::default(),
         );
         let auth: Family<Labels2, Counter> = family(
             &mut r,
@@ -467,25 +476,26 @@ impl Metrics {
         for t in FRAME_TYPES {
             let _ = frames_in.get_or_create(&[("type", t)]);
         }
-        let bytes_in = Counter::default();
-        r.register_with_unit(
+        let bytes_in = registered(
+            &mut r,
             "cuttle_received",
             "Bytes of binary frames received from clients",
-            Unit::Bytes,
-            bytes_in.clone(),
+            Some(Unit::Bytes),
+            Counter::default(),
         );
-        let frames_out = Counter::default();
-        r.register(
+        let frames_out = registered(
+            &mut r,
             "cuttle_frames_sent",
             "Frames written to clients",
-            frames_out.clone(),
+            None,
+            Counter::default(),
         );
-        let bytes_out = Counter::default();
-        r.register_with_unit(
+        let bytes_out = registered(
+            &mut r,
             "cuttle_sent",
             "Bytes of frames written to clients",
-            Unit::Bytes,
-            bytes_out.clone(),
+            Some(Unit::Bytes),
+            Counter::default(),
         );
         let closed: Family<Label, Counter> = family(
             &mut r,
@@ -516,12 +526,12 @@ impl Metrics {
         );
         let dropped_by =
             Dropped::ALL.map(|d| dropped.get_or_create(&[("reason", d.as_str())]).clone());
-        let duration = Histogram::new(duration_buckets());
-        r.register_with_unit(
+        let duration = registered(
+            &mut r,
             "cuttle_connection_duration",
             "How long authenticated and unauthenticated WebSocket sessions lasted",
-            Unit::Seconds,
-            duration.clone(),
+            Some(Unit::Seconds),
+            Histogram::new(duration_buckets()),
         );
         let sessions = SessionMetrics {
             connections: by_actor(&connections),
@@ -539,17 +549,19 @@ impl Metrics {
             duration,
         };
 
-        let delivered = Counter::default();
-        r.register(
+        let delivered = registered(
+            &mut r,
             "cuttle_messages_delivered",
             "Messages queued to subscribers (one per recipient session)",
-            delivered.clone(),
+            None,
+            Counter::default(),
         );
-        let fanout = Histogram::new(fanout_buckets());
-        r.register(
+        let fanout = registered(
+            &mut r,
             "cuttle_fanout_recipients",
             "Local recipients of each message from the broker",
-            fanout.clone(),
+            None,
+            Histogram::new(fanout_buckets()),
         );
         let router = RouterMetrics {
             delivered,
@@ -559,9 +571,7 @@ impl Metrics {
         };
 
         let counter = |r: &mut Registry, name: &str, help: &str| {
-            let c = Counter::default();
-            r.register(name, help, c.clone());
-            c
+            registered(r, name, help, None, Counter::default())
         };
         let upstream = UpstreamMetrics {
             connects: counter(
@@ -579,16 +589,13 @@ impl Metrics {
                 "cuttle_upstream_connect_failures",
                 "Upstream MQTT connect attempts that failed",
             ),
-            ack_latency: {
-                let h = Histogram::new(ack_buckets());
-                r.register_with_unit(
-                    "cuttle_upstream_publish_ack",
-                    "Time from handing a QoS 1 publish to the pool to the broker's PUBACK",
-                    Unit::Seconds,
-                    h.clone(),
-                );
-                h
-            },
+            ack_latency: registered(
+                &mut r,
+                "cuttle_upstream_publish_ack",
+                "Time from handing a QoS 1 publish to the pool to the broker's PUBACK",
+                Some(Unit::Seconds),
+                Histogram::new(ack_buckets()),
+            ),
         };
 
         let accepted: Family<Label, Counter> = family(
