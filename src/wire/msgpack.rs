@@ -237,6 +237,15 @@ impl Reader<'_> {
         if depth > MAX_DEPTH {
             return Err(MsgpackError::TooDeep);
         }
+        // bin and ext become objects: one level deeper than the value, so the JSON (written
+        // back as MessagePack) stays within MAX_DEPTH too (found by fuzzing).
+        let as_object = |depth: usize| {
+            if depth + 1 > MAX_DEPTH {
+                Err(MsgpackError::TooDeep)
+            } else {
+                Ok(())
+            }
+        };
         let bin = |b: &[u8]| serde_json::json!({ "$bin": hex::encode(b) });
         let float = |f: f64| serde_json::Number::from_f64(f).map_or(V::Null, V::Number);
         Ok(match self.peek_marker()? {
@@ -264,6 +273,7 @@ impl Reader<'_> {
                 V::String(self.str()?.to_string())
             }
             Marker::Bin8 | Marker::Bin16 | Marker::Bin32 => {
+                as_object(depth)?;
                 let len = match self.marker()? {
                     Marker::Bin8 => self.be(1)?,
                     Marker::Bin16 => self.be(2)?,
@@ -305,6 +315,7 @@ impl Reader<'_> {
             Marker::Reserved => return Err(MsgpackError::Reserved),
             // Ext: its type byte and payload.
             _ => {
+                as_object(depth)?;
                 let whole = self.value_bytes()?;
                 let (kind, payload) = match whole.first().map(|b| Marker::from_u8(*b)) {
                     Some(Marker::FixExt1 | Marker::FixExt2 | Marker::FixExt4)
@@ -386,6 +397,16 @@ mod tests {
         );
         let deep = vec![0x91u8; 1000];
         assert_eq!(read_json(&deep), Err(MsgpackError::TooDeep));
+        // A bin at the deepest level would become an object one level deeper: refused.
+        let mut at_limit = vec![0x91u8; MAX_DEPTH];
+        at_limit.extend([0xc4, 0x01, 0x00]);
+        assert_eq!(read_json(&at_limit), Err(MsgpackError::TooDeep));
+        let mut below = vec![0x91u8; MAX_DEPTH - 1];
+        below.extend([0xc4, 0x01, 0x00]);
+        let v = read_json(&below).unwrap();
+        let mut again = Vec::new();
+        write_json(&mut again, &v);
+        assert_eq!(read_json(&again).unwrap(), v);
         // Maps as keys of maps: refused, not stringified level by level (exponential).
         let mut keys = vec![0x81u8; 40];
         keys.extend([0x01, 0x02]);
