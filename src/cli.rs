@@ -337,6 +337,13 @@ async fn serve(loaded: Loaded) -> ExitCode {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     serving.abort();
+    // The sessions' last events (disconnects, leaves) go to the backends within what is left
+    // of the grace period (2 s at least): an unreachable receiver cannot hold the exit.
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    proxy
+        .webhooks
+        .drain(left.max(std::time::Duration::from_secs(2)))
+        .await;
     // Subscription sets changed in the last moments go to the broker before the pool stops;
     // a clean DISCONNECT after them (the broker then logs no reset and drops the will).
     proxy.restore.flush();

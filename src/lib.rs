@@ -11,6 +11,7 @@
 //! - [`auth`]: credentials (device tokens, server keys, user JWTs, session tokens) → actors;
 //! - [`config`]: `proxy.yaml`, its defaults and validation;
 //! - [`presence`]: room presence and lobbies, replicated through the broker;
+//! - [`webhook`]: signed event delivery to each project's backend, bounded and never blocking;
 //! - [`reload`]: the live policy snapshot (and TLS certificate) and hot reload;
 //! - [`tls`]: the client listener's certificate and key, checked, as a rustls config;
 //! - [`metrics`]: the Prometheus series and the `/metrics` exposition;
@@ -36,4 +37,5 @@ mod test_rng;
 pub mod tls;
 pub mod topic;
 pub mod upstream;
+pub mod webhook;
 pub mod wire;

@@ -354,6 +354,17 @@ pub struct State {
     pub max_connections: usize,
     pub auth_verifications: u64,
     pub presence: PresenceState,
+    pub webhooks: WebhookState,
+}
+
+/// Webhook delivery's share of [`State`], summed over this replica's endpoints.
+#[derive(Debug, Default, Clone)]
+pub struct WebhookState {
+    pub queued_events: usize,
+    pub queued_bytes: usize,
+    pub in_flight: usize,
+    pub active: usize,
+    pub disabled: usize,
 }
 
 /// Presence's share of [`State`].
@@ -376,6 +387,76 @@ pub struct Metrics {
     pub router: RouterMetrics,
     pub upstream: UpstreamMetrics,
     pub http: HttpMetrics,
+    pub webhooks: WebhookMetrics,
+}
+
+/// What became of a webhook event (`cuttle_webhook_events_total{outcome}`); the discriminant
+/// indexes [`WebhookOutcome::ALL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookOutcome {
+    /// The receiver answered 2xx.
+    Delivered,
+    /// The endpoint's queue was full (bytes or count).
+    QueueFull,
+    /// Every attempt failed (`webhooks.max_attempts`).
+    RetriesExhausted,
+    /// The endpoint answered 410 Gone and is disabled.
+    Disabled,
+}
+
+impl WebhookOutcome {
+    pub const ALL: [WebhookOutcome; 4] = [
+        WebhookOutcome::Delivered,
+        WebhookOutcome::QueueFull,
+        WebhookOutcome::RetriesExhausted,
+        WebhookOutcome::Disabled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookOutcome::Delivered => "delivered",
+            WebhookOutcome::QueueFull => "dropped_queue_full",
+            WebhookOutcome::RetriesExhausted => "dropped_retries_exhausted",
+            WebhookOutcome::Disabled => "dropped_disabled",
+        }
+    }
+}
+
+/// How one webhook request ended (`cuttle_webhook_attempts_total{result}`).
+pub const WEBHOOK_ATTEMPT_RESULTS: [&str; 6] = [
+    "ok",
+    "gone",
+    "rate_limited",
+    "error_status",
+    "timeout",
+    "connect_error",
+];
+
+#[derive(Debug, Clone)]
+pub struct WebhookMetrics {
+    events: [Counter; 4],
+    attempts: [Counter; 6],
+    request_seconds: Histogram,
+    delivery_seconds: Histogram,
+}
+
+impl WebhookMetrics {
+    pub fn events(&self, outcome: WebhookOutcome, n: usize) {
+        self.events[outcome as usize].inc_by(n as u64);
+    }
+
+    /// One request's end; `result` is one of [`WEBHOOK_ATTEMPT_RESULTS`].
+    pub fn attempt(&self, result: &'static str, took: Duration) {
+        if let Some(i) = WEBHOOK_ATTEMPT_RESULTS.iter().position(|r| *r == result) {
+            self.attempts[i].inc();
+        }
+        self.request_seconds.observe(took.as_secs_f64());
+    }
+
+    /// An event delivered `since` it was emitted.
+    pub fn delivered_after(&self, since: Duration) {
+        self.delivery_seconds.observe(since.as_secs_f64());
+    }
 }
 
 /// Fan-out sizes: 1 to 65,536 recipients.
@@ -639,12 +720,45 @@ impl Metrics {
         for reason in ["tls", "deadline", "upgrade"] {
             let _ = http.handshake_failures.get_or_create(&[("reason", reason)]);
         }
+        let events: Family<Label, Counter> = family(
+            &mut r,
+            "cuttle_webhook_events",
+            "Webhook events, by outcome (delivered, or why they were dropped)",
+            None,
+        );
+        let attempts: Family<Label, Counter> = family(
+            &mut r,
+            "cuttle_webhook_attempts",
+            "Webhook requests, by result (ok, gone, rate_limited, error_status, timeout, connect_error)",
+            None,
+        );
+        let webhooks = WebhookMetrics {
+            events: WebhookOutcome::ALL
+                .map(|o| events.get_or_create(&[("outcome", o.as_str())]).clone()),
+            attempts: WEBHOOK_ATTEMPT_RESULTS
+                .map(|a| attempts.get_or_create(&[("result", a)]).clone()),
+            request_seconds: registered(
+                &mut r,
+                "cuttle_webhook_request_duration",
+                "Webhook request latency, from sending to the receiver's status (or the timeout)",
+                Some(Unit::Seconds),
+                Histogram::new(ack_buckets()),
+            ),
+            delivery_seconds: registered(
+                &mut r,
+                "cuttle_webhook_delivery_latency",
+                "From an event happening to its receiver answering 2xx, retries included",
+                Some(Unit::Seconds),
+                Histogram::new(ack_buckets()),
+            ),
+        };
         Arc::new(Self {
             registry: r,
             sessions,
             router,
             upstream,
             http,
+            webhooks,
         })
     }
 
@@ -827,6 +941,36 @@ fn scrape_registry(s: &State) -> Registry {
         "cuttle_presence_ops_dropped",
         "Remote presence changes dropped because presence.max_state_bytes was reached",
         p.ops_dropped,
+    );
+    let w = &s.webhooks;
+    gauge(
+        &mut r,
+        "cuttle_webhook_queue_events",
+        "Webhook events waiting, over every endpoint (webhooks.queue_events bounds each)",
+        w.queued_events,
+    );
+    r.register_with_unit(
+        "cuttle_webhook_queue",
+        "Bytes of webhook events waiting, over every endpoint (webhooks.queue_bytes bounds each)",
+        Unit::Bytes,
+        ConstGauge::new(i64::try_from(w.queued_bytes).unwrap_or(i64::MAX)),
+    );
+    gauge(
+        &mut r,
+        "cuttle_webhook_in_flight",
+        "Webhook events in requests being sent or retried",
+        w.in_flight,
+    );
+    let endpoints: Family<Label, Gauge> = Family::default();
+    for (state, n) in [("active", w.active), ("disabled", w.disabled)] {
+        endpoints
+            .get_or_create(&[("state", state)])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    r.register(
+        "cuttle_webhook_endpoints",
+        "Webhook endpoints this replica sends to, by state (disabled: answered 410 Gone)",
+        endpoints,
     );
     r
 }

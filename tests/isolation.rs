@@ -219,6 +219,7 @@ fn policy_spec() -> impl Strategy<Value = PolicySpec> {
                 roles: BTreeMap::new(),
                 apps,
                 actors,
+                webhooks: Vec::new(),
             };
             PolicySpec {
                 projects: vec![

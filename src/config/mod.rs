@@ -14,7 +14,7 @@ pub use load::{
 };
 pub use settings::{
     ApiSettings, Broker, Limits, LogFormat, LogSettings, PresenceSettings, ReloadSettings,
-    Settings, TlsSettings, UpstreamSettings,
+    Settings, TlsSettings, UpstreamSettings, WebhookSettings,
 };
 
 /// The config file used when `--config` is not given.

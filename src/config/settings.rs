@@ -33,6 +33,7 @@ pub(crate) struct SettingsSpec {
     pub shutdown: ShutdownSpec,
     pub presence: PresenceSpec,
     pub api: ApiSpec,
+    pub webhooks: WebhooksSpec,
     /// Inline policy…
     pub policy: Option<PolicySpec>,
     /// …or a path to a file holding it (relative to the config file).
@@ -53,6 +54,7 @@ impl Default for SettingsSpec {
             shutdown: ShutdownSpec::default(),
             presence: PresenceSpec::default(),
             api: ApiSpec::default(),
+            webhooks: WebhooksSpec::default(),
             policy: None,
             policy_file: None,
         }
@@ -181,6 +183,40 @@ impl Default for ApiSpec {
             ack_timeout_ms: 5000,
             idempotency_ttl_s: 600,
             idempotency_bytes: 16 << 20,
+        }
+    }
+}
+
+/// `webhooks:` — delivery bounds shared by every endpoint of every project (the endpoints
+/// themselves are in the policy, per project).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub(crate) struct WebhooksSpec {
+    pub queue_events: u64,
+    pub queue_bytes: u64,
+    pub max_in_flight: u64,
+    pub timeout_ms: u64,
+    pub max_attempts: u64,
+    pub backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    pub max_batch: u64,
+    pub max_request_bytes: u64,
+    pub max_data_bytes: u64,
+}
+
+impl Default for WebhooksSpec {
+    fn default() -> Self {
+        Self {
+            queue_events: 10_000,
+            queue_bytes: 8 << 20,
+            max_in_flight: 4,
+            timeout_ms: 5_000,
+            max_attempts: 8,
+            backoff_ms: 500,
+            max_backoff_ms: 60_000,
+            max_batch: 100,
+            max_request_bytes: 1 << 20,
+            max_data_bytes: 64 << 10,
         }
     }
 }
@@ -342,6 +378,32 @@ pub struct ApiSettings {
     pub idempotency_bytes: usize,
 }
 
+/// Webhook delivery bounds (`webhooks:`), per endpoint and replica (DESIGN §10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WebhookSettings {
+    /// Events waiting per endpoint, at most…
+    pub queue_events: usize,
+    /// …and bytes of their JSON, at most. What does not fit is dropped and announced.
+    pub queue_bytes: usize,
+    /// Requests in flight per endpoint (each holds one batch, retries included).
+    pub max_in_flight: usize,
+    /// One attempt: connect, send, and the receiver's answer.
+    pub timeout: Duration,
+    /// Attempts per batch before its events are dropped (and announced).
+    pub max_attempts: u32,
+    /// First retry delay; doubled per attempt, with full jitter, up to `max_backoff`.
+    pub backoff: Duration,
+    /// Longest wait between attempts, `Retry-After` included.
+    pub max_backoff: Duration,
+    /// Events per request when an endpoint batches (`batch_window_ms` > 0).
+    pub max_batch: usize,
+    /// Bytes of one request body at most (a batch is cut to fit).
+    pub max_request_bytes: usize,
+    /// A publish event carries the message's data up to this size; larger data is left out
+    /// (`data_truncated: true`).
+    pub max_data_bytes: usize,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Pretty,
@@ -430,6 +492,7 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     pub presence: PresenceSettings,
     pub api: ApiSettings,
+    pub webhooks: WebhookSettings,
 }
 
 impl Settings {
@@ -452,6 +515,7 @@ impl Settings {
         check("shutdown", self.shutdown_grace != other.shutdown_grace);
         check("presence", self.presence != other.presence);
         check("api", self.api != other.api);
+        check("webhooks", self.webhooks != other.webhooks);
         changed
     }
 }
@@ -862,6 +926,8 @@ pub(crate) fn validate(
         ) as usize,
     };
 
+    let webhooks = validate_webhooks(&spec.webhooks, diags);
+
     if diags.errors().count() > before {
         return None;
     }
@@ -892,7 +958,31 @@ pub(crate) fn validate(
         shutdown_grace: Duration::from_secs(grace),
         presence: presence?,
         api,
+        webhooks,
     })
+}
+
+fn validate_webhooks(w: &WebhooksSpec, diags: &mut Diagnostics) -> WebhookSettings {
+    let mut range = |v, lo, hi, name: &str| in_range(v, lo, hi, &format!("webhooks.{name}"), diags);
+    let settings = WebhookSettings {
+        queue_events: range(w.queue_events, 1, 10_000_000, "queue_events") as usize,
+        queue_bytes: range(w.queue_bytes, 4096, 4 << 30, "queue_bytes") as usize,
+        max_in_flight: range(w.max_in_flight, 1, 256, "max_in_flight") as usize,
+        timeout: Duration::from_millis(range(w.timeout_ms, 100, 120_000, "timeout_ms")),
+        max_attempts: range(w.max_attempts, 1, 100, "max_attempts") as u32,
+        backoff: Duration::from_millis(range(w.backoff_ms, 1, 600_000, "backoff_ms")),
+        max_backoff: Duration::from_millis(range(w.max_backoff_ms, 1, 3_600_000, "max_backoff_ms")),
+        max_batch: range(w.max_batch, 1, 10_000, "max_batch") as usize,
+        max_request_bytes: range(w.max_request_bytes, 1024, 64 << 20, "max_request_bytes") as usize,
+        max_data_bytes: range(w.max_data_bytes, 0, 16 << 20, "max_data_bytes") as usize,
+    };
+    if settings.max_backoff < settings.backoff {
+        diags.error(
+            "webhooks.max_backoff_ms",
+            "must be at least webhooks.backoff_ms",
+        );
+    }
+    settings
 }
 
 fn validate_presence(p: &PresenceSpec, diags: &mut Diagnostics) -> Option<PresenceSettings> {

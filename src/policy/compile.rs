@@ -239,8 +239,12 @@ fn compile_project(
         }
     });
 
+    let webhooks =
+        crate::webhook::config::compile(&p.webhooks, &format!("{path}.webhooks"), cx, diags);
+
     Project {
         id,
+        webhooks,
         scopes,
         apps,
         actors,

@@ -241,6 +241,8 @@ pub struct Project {
     /// Lobby slug → slug of the first app in policy order that declares it, so that
     /// [`Project::lobby`] is a hash lookup.
     pub(crate) lobby_apps: HashMap<Arc<str>, Arc<str>>,
+    /// Where this project's events go (DESIGN §10), in policy order.
+    pub webhooks: Vec<Arc<crate::webhook::EndpointConfig>>,
 }
 
 impl Project {

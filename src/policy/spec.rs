@@ -32,6 +32,29 @@ pub struct ProjectSpec {
     pub apps: Vec<AppSpec>,
     #[serde(default)]
     pub actors: Vec<ActorSpec>,
+    #[serde(default)]
+    pub webhooks: Vec<WebhookSpec>,
+}
+
+/// One webhook endpoint of a project (DESIGN §10).
+#[derive(Debug, Clone, Deserialize)]
+pub struct WebhookSpec {
+    pub url: String,
+    /// The variable holding the signing secret (`whsec_` + base64, Standard Webhooks).
+    pub secret_env: String,
+    /// Event types sent: `connect`, `disconnect`, `subscribe`, `unsubscribe`, `publish`,
+    /// `presence`.
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// Publish events only for topics matching one of these `app/room/topic` filters.
+    #[serde(default)]
+    pub topics: Option<Vec<String>>,
+    /// Private, loopback and link-local targets are refused unless this is set.
+    #[serde(default)]
+    pub allow_private: bool,
+    /// Collect events this long and send them as one JSON array (0: one event per request).
+    #[serde(default)]
+    pub batch_window_ms: u64,
 }
 
 /// User JWT verification for one project.

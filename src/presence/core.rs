@@ -105,6 +105,30 @@ pub struct Event {
     pub kind: EventKind,
     /// The member after the change; `None` for a leave.
     pub member: Option<Member>,
+    /// What caused it: which replica reports it to the backend (webhooks, DESIGN §10).
+    pub origin: Origin,
+}
+
+/// The cause of a presence [`Event`]. Every replica sees every change of the merged view;
+/// exactly one of them reports it to the backend: the replica whose own connection caused
+/// it, or — for the members of a replica that died or left — the surviving replica with the
+/// lowest id (`leader`), since the departed one can no longer speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A connection of this replica (a set, a close, an expired grace period).
+    Local,
+    /// A message of another, live replica: that replica reports it.
+    Remote,
+    /// Another replica's members removed because it died, left or restarted; `leader`: this
+    /// replica is the one that reports it.
+    Departed { leader: bool },
+}
+
+impl Origin {
+    /// Whether this replica is the one to report the event to the backend.
+    pub fn reported_here(self) -> bool {
+        matches!(self, Origin::Local | Origin::Departed { leader: true })
+    }
 }
 
 /// Why a local presence change was refused.
@@ -238,6 +262,8 @@ pub struct Core {
     gone: bool,
     /// Remote ops dropped because the state bound was reached (for the log and metrics).
     pub dropped_ops: u64,
+    /// The cause of the events being produced (set by each entry point).
+    cause: Origin,
 }
 
 impl Core {
@@ -258,6 +284,7 @@ impl Core {
             snapshot_wanted: false,
             dropped_ops: 0,
             gone: false,
+            cause: Origin::Remote,
         }
     }
 
@@ -475,7 +502,13 @@ impl Core {
             });
         }
         let after = self.member(room, actor);
+        // A local change, unless the caller says otherwise (a goodbye).
+        let cause = self.cause;
+        if cause == Origin::Remote {
+            self.cause = Origin::Local;
+        }
         self.diff(room, actor, before, after, fx);
+        self.cause = cause;
     }
 
     /// Events for the change of a merged member.
@@ -487,11 +520,13 @@ impl Core {
         after: Option<Member>,
         fx: &mut Effects,
     ) {
+        let origin = self.cause;
         let event = |kind, member| Event {
             room: room.clone(),
             actor: actor.clone(),
             kind,
             member,
+            origin,
         };
         if before != after {
             self.lists.borrow_mut().remove(room);
@@ -624,9 +659,14 @@ impl Core {
         self.gone = true;
         let mut conns: Vec<ConnId> = self.conns.keys().copied().collect();
         conns.sort_unstable();
+        // The others drop these members when the goodbye arrives and one of them reports
+        // the leaves; alone, this replica reports them itself.
+        let alone = self.live_replicas() == 0;
+        self.cause = Origin::Departed { leader: alone };
         for c in conns {
             self.remove_conn(c, now, fx);
         }
+        self.cause = Origin::Remote;
         self.pending.clear();
         self.message(Body::Gone)
     }
@@ -996,6 +1036,19 @@ impl Core {
     /// Removes everything replica `id` announced, and marks it dead.
     fn kill(&mut self, id: &Arc<str>, fx: &mut Effects) {
         self.clear(id, fx);
+        self.mark_dead(id);
+    }
+
+    /// Whether this replica reports the departure of replica `gone`'s members: it has the
+    /// lowest id of the live replicas other than `gone`.
+    fn leads_departure_of(&self, gone: &Arc<str>) -> bool {
+        self.remotes
+            .iter()
+            .filter(|(id, r)| !r.dead && *id != gone)
+            .all(|(id, _)| **id > *self.cfg.replica)
+    }
+
+    fn mark_dead(&mut self, id: &Arc<str>) {
         if let Some(r) = self.remotes.get_mut(id) {
             r.dead = true;
             r.wants_sync = None;
@@ -1005,10 +1058,15 @@ impl Core {
         }
     }
 
+    /// Removes everything replica `id` announced: it died, left or restarted.
     fn clear(&mut self, id: &Arc<str>, fx: &mut Effects) {
+        self.cause = Origin::Departed {
+            leader: self.leads_departure_of(id),
+        };
         for (room, actor) in self.held(id) {
             self.apply(id, Op::Remove { room, actor }, fx);
         }
+        self.cause = Origin::Remote;
     }
 
     /// Forgets one dead replica (to make room for a new one). Returns whether it could.

@@ -150,6 +150,8 @@ pub struct Presence {
     topic: String,
     filter: String,
     pool: OnceLock<Arc<Pool>>,
+    /// Where joins and leaves are reported to the backend (DESIGN §10).
+    webhooks: OnceLock<Arc<crate::webhook::Webhooks>>,
     flush: Arc<Notify>,
     settings: PresenceSettings,
     /// Messages from the broker, for the task that applies them: the pool's event loop
@@ -221,6 +223,7 @@ impl Presence {
                 listeners: Listeners::default(),
             }),
             pool: OnceLock::new(),
+            webhooks: OnceLock::new(),
             flush: Arc::new(Notify::new()),
             settings: settings.clone(),
             inbox,
@@ -239,6 +242,25 @@ impl Presence {
     /// This replica's id (`presence.replica_id`, or the one derived at start-up).
     pub fn replica_id(&self) -> Arc<str> {
         self.state.lock().core.config().replica.clone()
+    }
+
+    /// This process's incarnation (later starts of the replica id compare greater).
+    pub fn incarnation(&self) -> u64 {
+        self.state.lock().core.config().incarnation
+    }
+
+    /// Reports joins and leaves through `webhooks` from now on.
+    pub fn attach_webhooks(&self, webhooks: Arc<crate::webhook::Webhooks>) {
+        let _ = self.webhooks.set(webhooks);
+    }
+
+    /// Hands the joins and leaves this replica reports to the webhooks (outside the lock).
+    fn report(&self, events: &[Event]) {
+        if let Some(w) = self.webhooks.get() {
+            for e in events {
+                w.presence(e);
+            }
+        }
     }
 
     /// The topic this replica publishes on.
@@ -302,6 +324,7 @@ impl Presence {
             (r, deliveries)
         };
         self.deliver(deliveries);
+        self.report(&fx.events);
         self.publish(fx.messages);
         r
     }
@@ -396,6 +419,7 @@ impl Presence {
             (outcome, member, route(&st.listeners, &fx.events))
         };
         self.deliver(deliveries);
+        self.report(&fx.events);
         self.flush.notify_one();
         let mut own = Vec::new();
         if outcome.entered
@@ -435,6 +459,7 @@ impl Presence {
             route(&st.listeners, &fx.events)
         };
         self.deliver(deliveries);
+        self.report(&fx.events);
         self.flush.notify_one();
         self.publish(fx.messages);
     }
@@ -497,6 +522,7 @@ impl Presence {
             (bye, route(&st.listeners, &fx.events))
         };
         self.deliver(deliveries);
+        self.report(&fx.events);
         fx.messages.push(bye);
         self.publish(fx.messages);
     }

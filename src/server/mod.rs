@@ -114,6 +114,8 @@ pub struct Proxy {
     pub embedded_broker: Option<SocketAddr>,
     /// Every `cuttle_*` series (served at `/metrics`).
     pub metrics: Arc<Metrics>,
+    /// Events of this replica's connections, to each project's backend.
+    pub webhooks: Arc<crate::webhook::Webhooks>,
     /// Each session's queued outbox bytes, summed at scrape time (`cuttle_outbox_bytes`).
     outboxes: OutboxBytes,
     /// The `/v1` API's rate buckets and idempotency cache.
@@ -220,6 +222,14 @@ impl Proxy {
             pool.subscribe(&filter, crate::upstream::qos(1), control::SUBSCRIPTION_ID);
         }
         let restore = restore::RestoreWriter::start(pool.clone());
+        let webhooks = crate::webhook::Webhooks::new(
+            store.clone(),
+            settings.webhooks,
+            presence.replica_id(),
+            presence.incarnation(),
+            metrics.webhooks.clone(),
+        );
+        presence.attach_webhooks(webhooks.clone());
         let (shutdown, _) = watch::channel(false);
         let proxy = Arc::new(Self {
             store,
@@ -229,6 +239,7 @@ impl Proxy {
             presence,
             embedded_broker,
             metrics,
+            webhooks,
             outboxes: OutboxBytes::default(),
             api: api::Api::new(&settings.api),
             connections: http::Slots::new(settings.limits.max_connections as usize),
@@ -352,6 +363,7 @@ impl Proxy {
             max_connections: self.settings.limits.max_connections as usize,
             auth_verifications: snapshot.auth.verifications(),
             presence: self.presence.metrics(),
+            webhooks: self.webhooks.state(),
         }
     }
 

@@ -38,6 +38,7 @@ use crate::server::Proxy;
 use crate::topic::filters::{self, FilterItem};
 use crate::topic::{ClientFilter, ClientTopic};
 use crate::upstream::PublishError;
+use crate::webhook::{EventKind, Report};
 use crate::wire::decode::{PublishFrame, SubscribeFrame};
 use crate::wire::encode::{self, errors};
 use crate::wire::{ClientFrame, FrameError, decode, restore};
@@ -269,6 +270,7 @@ impl Machine {
                     return;
                 }
                 if let Some(st) = self.subs.remove(topic) {
+                    self.report(EventKind::Unsubscribe, topic, st.load_balance);
                     self.membership.remove(topic);
                     self.record_bytes -= st.record_bytes;
                     self.submit_restore();
@@ -382,6 +384,12 @@ impl Machine {
                 }
             });
         }
+        if let Some(project) = snapshot.policy.projects.get(&*self.actor.project) {
+            let report = Report::of(EventKind::Publish, &self.actor)
+                .at(p.topic)
+                .with_payload(p.data);
+            self.proxy.webhooks.emit(project, report);
+        }
         if let (Some(msg_ref), Some(ack_rx)) = (msg_ref, ack_rx) {
             // The `published` reply waits for the broker without holding up this session.
             // At most publish_per_second × PUBLISH_ACK_TIMEOUT of these per connection.
@@ -400,6 +408,23 @@ impl Machine {
             });
         }
         Ok(())
+    }
+
+    /// A subscription of this connection began or ended: to the webhooks.
+    fn report(&self, kind: EventKind, topic: &str, load_balance: bool) {
+        let snapshot = self.proxy.store.load();
+        let Some(project) = snapshot.policy.projects.get(&*self.actor.project) else {
+            return;
+        };
+        if project.webhooks.is_empty() {
+            return;
+        }
+        let data = serde_json::json!({
+            "connection": &*self.socket_id,
+            "load_balance": load_balance,
+        });
+        let report = Report::of(kind, &self.actor).at(topic).with_data(data);
+        self.proxy.webhooks.emit(project, report);
     }
 
     /// Upstream filters for a subscription of this actor, or the error frame to send.
@@ -505,7 +530,10 @@ impl Machine {
                 errors::too_many_subscriptions(topic, limit)
             })?;
         self.record_bytes = record_bytes;
-        self.subs.insert(topic.into(), state);
+        let load_balance = state.load_balance;
+        if self.subs.insert(topic.into(), state).is_none() {
+            self.report(EventKind::Subscribe, topic, load_balance);
+        }
         Ok(ready)
     }
 

@@ -42,6 +42,7 @@ use super::Proxy;
 use crate::auth::Actor;
 use crate::auth::session_token::now_unix;
 use crate::router::{Outbox, OutboxReceiver, Overflow};
+use crate::webhook::{EventKind, Report};
 use crate::wire::encode::{self, errors};
 pub(crate) use machine::Bucket;
 use machine::{Machine, PreAuth};
@@ -199,8 +200,14 @@ where
         let limits = proxy.settings.limits;
         let (outbox, rx, overflow) = Outbox::channel(limits.send_queue, limits.send_queue_bytes);
         let _tracked = proxy.track_outbox(id, rx.queued_bytes_counter());
-        let mut machine =
-            Machine::new(proxy.clone(), id, socket_id, actor.clone(), version, outbox);
+        let mut machine = Machine::new(
+            proxy.clone(),
+            id,
+            socket_id.clone(),
+            actor.clone(),
+            version,
+            outbox,
+        );
         // PROTOCOL §13: on an automatic reconnect the SDK never re-subscribes; the server
         // restores what the actor had, re-checked against the current policy.
         let restored = if reconnect {
@@ -218,6 +225,11 @@ where
         let end = match send(&proxy, &mut ws, ok).await {
             Err(reason) => End::Close(reason),
             Ok(()) => {
+                proxy.webhooks.report(
+                    &actor.project,
+                    Report::of(EventKind::Connect, &actor)
+                        .with_data(serde_json::json!({ "connection": &*socket_id })),
+                );
                 let watched = Watched {
                     authenticated_under: generation,
                     kicks,
@@ -242,6 +254,20 @@ where
         }
         // Leave the router and presence before the close handshake: nothing more is queued.
         drop(machine);
+        let code = match &end {
+            End::Close(reason) => reason.code(),
+            End::ClientClosed => 1000,
+            End::ReadError(_) => 1006,
+        };
+        proxy.webhooks.report(
+            &actor.project,
+            Report::of(EventKind::Disconnect, &actor).with_data(serde_json::json!({
+                "connection": &*socket_id,
+                "code": code,
+                "reason": end.label(),
+                "duration_ms": started.elapsed().as_millis() as u64,
+            })),
+        );
         finish(&proxy, &mut ws, end, Some(&actor), started).await;
     }
     .instrument(span)
