@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::server::*;
@@ -272,69 +271,9 @@ async fn a_dropped_connection_lingers_for_the_grace_and_a_reconnect_does_not_fla
     assert!(waited < Duration::from_millis(1500), "{waited:?}");
 }
 
-/// A `cuttle` process on Mosquitto, killed when dropped.
-struct Process {
-    child: tokio::process::Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
 /// `broker`: a URL, or `embedded:<port>` (this process hosts the broker on that port).
 async fn spawn_replica(prefix: &str, id: &str, broker: &str) -> Process {
-    let dir = tempfile::tempdir().unwrap();
-    copy_key_fixtures(dir.path());
-    let (port, admin) = (free_port(), free_port());
-    let indented: String = policy_yaml().lines().map(|l| format!("  {l}\n")).collect();
-    let upstream = match broker.strip_prefix("embedded:") {
-        Some(p) => format!("broker: embedded, embedded_port: {p}"),
-        None => format!("broker: \"{broker}\""),
-    };
-    let text = format!(
-        "listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\nlog: {{ level: \"warn,cuttle::presence=info\" }}\nupstream: {{ {upstream}, pool: 2, topic_prefix: {prefix} }}\npresence: {{ replica_id: {id}, heartbeat_ms: 200, replica_timeout_ms: 1000, grace_ms: 600 }}\npolicy:\n{indented}"
-    );
-    let path = dir.path().join("proxy.yaml");
-    std::fs::write(&path, text).unwrap();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cuttle"))
-        .arg("--config")
-        .arg(&path)
-        .env("JWT_SECRET", JWT_SECRET)
-        .env("SESSION_SECRET", SESSION_SECRET)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("cuttle starts");
-    let url = format!("ws://127.0.0.1:{port}/ws");
-    // Ready when /readyz answers 200 (upstream connected).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if readyz(admin).await {
-            break;
-        }
-        assert!(Instant::now() < deadline, "replica {id} not ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Process {
-        child,
-        url,
-        _dir: dir,
-    }
-}
-
-async fn readyz(admin: u16) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", admin)).await else {
-        return false;
-    };
-    if s.write_all(b"GET /readyz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .await
-        .is_err()
-    {
-        return false;
-    }
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf).await;
-    buf.starts_with(b"HTTP/1.1 200")
+    spawn_process_replica(prefix, id, broker, &policy_yaml(), "").await
 }
 
 #[tokio::test]

@@ -17,6 +17,8 @@ use serde_json::{Value, json};
 
 pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef-0123456789";
 pub const SESSION_SECRET: &str = "test-session-secret-0123456789abcdef-01234";
+/// A Standard Webhooks secret (`whsec_` + base64 of 32 bytes), in `WEBHOOK_SECRET`.
+pub const WEBHOOK_SECRET: &str = "whsec_dGVzdC13ZWJob29rLXNlY3JldC0wMTIzNDU2Nzg5YWI=";
 pub const OTHER_SECRET: &str = "another-secret-entirely-0123456789abcdef-xyz";
 
 pub const SENSOR1_TOKEN: &str = "tok-sensor-1";
@@ -118,6 +120,19 @@ projects:
     )
 }
 
+/// The test policy with `webhooks` (YAML list items, each on one line) in project `demo`.
+pub fn policy_yaml_with_webhooks(webhooks: &[String]) -> String {
+    let mut block = String::from("    webhooks:\n");
+    for w in webhooks {
+        block.push_str(&format!("      - {w}\n"));
+    }
+    let policy = policy_yaml();
+    let at = policy
+        .find("  - id: rsa")
+        .expect("the test policy has project rsa");
+    format!("{}{block}{}", &policy[..at], &policy[at..])
+}
+
 /// A loopback port free right now (for a process that must be told its port).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -131,6 +146,7 @@ pub fn test_env(var: &str) -> Option<String> {
     let vars: HashMap<&str, &str> = [
         ("JWT_SECRET", JWT_SECRET),
         ("SESSION_SECRET", SESSION_SECRET),
+        ("WEBHOOK_SECRET", WEBHOOK_SECRET),
     ]
     .into();
     vars.get(var).map(|v| v.to_string())

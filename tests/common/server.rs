@@ -93,10 +93,30 @@ pub async fn start_replica(
     extra: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> TestProxy {
+    start_replica_with_policy(
+        broker_line,
+        prefix,
+        upstream_extra,
+        extra,
+        env,
+        &policy_yaml(),
+    )
+    .await
+}
+
+/// [`start_replica`] with `policy` (the content under `policy:`) instead of the test policy.
+pub async fn start_replica_with_policy(
+    broker_line: &str,
+    prefix: &str,
+    upstream_extra: &str,
+    extra: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    policy: &str,
+) -> TestProxy {
     let dir = tempfile::tempdir().unwrap();
     copy_key_fixtures(dir.path());
     let prefix = prefix.to_string();
-    let indented: String = policy_yaml().lines().map(|l| format!("  {l}\n")).collect();
+    let indented: String = policy.lines().map(|l| format!("  {l}\n")).collect();
     let text = format!(
         "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nupstream: {{ broker: \"{broker_line}\", pool: 2, topic_prefix: {prefix}{upstream_extra} }}\n{extra}\npolicy:\n{indented}"
     );
@@ -359,4 +379,84 @@ pub async fn http_exchange(
     let text = String::from_utf8_lossy(&out).to_string();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     (head.to_string(), body.to_string())
+}
+
+/// A `cuttle` process (the built binary), killed when dropped.
+pub struct Process {
+    pub child: tokio::process::Child,
+    pub url: String,
+    pub admin: u16,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts replica `id` of deployment `prefix` as a process, with `policy` (the content under
+/// `policy:`) and `extra` top-level YAML. `broker`: a URL, or `embedded:<port>` (this process
+/// hosts the broker on that port). Presence timing is short (heartbeat 200 ms, replica
+/// timeout 1 s, grace 600 ms). Returns once `/readyz` answers 200.
+pub async fn spawn_process_replica(
+    prefix: &str,
+    id: &str,
+    broker: &str,
+    policy: &str,
+    extra: &str,
+) -> Process {
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    copy_key_fixtures(dir.path());
+    let (port, admin) = (free_port(), free_port());
+    let indented: String = policy.lines().map(|l| format!("  {l}\n")).collect();
+    let upstream = match broker.strip_prefix("embedded:") {
+        Some(p) => format!("broker: embedded, embedded_port: {p}"),
+        None => format!("broker: \"{broker}\""),
+    };
+    let text = format!(
+        "listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\nlog: {{ level: \"warn,cuttle::presence=info\" }}\nupstream: {{ {upstream}, pool: 2, topic_prefix: {prefix} }}\npresence: {{ replica_id: {id}, heartbeat_ms: 200, replica_timeout_ms: 1000, grace_ms: 600 }}\n{extra}\npolicy:\n{indented}"
+    );
+    let path = dir.path().join("proxy.yaml");
+    std::fs::write(&path, text).unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cuttle"))
+        .arg("--config")
+        .arg(&path)
+        .env("JWT_SECRET", JWT_SECRET)
+        .env("SESSION_SECRET", SESSION_SECRET)
+        .env("WEBHOOK_SECRET", WEBHOOK_SECRET)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("cuttle starts");
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if readyz(admin).await {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replica {id} not ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Process {
+        child,
+        url,
+        admin,
+        _dir: dir,
+    }
+}
+
+async fn readyz(admin: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", admin)).await else {
+        return false;
+    };
+    if s.write_all(b"GET /readyz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+    buf.starts_with(b"HTTP/1.1 200")
 }
