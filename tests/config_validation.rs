@@ -17,9 +17,7 @@ fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
 }
 
 fn load(text: &str) -> Result<config::Loaded, Diagnostics> {
-    let dir = tempfile::tempdir().unwrap();
-    let p = write(dir.path(), "proxy.yaml", text);
-    config::load_with_env(&p, &test_env)
+    load_with(text, &test_env)
 }
 
 fn errors(text: &str) -> String {
@@ -704,4 +702,103 @@ fn what_is_left_out_for_its_own_error_is_not_reported_again() {
             "error: policy.projects[0].apps[0].topics.Analytics: invalid topic name 'Analytics': upper case is not allowed (slugs are lower case)",
         ]
     );
+}
+
+#[test]
+fn webhook_endpoints_are_validated_with_their_paths() {
+    let env = |var: &str| match var {
+        "HOOK" => Some(WEBHOOK_SECRET.to_string()),
+        "NOT_WHSEC" => Some("a-plain-string-that-is-long-enough-0123456789".to_string()),
+        other => test_env(other),
+    };
+    let all = errors_with_env(
+        r#"
+policy:
+  projects:
+    - id: demo
+      webhooks:
+        - { url: "http://127.0.0.1:9000/hook", secret_env: HOOK, events: [connect] }
+        - { url: "https://169.254.169.254/latest", secret_env: HOOK, events: [connect] }
+        - { url: "ftp://example.com/x", secret_env: HOOK, events: [connect] }
+        - { url: "https://example.com/a", secret_env: HOOK, events: [connect, connect, teleport] }
+        - { url: "https://example.com/a", secret_env: HOOK, events: [publish] }
+        - { url: "https://example.com/b", secret_env: NOT_WHSEC, events: [publish], topics: ["chat/#/x"] }
+        - { url: "https://example.com/c", secret_env: HOOK, events: [] }
+        - { url: "https://example.com/d", secret_env: HOOK, events: [presence], batch_window_ms: 999999 }
+        - { url: "https://[::1]:8443/e", secret_env: HOOK, events: [presence] }
+"#,
+        &env,
+    );
+    let w = "policy.projects[0].webhooks";
+    assert_has(
+        &all,
+        &format!("{w}[0].url"),
+        &["127.0.0.1", "allow_private: true"],
+    );
+    assert_has(
+        &all,
+        &format!("{w}[1].url"),
+        &["169.254.169.254", "link-local"],
+    );
+    assert_has(&all, &format!("{w}[2].url"), &["https or http"]);
+    assert_has(
+        &all,
+        &format!("{w}[3].events[1]"),
+        &["duplicate event type 'connect'"],
+    );
+    assert_has(
+        &all,
+        &format!("{w}[3].events[2]"),
+        &["unknown event type 'teleport'"],
+    );
+    assert_has(&all, &format!("{w}[4].url"), &["duplicate webhook url"]);
+    assert_has(
+        &all,
+        &format!("{w}[5].secret_env"),
+        &["'NOT_WHSEC'", "whsec_"],
+    );
+    assert!(
+        !all.contains("a-plain-string"),
+        "a secret is never printed:\n{all}"
+    );
+    assert_has(&all, &format!("{w}[5].topics[0]"), &["invalid filter"]);
+    assert_has(
+        &all,
+        &format!("{w}[6].events"),
+        &["at least one event type"],
+    );
+    assert_has(&all, &format!("{w}[7].batch_window_ms"), &["out of range"]);
+    assert_has(&all, &format!("{w}[8].url"), &["::1"]);
+
+    // Private targets are accepted when the endpoint says so; an unset secret is a warning
+    // and the endpoint is off (failing closed), not an error.
+    let loaded = load_with(
+        r#"
+policy:
+  projects:
+    - id: demo
+      webhooks:
+        - { url: "http://127.0.0.1:9000/hook", secret_env: HOOK, events: [connect], allow_private: true }
+        - { url: "https://hooks.example.com/x", secret_env: UNSET_HOOK, events: [connect] }
+"#,
+        &env,
+    )
+    .unwrap_or_else(|d| panic!("{d}"));
+    let warnings = loaded.warnings.to_string();
+    assert!(
+        warnings.contains("policy.projects[0].webhooks[1].secret_env"),
+        "{warnings}"
+    );
+    let demo = loaded.policy.project("demo").unwrap();
+    assert!(demo.webhooks[0].wants(cuttle::webhook::EventKind::Connect));
+    assert!(!demo.webhooks[1].wants(cuttle::webhook::EventKind::Connect));
+}
+
+fn load_with(
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<config::Loaded, Diagnostics> {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "proxy.yaml", text);
+    config::load_with_env(&p, env)
 }

@@ -100,6 +100,8 @@ fn check_conventions(s: &Scrape) {
         "listener",
         "code",
         "version",
+        "outcome",
+        "state",
         "le",
     ]
     .into();

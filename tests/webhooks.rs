@@ -786,3 +786,77 @@ async fn a_killed_replicas_members_leave_once() {
     eprintln!("SIGKILL → leave webhook in {} ms", reported.as_millis());
     drop(member);
 }
+
+// ---------------------------------------------------------------------------------------
+// Throughput.
+// ---------------------------------------------------------------------------------------
+
+/// Events per second one replica delivers to a receiver that answers at once, one event per
+/// request and batched. Printed for the notes; the floor only catches a collapse (this runs
+/// in the debug build, on a shared 2-core machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_throughput_of_one_replica() {
+    for (label, more) in [
+        ("one event per request", ""),
+        ("batched (10 ms)", ", batch_window_ms: 10"),
+    ] {
+        let rx = Receiver::start().await;
+        let p = proxy_with(
+            "embedded",
+            &unique_prefix(),
+            &[endpoint(&rx.url(), "publish", more)],
+            "limits: { publish_per_second: 100000 }",
+        )
+        .await;
+        let mut sender = Client::login(&p.url, SENSOR1_TOKEN).await;
+        const N: usize = 5000;
+        let started = Instant::now();
+        for i in 0..N {
+            sender
+                .publish("chat/general/messages", map(&[("i", (i as i64).into())]))
+                .await;
+        }
+        // Every publish handled; one the upstream pool refused (saturated by this burst) has
+        // no event.
+        let handled = || {
+            metric(&p, "cuttle_messages_published_total{actor_type=\"device\"}")
+                + metric(&p, "cuttle_messages_dropped_total{reason=\"broker\"}")
+        };
+        while handled() < N as f64 {
+            assert!(
+                Instant::now() < started + Duration::from_secs(60),
+                "{}",
+                handled()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let published = metric(&p, "cuttle_messages_published_total{actor_type=\"device\"}");
+        assert!(published >= N as f64 / 2.0, "{published}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let delivered = || metric(&p, "cuttle_webhook_events_total{outcome=\"delivered\"}");
+        while delivered() < published {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {published} delivered",
+                delivered()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let took = started.elapsed();
+        let rate = published / took.as_secs_f64();
+        eprintln!(
+            "webhook throughput, {label}: {published} events in {} ms = {rate:.0} events/s, {} requests",
+            took.as_millis(),
+            rx.requests().len()
+        );
+        assert_eq!(rx.events().len() as f64, published);
+        assert_eq!(
+            metric(
+                &p,
+                "cuttle_webhook_events_total{outcome=\"dropped_queue_full\"}"
+            ),
+            0.0
+        );
+        assert!(rate > 300.0, "{rate:.0} events/s");
+    }
+}
