@@ -110,22 +110,26 @@ pub struct Event {
 }
 
 /// The cause of a presence [`Event`]. Every replica sees every change of the merged view;
-/// exactly one of them reports it to the backend: the replica whose own connection caused
-/// it, or — for the members of a replica that died or left — the surviving replica with the
-/// lowest id (`leader`), since the departed one can no longer speak.
+/// one of them reports it to the backend (webhooks): the replica whose own connection caused
+/// it ([`Origin::Local`]). The members of a replica that died, left or restarted cannot be
+/// reported by it: their leaves are held by every survivor for a replica timeout (a replica
+/// declared dead by a blip comes back within it, and nothing is reported), then reported by
+/// the surviving replica with the lowest id that has been up for a replica timeout
+/// ([`Effects::reports`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
     /// A connection of this replica (a set, a close, an expired grace period).
     Local,
     /// A message of another, live replica: that replica reports it.
     Remote,
-    /// Another replica's members removed because it died, left or restarted; `leader`: this
-    /// replica is the one that reports it.
+    /// Another replica's members removed because it died, left or restarted (reported later,
+    /// if still true, through [`Effects::reports`]); `leader`: this replica reports it
+    /// directly (a draining replica alone: nobody else will).
     Departed { leader: bool },
 }
 
 impl Origin {
-    /// Whether this replica is the one to report the event to the backend.
+    /// Whether this event is reported to the backend as it happens.
     pub fn reported_here(self) -> bool {
         matches!(self, Origin::Local | Origin::Departed { leader: true })
     }
@@ -195,6 +199,9 @@ struct Remote {
     heard: u64,
     /// Removed (timed out or its will arrived): holds nothing until a snapshot revives it.
     dead: bool,
+    /// When this incarnation was first heard from (or revived): a replica this fresh may not
+    /// know another's members yet, so it is not trusted to report their departure.
+    since: u64,
     /// A gap was seen: a snapshot is wanted. `Some(t)`: last asked at `t`.
     wants_sync: Option<u64>,
     members: HashMap<RoomKey, HashMap<Arc<str>, Member>>,
@@ -215,6 +222,9 @@ struct Remote {
 /// interval), however many replicas ask.
 const SNAPSHOT_BYTES_PER_SECOND: usize = 8 << 20;
 
+/// Departed members held for confirmation, at most (beyond, the oldest are given up).
+const MAX_PENDING_DEPARTURES: usize = 100_000;
+
 /// Deltas kept per replica for rebasing a snapshot, at most…
 const LOG_MESSAGES: usize = 128;
 /// …and at most this many bytes of them.
@@ -225,6 +235,9 @@ const LOG_BYTES: usize = 1 << 20;
 pub struct Effects {
     pub events: Vec<Event>,
     pub messages: Vec<Message>,
+    /// Departures confirmed now, for the backend only (the listeners saw them when they
+    /// happened): leaves of a departed replica's members, still gone a replica timeout later.
+    pub reports: Vec<Event>,
 }
 
 /// A room's merged members, sorted by actor id, shared.
@@ -262,8 +275,32 @@ pub struct Core {
     gone: bool,
     /// Remote ops dropped because the state bound was reached (for the log and metrics).
     pub dropped_ops: u64,
+    /// The time of the call being handled.
+    clock: u64,
     /// The cause of the events being produced (set by each entry point).
     cause: Origin,
+    /// While `cause` is a departure: the replica that departed.
+    departing: Option<Arc<str>>,
+    /// Leaves of departed replicas' members, held for confirmation (oldest first)…
+    departures: std::collections::VecDeque<Departure>,
+    /// …and those confirmed, left to another replica to report, still watched.
+    handed_over: Vec<Departure>,
+    /// What this replica last told the backend per member, and when (kept for a replica
+    /// timeout, bounded).
+    recent: HashMap<(RoomKey, Arc<str>), (bool, u64, u64)>,
+}
+
+/// A departed replica's member, gone from the merged view at `at`.
+#[derive(Debug)]
+struct Departure {
+    at: u64,
+    replica: Arc<str>,
+    room: RoomKey,
+    actor: Arc<str>,
+    /// The member changed less than a heartbeat before its replica was last heard from: the
+    /// designated reporter may not have heard of it, so this replica reports it too (a
+    /// duplicate rather than a leave nobody reports).
+    fresh: bool,
 }
 
 impl Core {
@@ -284,7 +321,12 @@ impl Core {
             snapshot_wanted: false,
             dropped_ops: 0,
             gone: false,
+            clock: 0,
             cause: Origin::Remote,
+            departing: None,
+            departures: std::collections::VecDeque::new(),
+            handed_over: Vec::new(),
+            recent: HashMap::new(),
         }
     }
 
@@ -364,6 +406,7 @@ impl Core {
         now: u64,
         fx: &mut Effects,
     ) -> Result<SetOutcome, Refusal> {
+        self.clock = now;
         if self.gone {
             return Err(Refusal::Draining);
         }
@@ -403,6 +446,7 @@ impl Core {
     /// Connection `conn` closed. `linger`: abnormally — it stays present for the grace
     /// period, so a reconnect does not flap; otherwise it leaves at once.
     pub fn close(&mut self, conn: ConnId, linger: bool, now: u64, fx: &mut Effects) {
+        self.clock = now;
         if linger && self.cfg.grace_ms > 0 {
             if let Some(c) = self.conns.get_mut(&conn) {
                 c.lingers_until = Some(now + self.cfg.grace_ms);
@@ -502,6 +546,14 @@ impl Core {
             });
         }
         let after = self.member(room, actor);
+        if old.is_some() && announced.is_none() && before.is_some() && after.is_some() {
+            // Its last connection here left, but the actor is present elsewhere: should
+            // that replica's last connection leave at the same moment (neither seeing the
+            // other's leave), each must report the leave when the other's arrives.
+            // Only concurrent leaves (within a replication delay) are both hidden.
+            let window = self.cfg.heartbeat_ms / 2;
+            self.note_for((room.clone(), actor.clone()), true, window);
+        }
         // A local change, unless the caller says otherwise (a goodbye).
         let cause = self.cause;
         if cause == Origin::Remote {
@@ -547,6 +599,66 @@ impl Core {
                 }
             }
         }
+        if let (Origin::Departed { leader: false }, Some(replica), Some(gone)) =
+            (origin, &self.departing, &before)
+            && after.is_none()
+        {
+            self.departures.push_back(Departure {
+                at: self.clock,
+                replica: replica.clone(),
+                room: room.clone(),
+                actor: actor.clone(),
+                fresh: self
+                    .remotes
+                    .get(replica)
+                    .is_none_or(|r| r.heard.saturating_sub(gone.updated) < self.cfg.heartbeat_ms),
+            });
+            if self.departures.len() > MAX_PENDING_DEPARTURES {
+                self.departures.pop_front();
+            }
+        }
+        if let (Origin::Departed { .. }, Some(_), Some(m)) = (origin, &before, &after)
+            && self.local.get(room).is_some_and(|r| r.contains_key(actor))
+        {
+            // The departed replica was a source of this actor, which stays present through a
+            // connection here that joined while it was: what the backend last heard may have
+            // come from the departed one (a leave whose delta never arrived here). Said again.
+            self.note_reported((room.clone(), actor.clone()), true);
+            fx.reports.push(Event {
+                room: room.clone(),
+                actor: actor.clone(),
+                kind: EventKind::Join,
+                member: Some(m.clone()),
+                origin: Origin::Local,
+            });
+        }
+        if before.is_some() != after.is_some() {
+            let present = after.is_some();
+            let key = (room.clone(), actor.clone());
+            if origin.reported_here() {
+                self.note_reported(key, present);
+            } else if matches!(origin, Origin::Remote | Origin::Departed { .. })
+                && self.recent.get(&key).is_some_and(|(told, at, window)| {
+                    *told != present && self.clock.saturating_sub(*at) <= *window
+                })
+            {
+                // This replica told the backend otherwise a moment ago, from a view the
+                // other replica's change had not reached yet (one actor leaving here while
+                // joining there): it corrects what it said.
+                self.note_reported(key, present);
+                fx.reports.push(Event {
+                    room: room.clone(),
+                    actor: actor.clone(),
+                    kind: if present {
+                        EventKind::Join
+                    } else {
+                        EventKind::Leave
+                    },
+                    member: after.clone(),
+                    origin: Origin::Local,
+                });
+            }
+        }
         match (before, after) {
             (None, Some(m)) => {
                 fx.events.push(event(EventKind::Join, Some(m.clone())));
@@ -569,8 +681,10 @@ impl Core {
     /// Expires lingering connections and silent replicas, heartbeats, answers sync requests
     /// and publishes pending ops. Call often (every ~100 ms) and after every local change.
     pub fn tick(&mut self, now: u64, fx: &mut Effects) {
-        // (Sorted, here and below: the same inputs give the same outputs, which a seeded
-        // simulation needs to replay.)
+        self.clock = now;
+        self.confirm_departures(now, fx);
+        self.recent
+            .retain(|_, (_, at, window)| now.saturating_sub(*at) <= *window);
         let mut expired: Vec<ConnId> = self
             .conns
             .iter()
@@ -752,6 +866,7 @@ impl Core {
     // ------------------------------------------------------------------------------------
 
     pub fn on_message(&mut self, m: Message, now: u64, fx: &mut Effects) {
+        self.clock = now;
         if m.replica == self.cfg.replica {
             match m.body {
                 // Our own will, while we are alive: the others dropped our members.
@@ -782,7 +897,13 @@ impl Core {
                 tracing::warn!(replica = %m.replica, "presence: more replicas than this one tracks (1,024, live or recently dead); ignored");
                 return;
             }
-            self.remotes.insert(m.replica.clone(), Remote::default());
+            self.remotes.insert(
+                m.replica.clone(),
+                Remote {
+                    since: now,
+                    ..Remote::default()
+                },
+            );
         }
         let Some(r) = self.remotes.get_mut(&m.replica) else {
             return;
@@ -796,6 +917,7 @@ impl Core {
             self.clear(&id, fx);
             if let Some(r) = self.remotes.get_mut(&id) {
                 r.incarnation = m.incarnation;
+                r.since = now;
                 r.applied = 0;
                 r.dead = false;
                 r.wants_sync = None;
@@ -921,9 +1043,14 @@ impl Core {
                     }
                 }
                 r.applied = if r.dead { top } else { r.applied.max(top) };
-                r.dead = false;
+                let revived = std::mem::replace(&mut r.dead, false);
                 // A hole in the log (a lost delta after the snapshot): ask again later.
                 r.wants_sync = (!contiguous).then_some(now);
+                if revived {
+                    // Declared dead too early (a blip, a late heartbeat): its members are
+                    // back before their leaves were confirmed, so none is reported.
+                    r.since = now;
+                }
                 self.replace(&id, desired, fx);
             }
             Body::Gone => {
@@ -1039,13 +1166,74 @@ impl Core {
         self.mark_dead(id);
     }
 
-    /// Whether this replica reports the departure of replica `gone`'s members: it has the
-    /// lowest id of the live replicas other than `gone`.
-    fn leads_departure_of(&self, gone: &Arc<str>) -> bool {
+    /// Who reports the departure of replica `gone`'s members: the lowest id among this
+    /// replica and the live replicas other than `gone` that have been up for a replica
+    /// timeout (a fresher one may not know `gone`'s members; should it know them, both report:
+    /// a duplicate is better than a leave nobody reports). `None`: this replica.
+    fn departure_reporter(&self, gone: &Arc<str>, now: u64) -> Option<Arc<str>> {
         self.remotes
             .iter()
-            .filter(|(id, r)| !r.dead && *id != gone)
-            .all(|(id, _)| **id > *self.cfg.replica)
+            .filter(|(id, r)| {
+                !r.dead
+                    && *id != gone
+                    && now.saturating_sub(r.since) >= self.cfg.replica_timeout_ms
+                    && ***id < *self.cfg.replica
+            })
+            .map(|(id, _)| id)
+            .min()
+            .cloned()
+    }
+
+    /// Remembers (for a replica timeout) what this replica last told the backend about a
+    /// member.
+    fn note_reported(&mut self, key: (RoomKey, Arc<str>), present: bool) {
+        self.note_for(key, present, self.cfg.replica_timeout_ms);
+    }
+
+    /// [`Self::note_reported`], remembered for `window` ms.
+    fn note_for(&mut self, key: (RoomKey, Arc<str>), present: bool, window: u64) {
+        if self.recent.len() >= MAX_PENDING_DEPARTURES {
+            let now = self.clock;
+            self.recent
+                .retain(|_, (_, at, window)| now.saturating_sub(*at) <= *window);
+        }
+        if self.recent.len() < MAX_PENDING_DEPARTURES {
+            self.recent.insert(key, (present, self.clock, window));
+        }
+    }
+
+    /// Reports the departures held for a replica timeout that still hold (the member is
+    /// absent everywhere), if this replica is the reporter. One whose reporter is another
+    /// replica is watched for two more replica timeouts, in case that one dies before it can
+    /// report it.
+    fn confirm_departures(&mut self, now: u64, fx: &mut Effects) {
+        let confirm = self.cfg.replica_timeout_ms;
+        let mut due = std::mem::take(&mut self.handed_over);
+        while self
+            .departures
+            .front()
+            .is_some_and(|d| now.saturating_sub(d.at) >= confirm)
+        {
+            due.extend(self.departures.pop_front());
+        }
+        for d in due {
+            if self.member(&d.room, &d.actor).is_some() {
+                continue; // back (a blip, a reconnect elsewhere): nothing to report
+            }
+            let reports_here = d.fresh || self.departure_reporter(&d.replica, now).is_none();
+            if reports_here {
+                self.note_reported((d.room.clone(), d.actor.clone()), false);
+                fx.reports.push(Event {
+                    room: d.room,
+                    actor: d.actor,
+                    kind: EventKind::Leave,
+                    member: None,
+                    origin: Origin::Departed { leader: true },
+                });
+            } else if now.saturating_sub(d.at) < confirm.saturating_mul(3) {
+                self.handed_over.push(d);
+            }
+        }
     }
 
     fn mark_dead(&mut self, id: &Arc<str>) {
@@ -1060,13 +1248,13 @@ impl Core {
 
     /// Removes everything replica `id` announced: it died, left or restarted.
     fn clear(&mut self, id: &Arc<str>, fx: &mut Effects) {
-        self.cause = Origin::Departed {
-            leader: self.leads_departure_of(id),
-        };
+        self.cause = Origin::Departed { leader: false };
+        self.departing = Some(id.clone());
         for (room, actor) in self.held(id) {
             self.apply(id, Op::Remove { room, actor }, fx);
         }
         self.cause = Origin::Remote;
+        self.departing = None;
     }
 
     /// Forgets one dead replica (to make room for a new one). Returns whether it could.

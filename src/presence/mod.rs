@@ -255,9 +255,10 @@ impl Presence {
     }
 
     /// Hands the joins and leaves this replica reports to the webhooks (outside the lock).
-    fn report(&self, events: &[Event]) {
+    fn report(&self, fx: &Effects) {
         if let Some(w) = self.webhooks.get() {
-            for e in events {
+            let reported = fx.events.iter().filter(|e| e.origin.reported_here());
+            for e in reported.chain(&fx.reports) {
                 w.presence(e);
             }
         }
@@ -324,7 +325,7 @@ impl Presence {
             (r, deliveries)
         };
         self.deliver(deliveries);
-        self.report(&fx.events);
+        self.report(&fx);
         self.publish(fx.messages);
         r
     }
@@ -419,7 +420,7 @@ impl Presence {
             (outcome, member, route(&st.listeners, &fx.events))
         };
         self.deliver(deliveries);
-        self.report(&fx.events);
+        self.report(&fx);
         self.flush.notify_one();
         let mut own = Vec::new();
         if outcome.entered
@@ -459,7 +460,7 @@ impl Presence {
             route(&st.listeners, &fx.events)
         };
         self.deliver(deliveries);
-        self.report(&fx.events);
+        self.report(&fx);
         self.flush.notify_one();
         self.publish(fx.messages);
     }
@@ -522,7 +523,7 @@ impl Presence {
             (bye, route(&st.listeners, &fx.events))
         };
         self.deliver(deliveries);
-        self.report(&fx.events);
+        self.report(&fx);
         fx.messages.push(bye);
         self.publish(fx.messages);
     }

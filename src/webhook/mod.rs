@@ -288,8 +288,8 @@ impl Webhooks {
         }
     }
 
-    /// A presence change of the merged view, reported if this replica is the one to report
-    /// it (DESIGN §10): joins and leaves only.
+    /// A presence change this replica reports ([`crate::presence::core::Origin`]): joins and
+    /// leaves only.
     pub fn presence(self: &Arc<Self>, e: &crate::presence::core::Event) {
         use crate::presence::core::EventKind as P;
         let action = match e.kind {
@@ -297,9 +297,6 @@ impl Webhooks {
             P::Leave => "leave",
             P::Update => return,
         };
-        if !e.origin.reported_here() {
-            return;
-        }
         let snapshot = self.store.load();
         let Some(project) = snapshot.policy.projects.get(&*e.room.project) else {
             return;
