@@ -24,6 +24,7 @@ mod scenario;
 mod sys;
 mod targets;
 mod tls;
+mod webhook_sink;
 mod wire;
 
 use std::ffi::OsString;
@@ -85,9 +86,10 @@ struct RunArgs {
     #[arg(long, value_delimiter = ',', default_values_t = Target::ALL.to_vec())]
     targets: Vec<Target>,
     /// Scenarios to run, in order.
-    /// (`noisy`, the noisy-neighbour scenario, and `presence`, two replicas' presence
-    /// convergence under join storms, run against the cuttle targets only.)
-    #[arg(long, value_delimiter = ',', default_values_t = ["fanout".to_string(), "fanin".into(), "connect".into(), "idle".into(), "noisy".into(), "presence".into()])]
+    /// (`noisy`, the noisy-neighbour scenario, `presence`, two replicas' presence
+    /// convergence under join storms, and `webhooks`, the fan-out with every webhook event
+    /// sent to a slow receiver, run against the cuttle targets only.)
+    #[arg(long, value_delimiter = ',', default_values_t = ["fanout".to_string(), "fanin".into(), "connect".into(), "idle".into(), "noisy".into(), "presence".into(), "webhooks".into()])]
     scenarios: Vec<String>,
     #[arg(long, value_delimiter = ',', default_values_t = [100, 1000, 5000])]
     fanout_n: Vec<usize>,
@@ -393,13 +395,13 @@ fn smoke_check(results: &Results, args: &RunArgs) -> Result<()> {
                 .filter(|r| r.target == target.name() && r.scenario == *scenario)
                 .collect();
             let tenants = matches!(target, Target::CuttleEmbedded | Target::CuttleMosquitto);
-            let cuttle_only = matches!(scenario.as_str(), "noisy" | "presence");
+            let cuttle_only = matches!(scenario.as_str(), "noisy" | "presence" | "webhooks");
             if rows.is_empty() && (!cuttle_only || tenants) {
                 problems.push(format!("{target} {scenario}: no figures"));
             }
             for r in rows {
                 let measured = match scenario.as_str() {
-                    "fanout" | "fanin" => {
+                    "fanout" | "fanin" | "webhooks" => {
                         r.delivered_per_s.is_some_and(|v| v > 0.0) && r.p99_us.is_some()
                     }
                     "idle" => r.rss_per_conn_kib.is_some(),

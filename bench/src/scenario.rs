@@ -88,6 +88,9 @@ pub struct Record {
     /// Presence: convergence, broker traffic and what the members got in one storm.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub presence: Option<crate::presence::Figures>,
+    /// Webhooks: events the slow receiver got during the scenario (over all its phases).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_events: Option<u64>,
 }
 
 const SHARDS: usize = 16;
@@ -279,6 +282,35 @@ pub(crate) fn base_record(
 }
 
 /// Fan-out: one publisher, N subscribers on one topic.
+/// The fan-out again, on a proxy that sends every event (connect, subscribe, publish, …) to
+/// a receiver answering each request after 50 ms: the records are the fan-out's, under
+/// scenario `webhooks`, with what the receiver got.
+async fn webhooks(
+    running: &Running,
+    plan: &Plan,
+    out: &mut Vec<Record>,
+    sink: Option<&crate::webhook_sink::Sink>,
+) -> Result<()> {
+    use std::sync::atomic::Ordering;
+    let Some(sink) = sink else {
+        bail!("the webhooks scenario needs its receiver");
+    };
+    let first = out.len();
+    let before = sink.counts.events.load(Ordering::Relaxed);
+    fanout(running, plan, out).await?;
+    let events = sink.counts.events.load(Ordering::Relaxed) - before;
+    let requests = sink.counts.requests.load(Ordering::Relaxed);
+    eprintln!(
+        "{}: webhooks: the receiver got {events} events in {requests} requests so far",
+        running.target
+    );
+    for r in &mut out[first..] {
+        r.scenario = "webhooks".into();
+        r.webhook_events = Some(events);
+    }
+    Ok(())
+}
+
 pub async fn fanout(running: &Running, plan: &Plan, out: &mut Vec<Record>) -> Result<()> {
     let ep = &running.endpoint;
     let shared = Shared::new()?;
@@ -815,14 +847,23 @@ pub async fn run_target(
         running.endpoint.addr, running.server_pid
     );
     let tenants = matches!(target, Target::CuttleEmbedded | Target::CuttleMosquitto);
+    // The webhooks scenario's receiver outlives the proxy restarts.
+    let sink = if tenants && scenarios.iter().any(|s| s == "webhooks") {
+        Some(crate::webhook_sink::start().await?)
+    } else {
+        None
+    };
     for (i, scenario) in scenarios.iter().enumerate() {
-        if matches!(scenario.as_str(), "noisy" | "presence") && !tenants {
+        if matches!(scenario.as_str(), "noisy" | "presence" | "webhooks") && !tenants {
             // The baselines have no tenants to isolate and no presence: nothing to measure.
             continue;
         }
         let profile = match scenario.as_str() {
             "noisy" => Profile::Noisy,
             "presence" => Profile::Presence(plan.presence.layout()),
+            "webhooks" => Profile::Webhooks {
+                sink: sink.as_ref().map_or(0, |s| s.port),
+            },
             _ => Profile::Standard,
         };
         if (scenario == "idle" && i > 0 || running.profile != profile) && running.restartable() {
@@ -836,6 +877,7 @@ pub async fn run_target(
             "noisy" => crate::noisy::run(&running, plan, out).await,
             "presence" => crate::presence::run(&running, plan, out).await,
             "fanout" => fanout(&running, plan, out).await,
+            "webhooks" => webhooks(&running, plan, out, sink.as_ref()).await,
             "fanin" => fanin(&running, plan, out).await,
             "idle" => idle(&running, plan, out).await,
             "connect" => connect_rate(&running, plan, out, tls_files).await,

@@ -99,7 +99,14 @@ pub enum Profile {
     /// The presence scenario: replica `a` of a group sharing the broker and
     /// [`PRESENCE_PREFIX`] (the others are started with [`Running::start_replica`]).
     Presence(PresenceLayout),
+    /// [`Profile::Standard`] plus a webhook endpoint taking every event type, at the slow
+    /// receiver listening on this loopback port (`crate::webhook_sink`).
+    Webhooks { sink: u16 },
 }
+
+/// The webhook secret of [`Profile::Webhooks`] (`whsec_` + base64 of 32 bytes), given to the
+/// proxy in `BENCH_WEBHOOK_SECRET`.
+pub const BENCH_WEBHOOK_SECRET: &str = "whsec_YmVuY2gtd2ViaG9vay1zZWNyZXQtMDEyMzQ1Njc4OWFi";
 
 /// The presence scenario's policy and send queue: `actors` device actors (`p0`…, one per
 /// member, observer and bystander), rooms `general` and `s0`… (`rooms` of them), lobbies
@@ -327,6 +334,7 @@ fn spawn(
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
     let mut cmd = Command::new(program);
     cmd.args(args)
+        .env("BENCH_WEBHOOK_SECRET", BENCH_WEBHOOK_SECRET)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -588,6 +596,11 @@ pub async fn start_with(target: Target, profile: Profile) -> Result<Running> {
             let config = dir.join("proxy.yaml");
             let text = match profile {
                 Profile::Standard => cuttle_config(listen, admin, &broker_url, None),
+                // The project's last key is `actors`: the endpoint list follows it.
+                Profile::Webhooks { sink } => format!(
+                    "{}      webhooks:\n        - {{ url: \"http://127.0.0.1:{sink}/hook\", secret_env: BENCH_WEBHOOK_SECRET, events: [connect, disconnect, subscribe, unsubscribe, publish, presence], allow_private: true }}\n",
+                    cuttle_config(listen, admin, &broker_url, None)
+                ),
                 Profile::Noisy => noisy_config(listen, admin, &broker_url),
                 Profile::Presence(layout) => {
                     presence_config(listen, admin, &broker_url, &layout, "a", PRESENCE_PREFIX)
@@ -613,7 +626,7 @@ pub async fn start_with(target: Target, profile: Profile) -> Result<Running> {
                     addr: localhost(listen),
                     path: "/ws",
                     tokens: match profile {
-                        Profile::Standard => tokens(),
+                        Profile::Standard | Profile::Webhooks { .. } => tokens(),
                         Profile::Noisy => noisy_tokens(false),
                         Profile::Presence(layout) => presence_tokens(layout.actors),
                     },
