@@ -391,7 +391,7 @@ pub struct WebhookSettings {
     pub timeout: Duration,
     /// Attempts per batch before its events are dropped (and announced).
     pub max_attempts: u32,
-    /// First retry delay; doubled per attempt, with full jitter, up to `max_backoff`.
+    /// First retry delay; doubled per attempt, drawn from the upper half of that (jitter), up to `max_backoff`.
     pub backoff: Duration,
     /// Longest wait between attempts, `Retry-After` included.
     pub max_backoff: Duration,

@@ -584,8 +584,9 @@ impl Drop for SeedReport {
     }
 }
 
-#[test]
-fn replicas_converge_over_a_lossy_broker() {
+/// Runs the seeds `CUTTLE_PRESENCE_SEED` (one) or 1..=`CUTTLE_PRESENCE_SEEDS` (default 32),
+/// four rounds each, and sums their statistics.
+fn run_seeds(one_fault_at_a_time: bool) -> HashMap<&'static str, u64> {
     let seeds: Vec<u64> = match std::env::var("CUTTLE_PRESENCE_SEED") {
         Ok(s) => vec![s.parse().expect("CUTTLE_PRESENCE_SEED is a number")],
         Err(_) => {
@@ -599,10 +600,16 @@ fn replicas_converge_over_a_lossy_broker() {
     let mut total: HashMap<&'static str, u64> = HashMap::new();
     for seed in seeds {
         let _report = SeedReport(seed);
-        for (k, v) in run(seed, 4, false) {
+        for (k, v) in run(seed, 4, one_fault_at_a_time) {
             *total.entry(k).or_insert(0) += v;
         }
     }
+    total
+}
+
+#[test]
+fn replicas_converge_over_a_lossy_broker() {
+    let total = run_seeds(false);
     // The faults the test is about did happen.
     for what in ["dropped", "crashes", "wills", "restarts", "blips", "checks"] {
         assert!(
@@ -620,23 +627,7 @@ fn replicas_converge_over_a_lossy_broker() {
 /// at a time here; duplicates (one actor joining on two replicas at once) are counted.
 #[test]
 fn the_backend_is_told_each_membership_change() {
-    let seeds: Vec<u64> = match std::env::var("CUTTLE_PRESENCE_SEED") {
-        Ok(s) => vec![s.parse().expect("CUTTLE_PRESENCE_SEED is a number")],
-        Err(_) => {
-            let n = std::env::var("CUTTLE_PRESENCE_SEEDS")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(32u64);
-            (1..=n).collect()
-        }
-    };
-    let mut total: HashMap<&'static str, u64> = HashMap::new();
-    for seed in seeds {
-        let _report = SeedReport(seed);
-        for (k, v) in run(seed, 4, true) {
-            *total.entry(k).or_insert(0) += v;
-        }
-    }
+    let total = run_seeds(true);
     for what in ["crashes", "restarts", "backend_reports", "checks"] {
         assert!(
             total.get(what).copied().unwrap_or(0) > 0,

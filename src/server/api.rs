@@ -34,7 +34,7 @@
 //! once; the others through the broker (`server::control`), answered once the broker has the
 //! request.
 //!
-//! Not built yet (issue 11): webhooks. Every endpoint is in `docs/openapi.yaml`.
+//! Every endpoint is in `docs/openapi.yaml` (events pushed to the backend: `crate::webhook`).
 
 // An error is a whole HTTP response (144 bytes), built at most once per request: boxing it
 // would buy nothing off the hot path.

@@ -208,6 +208,13 @@ where
             version,
             outbox,
         );
+        // First, so that the backend hears of the connection before its restored
+        // subscriptions; a `disconnect` follows it however the session ends.
+        proxy.webhooks.report(
+            &actor.project,
+            Report::of(EventKind::Connect, &actor)
+                .with_data(serde_json::json!({ "connection": &*socket_id })),
+        );
         // PROTOCOL §13: on an automatic reconnect the SDK never re-subscribes; the server
         // restores what the actor had, re-checked against the current policy.
         let restored = if reconnect {
@@ -225,11 +232,6 @@ where
         let end = match send(&proxy, &mut ws, ok).await {
             Err(reason) => End::Close(reason),
             Ok(()) => {
-                proxy.webhooks.report(
-                    &actor.project,
-                    Report::of(EventKind::Connect, &actor)
-                        .with_data(serde_json::json!({ "connection": &*socket_id })),
-                );
                 let watched = Watched {
                     authenticated_under: generation,
                     kicks,
