@@ -623,40 +623,22 @@ impl Core {
             // The departed replica was a source of this actor, which stays present through a
             // connection here that joined while it was: what the backend last heard may have
             // come from the departed one (a leave whose delta never arrived here). Said again.
-            self.note_reported((room.clone(), actor.clone()), true);
-            fx.reports.push(Event {
-                room: room.clone(),
-                actor: actor.clone(),
-                kind: EventKind::Join,
-                member: Some(m.clone()),
-                origin: Origin::Local,
-            });
+            fx.reports
+                .push(self.report_to_backend(room, actor, Some(m.clone())));
         }
         if before.is_some() != after.is_some() {
             let present = after.is_some();
             let key = (room.clone(), actor.clone());
             if origin.reported_here() {
                 self.note_reported(key, present);
-            } else if matches!(origin, Origin::Remote | Origin::Departed { .. })
-                && self.recent.get(&key).is_some_and(|(told, at, window)| {
-                    *told != present && self.clock.saturating_sub(*at) <= *window
-                })
-            {
+            } else if self.recent.get(&key).is_some_and(|(told, at, window)| {
+                *told != present && self.clock.saturating_sub(*at) <= *window
+            }) {
                 // This replica told the backend otherwise a moment ago, from a view the
                 // other replica's change had not reached yet (one actor leaving here while
                 // joining there): it corrects what it said.
-                self.note_reported(key, present);
-                fx.reports.push(Event {
-                    room: room.clone(),
-                    actor: actor.clone(),
-                    kind: if present {
-                        EventKind::Join
-                    } else {
-                        EventKind::Leave
-                    },
-                    member: after.clone(),
-                    origin: Origin::Local,
-                });
+                fx.reports
+                    .push(self.report_to_backend(room, actor, after.clone()));
             }
         }
         match (before, after) {
@@ -1184,6 +1166,28 @@ impl Core {
             .cloned()
     }
 
+    /// A join (`member` present) or leave this replica reports to the backend only, noted as
+    /// what it last told it.
+    fn report_to_backend(
+        &mut self,
+        room: &RoomKey,
+        actor: &Arc<str>,
+        member: Option<Member>,
+    ) -> Event {
+        self.note_reported((room.clone(), actor.clone()), member.is_some());
+        Event {
+            room: room.clone(),
+            actor: actor.clone(),
+            kind: if member.is_some() {
+                EventKind::Join
+            } else {
+                EventKind::Leave
+            },
+            member,
+            origin: Origin::Local,
+        }
+    }
+
     /// Remembers (for a replica timeout) what this replica last told the backend about a
     /// member.
     fn note_reported(&mut self, key: (RoomKey, Arc<str>), present: bool) {
@@ -1222,14 +1226,8 @@ impl Core {
             }
             let reports_here = d.fresh || self.departure_reporter(&d.replica, now).is_none();
             if reports_here {
-                self.note_reported((d.room.clone(), d.actor.clone()), false);
-                fx.reports.push(Event {
-                    room: d.room,
-                    actor: d.actor,
-                    kind: EventKind::Leave,
-                    member: None,
-                    origin: Origin::Departed { leader: true },
-                });
+                fx.reports
+                    .push(self.report_to_backend(&d.room, &d.actor, None));
             } else if now.saturating_sub(d.at) < confirm.saturating_mul(3) {
                 self.handed_over.push(d);
             }

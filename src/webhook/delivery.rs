@@ -135,8 +135,8 @@ impl Endpoint {
         out
     }
 
-    /// Takes nothing more and drops what is queued (counted as `outcome`).
-    fn close(&self, metrics: &WebhookMetrics) {
+    /// Takes nothing more and drops what is queued (counted as disabled).
+    pub(super) fn close(&self, metrics: &WebhookMetrics) {
         self.closed.store(true, Ordering::Relaxed);
         let dropped = {
             let mut q = self.queue.lock();
@@ -161,8 +161,7 @@ pub(super) async fn run(hooks: Arc<Webhooks>, ep: Arc<Endpoint>) {
             _ => {
                 // Removed from the policy (or its secret), or disabled by a 410.
                 if !ep.closed.load(Ordering::Relaxed) {
-                    ep.close(&hooks.metrics);
-                    hooks.retire(&ep.key, None);
+                    hooks.retire(&ep, None);
                 }
                 return;
             }
@@ -190,8 +189,7 @@ pub(super) async fn run(hooks: Arc<Webhooks>, ep: Arc<Endpoint>) {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "webhooks: no TLS configuration; endpoint not served");
-                    ep.close(&hooks.metrics);
-                    hooks.retire(&ep.key, None);
+                    hooks.retire(&ep, None);
                     return;
                 }
             },
@@ -281,8 +279,7 @@ impl Attempt {
                 Answer::Ok => break WebhookOutcome::Delivered,
                 Answer::Gone => {
                     tracing::warn!(project = %self.ep.key.0, url = %self.ep.key.1, "webhook endpoint answered 410 Gone: disabled until its configuration changes");
-                    self.ep.close(metrics);
-                    self.hooks.retire(&self.ep.key, Some(cfg.fingerprint));
+                    self.hooks.retire(&self.ep, Some(cfg.fingerprint));
                     break WebhookOutcome::Disabled;
                 }
                 Answer::Retry(_) if attempt >= s.max_attempts => {

@@ -372,8 +372,11 @@ impl Webhooks {
         project.webhooks.iter().find(|c| c.url == key.1).cloned()
     }
 
-    /// Forgets endpoint `key` (removed from the policy, or disabled under `fingerprint`).
-    fn retire(&self, key: &EndpointKey, disabled_under: Option<[u8; 32]>) {
+    /// Closes endpoint `ep` (its queue dropped) and forgets it: removed from the policy, or
+    /// disabled under `disabled_under` (a 410).
+    fn retire(&self, ep: &Endpoint, disabled_under: Option<[u8; 32]>) {
+        ep.close(&self.metrics);
+        let key = &ep.key;
         let _changing = self.changing.lock();
         let mut map = HashMap::clone(&self.endpoints.load());
         map.remove(key);
