@@ -2,6 +2,10 @@
 //!
 //! The upstream pool connects to it over TCP exactly as it would to a remote broker, so the
 //! data path is the same code with `upstream.broker: embedded` and with EMQX or Mosquitto.
+//! Loopback TCP rather than rumqttd's in-process link API: the link API hands over rumqttd's
+//! own packet types through its router channels, a second data path to keep exact (acks,
+//! subscription ids, wills) for a gain the benchmarks do not show once the accepted sockets
+//! have `TCP_NODELAY` (vendor/rumqttd/PATCHES.md, patch 5; BENCHMARKS.md has the figures).
 //! It listens on 127.0.0.1 only and has no authentication: nothing but this process can reach
 //! it, and the proxy enforces the policy before anything is published.
 //!
@@ -28,11 +32,13 @@ pub struct EmbeddedBroker {
 }
 
 /// Starts rumqttd on loopback port `port` (0: a free one). `max_payload` bounds one MQTT
-/// message (the proxy's own frame limit plus envelope overhead).
+/// message (the proxy's own frame limit plus envelope overhead). `v311`: the listener speaks
+/// MQTT 3.1.1 instead of 5 (`upstream.protocol: v3`, which routes by topic matching).
 pub fn start(
     max_payload: usize,
     max_connections: usize,
     port: u16,
+    v311: bool,
 ) -> Result<EmbeddedBroker, BrokerError> {
     // rumqttd cannot report the port it bound, so pick one first (and check a configured one
     // is free). Another process could take it in between; the pool would then fail to connect
@@ -67,8 +73,9 @@ pub fn start(
             max_segment_count: 4,
             ..RouterConfig::default()
         },
-        // MQTT 5: the pool relies on subscription identifiers.
-        v5: Some(HashMap::from([("cuttle".to_string(), server)])),
+        // MQTT 5, so that routing uses subscription identifiers; 3.1.1 only when asked for.
+        v4: v311.then(|| HashMap::from([("cuttle".to_string(), server.clone())])),
+        v5: (!v311).then(|| HashMap::from([("cuttle".to_string(), server)])),
         ..Config::default()
     };
 

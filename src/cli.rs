@@ -367,9 +367,18 @@ fn started_line(
     let scheme = if settings.tls.is_some() { "wss" } else { "ws" };
     let broker = match (&settings.upstream.broker, proxy.embedded_broker) {
         (_, Some(addr)) => format!("embedded (mqtt://{addr})"),
-        (crate::config::Broker::Remote { host, port, tls }, None) => {
-            format!("{}://{host}:{port}", if *tls { "mqtts" } else { "mqtt" })
-        }
+        (crate::config::Broker::Remote(endpoints), None) => endpoints
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}://{}:{}",
+                    if e.tls { "mqtts" } else { "mqtt" },
+                    e.host,
+                    e.port
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(","),
         (crate::config::Broker::Embedded, None) => "embedded".to_string(),
     };
     let tls = proxy

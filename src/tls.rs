@@ -248,6 +248,68 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
+/// Reads the PEM certificates of `path` (trust anchors), reporting problems under `field`.
+pub fn load_ca_file(
+    path: &Path,
+    field: &str,
+    diags: &mut Diagnostics,
+) -> Option<Vec<CertificateDer<'static>>> {
+    let pem = read_pem(path, field, diags)?;
+    let mut certs = Vec::new();
+    for item in CertificateDer::pem_slice_iter(&pem) {
+        match item {
+            Ok(c) => certs.push(c),
+            Err(e) => {
+                diags.error(
+                    field,
+                    format!("{}: malformed PEM: {}", path.display(), pem_error(&e)),
+                );
+                return None;
+            }
+        }
+    }
+    if certs.is_empty() {
+        diags.error(
+            field,
+            format!(
+                "{}: no certificate found (expected PEM `BEGIN CERTIFICATE` blocks)",
+                path.display()
+            ),
+        );
+        return None;
+    }
+    Some(certs)
+}
+
+/// The TLS client configuration for `mqtts://` brokers: the system's trust store (Mozilla's
+/// roots, compiled in, when the system has none — a distroless image), plus `extra` (from
+/// `upstream.ca_file`, for a broker behind a private CA).
+pub fn upstream_client_config(
+    extra: &[CertificateDer<'static>],
+) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for e in &native.errors {
+        tracing::debug!(error = %e, "reading the system's trust store");
+    }
+    let (added, _) = roots.add_parsable_certificates(native.certs);
+    if added == 0 {
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    }
+    for cert in extra {
+        if let Err(e) = roots.add(cert.clone()) {
+            tracing::warn!(error = %e, "a certificate of upstream.ca_file is not a usable trust anchor");
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Ok(Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -162,7 +162,7 @@ impl Relay {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_broker_connection_loss_and_recovery() {
-    let broker = cuttle::broker::start(2 << 20, 100, 0).expect("embedded broker");
+    let broker = cuttle::broker::start(2 << 20, 100, 0, false).expect("embedded broker");
     let relay = Arc::new(Relay::new(broker.addr).await);
     let p = start_proxy_on(&format!("mqtt://{}", relay.addr), "").await;
     let (r1, r2) = (relay.clone(), relay.clone());

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use cuttle::config::{Broker, UpstreamSettings};
 use cuttle::topic::upstream::TopicLayout;
-use cuttle::upstream::{Dispatch, Endpoint, Pool, publish_qos, qos};
+use cuttle::upstream::{Dispatch, Endpoint, Pool, Protocol, publish_qos, qos};
 use tokio::sync::{mpsc, oneshot};
 
 struct Collect(mpsc::UnboundedSender<(String, Vec<usize>, Bytes)>);
@@ -46,6 +46,8 @@ fn arc(s: String) -> Arc<str> {
 fn settings(pool: usize) -> UpstreamSettings {
     UpstreamSettings {
         broker: Broker::Embedded,
+        protocol: Protocol::Auto,
+        ca_certs: Default::default(),
         pool,
         username: None,
         password: None,
@@ -79,7 +81,7 @@ fn mosquitto() -> Endpoint {
 }
 
 fn embedded() -> Endpoint {
-    let b = cuttle::broker::start(1 << 20, 1000, 0).expect("embedded broker");
+    let b = cuttle::broker::start(1 << 20, 1000, 0, false).expect("embedded broker");
     Endpoint {
         host: b.addr.ip().to_string(),
         port: b.addr.port(),
@@ -106,7 +108,7 @@ fn unique(prefix: &str) -> String {
 
 async fn roundtrip(endpoint: Endpoint) {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let pool = Pool::start(&settings(3), endpoint, 1 << 20, Arc::new(Collect(tx)));
+    let pool = Pool::start(&settings(3), vec![endpoint], 1 << 20, Arc::new(Collect(tx)));
     wait_ready(&pool).await;
     assert_eq!(pool.connected(), 3);
 
@@ -238,11 +240,11 @@ async fn publish_to_an_unreachable_broker_times_out_not_hangs() {
     let (tx, _rx) = mpsc::unbounded_channel();
     let pool = Pool::start(
         &settings(1),
-        Endpoint {
+        vec![Endpoint {
             host: "127.0.0.1".into(),
             port,
             tls: false,
-        },
+        }],
         1 << 20,
         Arc::new(Collect(tx)),
     );
@@ -349,7 +351,7 @@ fn collect_all() -> (Arc<CollectAll>, Messages, SubAcks) {
 async fn a_publish_over_the_brokers_packet_limit_is_refused_not_paid_for_by_the_connection() {
     let broker = PrivateMosquitto::start("max_packet_size 4096").await;
     let (dispatch, mut messages, mut subacks) = collect_all();
-    let pool = Pool::start(&settings(1), broker.endpoint(), 1 << 20, dispatch);
+    let pool = Pool::start(&settings(1), vec![broker.endpoint()], 1 << 20, dispatch);
     wait_ready(&pool).await;
     let base = unique("mps");
     let filter = arc(format!("{base}/#"));
@@ -412,7 +414,7 @@ async fn a_publish_over_the_brokers_packet_limit_is_refused_not_paid_for_by_the_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledgements_match_their_publishes_when_callers_give_up() {
     let (dispatch, _messages, _subacks) = collect_all();
-    let pool = Pool::start(&settings(1), mosquitto(), 1 << 20, dispatch);
+    let pool = Pool::start(&settings(1), vec![mosquitto()], 1 << 20, dispatch);
     wait_ready(&pool).await;
     let topic = unique("acks");
     let mut kept = Vec::new();
@@ -448,7 +450,7 @@ async fn acknowledgements_match_their_publishes_when_callers_give_up() {
 async fn acknowledgements_survive_a_broker_restart() {
     let mut broker = PrivateMosquitto::start("").await;
     let (dispatch, mut messages, mut subacks) = collect_all();
-    let pool = Pool::start(&settings(1), broker.endpoint(), 1 << 20, dispatch);
+    let pool = Pool::start(&settings(1), vec![broker.endpoint()], 1 << 20, dispatch);
     wait_ready(&pool).await;
     let base = unique("restart");
     pool.subscribe(&arc(format!("{base}/#")), qos(1), 5);
@@ -516,7 +518,7 @@ async fn acknowledgements_survive_a_broker_restart() {
 /// (filter, id) now.
 async fn resubscribe_with_a_new_id(endpoint: Endpoint) {
     let (dispatch, mut messages, mut subacks) = collect_all();
-    let pool = Pool::start(&settings(1), endpoint, 1 << 20, dispatch);
+    let pool = Pool::start(&settings(1), vec![endpoint], 1 << 20, dispatch);
     wait_ready(&pool).await;
     let base = unique("reid");
     let filter = arc(format!("{base}/#"));
@@ -570,7 +572,7 @@ async fn resubscribe_with_a_new_id_mosquitto() {
 async fn a_burst_of_subscribes_larger_than_receive_maximum(endpoint: Endpoint) {
     const BURST: usize = 150;
     let (dispatch, mut messages, mut subacks) = collect_all();
-    let pool = Pool::start(&settings(1), endpoint, 1 << 20, dispatch);
+    let pool = Pool::start(&settings(1), vec![endpoint], 1 << 20, dispatch);
     wait_ready(&pool).await;
     let base = unique("burst");
     for i in 0..BURST {
@@ -624,7 +626,7 @@ async fn a_burst_of_subscribes_larger_than_receive_maximum_mosquitto() {
 /// reference behaviour.
 async fn an_unsubscribed_shared_subscription_delivers_nothing(endpoint: Endpoint) {
     let (dispatch, mut messages, mut subacks) = collect_all();
-    let pool = Pool::start(&settings(1), endpoint, 1 << 20, dispatch);
+    let pool = Pool::start(&settings(1), vec![endpoint], 1 << 20, dispatch);
     wait_ready(&pool).await;
     let base = unique("share");
     let shared = arc(format!("$share/g{base}/{base}/#"));
@@ -708,7 +710,7 @@ async fn a_clean_disconnect_sends_what_came_before_and_no_will(endpoint: Endpoin
     let (tx, mut rx) = mpsc::unbounded_channel();
     let listener = Pool::start(
         &settings(1),
-        endpoint.clone(),
+        vec![endpoint.clone()],
         1 << 20,
         Arc::new(Collect(tx)),
     );
@@ -719,7 +721,7 @@ async fn a_clean_disconnect_sends_what_came_before_and_no_will(endpoint: Endpoin
     let will = (format!("{base}/will"), Bytes::from_static(b"gone"));
     let sender = Pool::start_with_will(
         &settings(1),
-        endpoint,
+        vec![endpoint],
         1 << 20,
         Arc::new(Collect(sink)),
         Some(will),

@@ -209,10 +209,12 @@ async fn proxy_with(
 }
 
 fn broker_line(b: TestBroker) -> String {
-    match b {
-        TestBroker::Embedded => "embedded".into(),
-        TestBroker::Mosquitto => mosquitto_url(),
-    }
+    let (line, upstream) = b.upstream();
+    assert!(
+        upstream.is_empty(),
+        "{b:?} needs upstream keys this helper does not pass"
+    );
+    line
 }
 
 /// A metric's value (the first series whose line starts with `series`).

@@ -13,6 +13,7 @@ use crate::policy::CompileContext;
 use crate::policy::spec::PolicySpec;
 use crate::secret::Secret;
 use crate::topic::upstream::TopicLayout;
+use crate::upstream::{Endpoint, Protocol};
 
 // ---------------------------------------------------------------------------------------
 // YAML shape of the whole file. Every field but the policy has a default, so a file holding
@@ -70,7 +71,10 @@ pub(crate) struct TlsSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub(crate) struct UpstreamSpec {
-    pub broker: String,
+    pub broker: Option<String>,
+    pub brokers: Vec<String>,
+    pub protocol: String,
+    pub ca_file: Option<PathBuf>,
     pub pool: u64,
     pub username: Option<String>,
     pub password_env: Option<String>,
@@ -86,7 +90,10 @@ pub(crate) struct UpstreamSpec {
 impl Default for UpstreamSpec {
     fn default() -> Self {
         Self {
-            broker: "embedded".into(),
+            broker: None,
+            brokers: Vec::new(),
+            protocol: "auto".into(),
+            ca_file: None,
             pool: 4,
             username: None,
             password_env: None,
@@ -305,16 +312,17 @@ pub struct TlsSettings {
 pub enum Broker {
     /// rumqttd in-process on a loopback port.
     Embedded,
-    Remote {
-        host: String,
-        port: u16,
-        tls: bool,
-    },
+    /// One broker, or the nodes of a cluster (`upstream.brokers`), in the order given.
+    Remote(Vec<Endpoint>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamSettings {
     pub broker: Broker,
+    /// `upstream.protocol`: MQTT 5, 3.1.1, or MQTT 5 falling back to 3.1.1.
+    pub protocol: Protocol,
+    /// Extra trust anchors for `mqtts://` brokers (`upstream.ca_file`), besides the system's.
+    pub ca_certs: CaCerts,
     pub pool: usize,
     pub username: Option<String>,
     /// Resolved from `password_env` at load time; printed as `<redacted>`.
@@ -544,14 +552,71 @@ fn in_range(value: u64, lo: u64, hi: u64, path: &str, diags: &mut Diagnostics) -
     value.clamp(lo, hi)
 }
 
-fn parse_broker(value: &str, diags: &mut Diagnostics) -> Option<Broker> {
-    const PATH: &str = "upstream.broker";
+/// PEM certificates from `upstream.ca_file`. `Debug` prints only their number.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct CaCerts(pub Vec<rustls::pki_types::CertificateDer<'static>>);
+
+impl std::fmt::Debug for CaCerts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CaCerts({} certificates)", self.0.len())
+    }
+}
+
+fn parse_protocol(value: &str, diags: &mut Diagnostics) -> Option<Protocol> {
+    match value {
+        "auto" => Some(Protocol::Auto),
+        "v5" | "5" => Some(Protocol::V5),
+        "v3" | "v3.1.1" | "3.1.1" | "4" => Some(Protocol::V3),
+        other => {
+            diags.error(
+                "upstream.protocol",
+                format!(
+                    "unknown protocol {}: expected auto, v5 or v3",
+                    quoted(other)
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// `upstream.broker` and `upstream.brokers` together: embedded (neither, or `embedded`), or
+/// the remote brokers.
+fn parse_brokers(u: &UpstreamSpec, diags: &mut Diagnostics) -> Option<Broker> {
+    match (&u.broker, u.brokers.as_slice()) {
+        (None, []) => Some(Broker::Embedded),
+        (Some(b), []) => parse_broker(b, "upstream.broker", diags),
+        (Some(_), [_, ..]) => {
+            diags.error(
+                "upstream.brokers",
+                "set either upstream.broker (one broker) or upstream.brokers (a list), not both",
+            );
+            None
+        }
+        (None, list) => {
+            let mut endpoints = Vec::new();
+            for (i, b) in list.iter().enumerate() {
+                let path = format!("upstream.brokers[{i}]");
+                match parse_broker(b, &path, diags)? {
+                    Broker::Remote(e) => endpoints.extend(e),
+                    Broker::Embedded => {
+                        diags.error(&path, "`embedded` cannot be one of several brokers");
+                        return None;
+                    }
+                }
+            }
+            Some(Broker::Remote(endpoints))
+        }
+    }
+}
+
+fn parse_broker(value: &str, path: &str, diags: &mut Diagnostics) -> Option<Broker> {
     if value == "embedded" {
         return Some(Broker::Embedded);
     }
     let bad = |diags: &mut Diagnostics, why: &str| {
         diags.error(
-            PATH,
+            path,
             format!(
                 "invalid broker {}: {why} (expected `embedded`, mqtt://host[:port] or mqtts://host[:port])",
                 quoted(&without_userinfo(value))
@@ -608,11 +673,11 @@ fn parse_broker(value: &str, diags: &mut Diagnostics) -> Option<Broker> {
             _ => return bad(diags, "invalid port"),
         },
     };
-    Some(Broker::Remote {
+    Some(Broker::Remote(vec![Endpoint {
         host: host.to_string(),
         port,
         tls,
-    })
+    }]))
 }
 
 /// `value` with the `user:password@` part of a URL replaced: a broker URL carrying credentials
@@ -651,7 +716,14 @@ pub(crate) fn validate(
     });
 
     let u = &spec.upstream;
-    let broker = parse_broker(&u.broker, diags);
+    let broker = parse_brokers(u, diags);
+    let protocol = parse_protocol(&u.protocol, diags);
+    let ca_certs = match &u.ca_file {
+        None => Some(CaCerts::default()),
+        Some(path) => {
+            crate::tls::load_ca_file(&cx.resolve(path), "upstream.ca_file", diags).map(CaCerts)
+        }
+    };
     let pool = in_range(u.pool, 1, 64, "upstream.pool", diags) as usize;
     let layout = match TopicLayout::new(&u.topic_prefix) {
         Ok(l) => Some(l),
@@ -937,6 +1009,8 @@ pub(crate) fn validate(
         tls,
         upstream: UpstreamSettings {
             broker: broker?,
+            protocol: protocol?,
+            ca_certs: ca_certs?,
             pool,
             username: u.username.clone(),
             password,
@@ -1091,20 +1165,20 @@ mod tests {
     fn brokers() {
         let mut d = Diagnostics::new();
         assert_eq!(
-            parse_broker("mqtt://localhost", &mut d),
-            Some(Broker::Remote {
+            parse_broker("mqtt://localhost", "upstream.broker", &mut d),
+            Some(Broker::Remote(vec![Endpoint {
                 host: "localhost".into(),
                 port: 1883,
                 tls: false
-            })
+            }]))
         );
         assert_eq!(
-            parse_broker("mqtts://[::1]:9883", &mut d),
-            Some(Broker::Remote {
+            parse_broker("mqtts://[::1]:9883", "upstream.broker", &mut d),
+            Some(Broker::Remote(vec![Endpoint {
                 host: "::1".into(),
                 port: 9883,
                 tls: true
-            })
+            }]))
         );
         assert!(d.is_empty());
         for bad in [
@@ -1119,7 +1193,7 @@ mod tests {
             "mqtt://[nothex]:1",
         ] {
             let mut d = Diagnostics::new();
-            assert_eq!(parse_broker(bad, &mut d), None, "{bad}");
+            assert_eq!(parse_broker(bad, "upstream.broker", &mut d), None, "{bad}");
             assert!(d.to_string().contains("upstream.broker"), "{d}");
         }
     }
@@ -1132,7 +1206,7 @@ mod tests {
             "mqtt://cuttle:hunter2-pw@broker/x?y",
         ] {
             let mut d = Diagnostics::new();
-            assert_eq!(parse_broker(url, &mut d), None, "{url}");
+            assert_eq!(parse_broker(url, "upstream.broker", &mut d), None, "{url}");
             let message = d.to_string();
             assert!(message.contains("<redacted>@broker"), "{message}");
             assert!(!message.contains("hunter2"), "{message}");

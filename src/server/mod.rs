@@ -146,37 +146,31 @@ impl Proxy {
     /// called inside a Tokio runtime.
     pub fn start(loaded: Loaded) -> Result<Arc<Self>, StartError> {
         let settings = loaded.settings.clone();
-        let (endpoint, embedded) = match &settings.upstream.broker {
+        let (endpoints, embedded) = match &settings.upstream.broker {
             #[cfg(feature = "embedded-broker")]
             Broker::Embedded => {
                 let b = crate::broker::start(
                     settings.limits.max_frame_bytes + PACKET_OVERHEAD,
                     settings.upstream.pool * 4 + 64,
                     settings.upstream.embedded_port,
+                    settings.upstream.protocol == crate::upstream::Protocol::V3,
                 )?;
                 let endpoint = Endpoint {
                     host: b.addr.ip().to_string(),
                     port: b.addr.port(),
                     tls: false,
                 };
-                (endpoint, Some(b.addr))
+                (vec![endpoint], Some(b.addr))
             }
             #[cfg(not(feature = "embedded-broker"))]
             Broker::Embedded => return Err(StartError::NoEmbeddedBroker),
-            Broker::Remote { host, port, tls } => {
-                let endpoint = Endpoint {
-                    host: host.clone(),
-                    port: *port,
-                    tls: *tls,
-                };
-                (endpoint, None)
-            }
+            Broker::Remote(endpoints) => (endpoints.clone(), None),
         };
         let mut instance = [0u8; 4];
         let _ = getrandom::fill(&mut instance);
         Ok(Self::assemble(
             loaded,
-            endpoint,
+            endpoints,
             hex::encode(instance),
             true,
             embedded,
@@ -187,7 +181,7 @@ impl Proxy {
     /// SUBACKs and unsubscribes through the pool (always, but in unit tests).
     fn assemble(
         loaded: Loaded,
-        endpoint: Endpoint,
+        endpoints: Vec<Endpoint>,
         instance: String,
         attach: bool,
         embedded_broker: Option<SocketAddr>,
@@ -207,7 +201,7 @@ impl Proxy {
         let will = (presence.topic().to_string(), presence.will());
         let pool = Pool::start_with_will(
             &settings.upstream,
-            endpoint,
+            endpoints,
             max_packet,
             router.clone(),
             Some(will),
@@ -271,7 +265,7 @@ impl Proxy {
             port: 1,
             tls: false,
         };
-        Self::assemble(loaded, endpoint, "test".into(), false, None)
+        Self::assemble(loaded, vec![endpoint], "test".into(), false, None)
     }
 
     /// Ready: policy loaded (always, once constructed), upstream connected, not draining.

@@ -233,7 +233,7 @@ mod tests {
         };
         Pool::start(
             &loaded.settings.upstream,
-            endpoint,
+            vec![endpoint],
             1 << 20,
             Arc::new(Nobody),
         )

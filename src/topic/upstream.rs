@@ -91,6 +91,11 @@ impl TopicLayout {
         self.prefix.strip_suffix('/').unwrap_or("")
     }
 
+    /// Levels of every filter that name its namespace: the prefix's, app and scope.
+    pub fn namespace_depth(&self) -> usize {
+        self.prefix.matches('/').count() + 2
+    }
+
     fn namespace_into(&self, out: &mut String, app: &str, scope: Option<&str>) {
         out.push_str(&self.prefix);
         out.push_str(app);

@@ -1,4 +1,5 @@
-//! The upstream pool: `upstream.pool` MQTT 5 connections (rumqttc) shared by every session.
+//! The upstream pool: `upstream.pool` MQTT connections shared by every session, spread over
+//! the configured brokers (`upstream.brokers`, or every address of a broker's name).
 //!
 //! - **Subscriptions** are reference-counted by the router; the pool only hears "filter X is
 //!   now wanted / no longer wanted". Each filter lives on exactly one connection (chosen by
@@ -14,9 +15,14 @@
 //!   connection's event-loop task; dispatching must never block (the router only does
 //!   `try_send`s).
 //!
-//! Reconnects back off exponentially (100 ms → 5 s); `connected()` feeds `/readyz`.
+//! Each connection is one task on rumqttc's MQTT codecs (MQTT 5, or 3.1.1 with routing by
+//! topic matching: [`connection`] explains both). Reconnects back off exponentially
+//! (100 ms → 5 s) and move to the next broker after a failed connect; `connected()` and
+//! [`Pool::links`] feed `/readyz`.
 
+mod codec;
 mod connection;
+mod matcher;
 
 use std::hash::BuildHasher;
 use std::sync::Arc;
@@ -28,7 +34,18 @@ use tokio::sync::oneshot;
 
 use crate::config::UpstreamSettings;
 
-pub use connection::PublishError;
+pub use codec::Version;
+pub use connection::{LinkStatus, PublishError};
+
+/// `upstream.protocol`: which MQTT version the pool speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// MQTT 5, falling back to 3.1.1 for a broker that refuses it.
+    #[default]
+    Auto,
+    V5,
+    V3,
+}
 
 /// Receives every message the broker delivers, with the identifiers of the subscriptions it
 /// matched. Called on a connection's event-loop task: must not block or await.
@@ -48,7 +65,7 @@ const QUEUED_BYTES_MIN: usize = 32 << 20;
 pub const MAX_SUBSCRIPTION_ID: usize = 268_435_455;
 
 /// Where the pool connects.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     pub host: String,
     pub port: u16,
@@ -92,16 +109,17 @@ pub fn publish_qos(level: u8) -> QoS {
 }
 
 impl Pool {
-    /// Starts `settings.pool` connections to `endpoint`. Returns at once; connections come up
-    /// in the background (see [`Pool::connected`]). Must be called inside a Tokio runtime.
+    /// Starts `settings.pool` connections to `endpoints` (connection `i` starts at endpoint
+    /// `i`, modulo their number). Returns at once; connections come up in the background (see
+    /// [`Pool::connected`]). Must be called inside a Tokio runtime.
     pub fn start(
         settings: &UpstreamSettings,
-        endpoint: Endpoint,
+        endpoints: Vec<Endpoint>,
         max_packet: usize,
         dispatch: Arc<dyn Dispatch>,
     ) -> Arc<Self> {
         let metrics = crate::metrics::Metrics::new().upstream.clone();
-        Self::start_with_will(settings, endpoint, max_packet, dispatch, None, metrics)
+        Self::start_with_will(settings, endpoints, max_packet, dispatch, None, metrics)
     }
 
     /// [`Pool::start`], with a last will `(topic, payload)` on the connection that carries
@@ -109,7 +127,7 @@ impl Pool {
     /// published: presence's goodbye when the replica dies).
     pub fn start_with_will(
         settings: &UpstreamSettings,
-        endpoint: Endpoint,
+        endpoints: Vec<Endpoint>,
         max_packet: usize,
         dispatch: Arc<dyn Dispatch>,
         will: Option<(String, Bytes)>,
@@ -124,11 +142,25 @@ impl Pool {
         // Client ids must be unique across replicas and restarts, or the broker kicks the
         // older session: prefix, a random instance id, and the connection index.
         let instance = instance_id();
+        let tls = endpoints
+            .iter()
+            .any(|e| e.tls)
+            .then(|| crate::tls::upstream_client_config(&settings.ca_certs.0))
+            .and_then(|r| {
+                r.map_err(|e| tracing::error!(error = %e, "no TLS configuration for the upstream brokers"))
+                    .ok()
+            });
+        let endpoints: Arc<[Endpoint]> = endpoints.into();
+        let namespace_depth = settings.layout.namespace_depth();
         let conns = (0..size)
             .map(|i| {
                 connection::Connection::start(connection::Options {
                     client_id: format!("{}-{instance}-{i}", settings.client_id_prefix),
-                    endpoint: endpoint.clone(),
+                    endpoints: endpoints.clone(),
+                    first: i,
+                    protocol: settings.protocol,
+                    tls: tls.clone(),
+                    namespace_depth,
                     username: settings.username.clone(),
                     password: settings.password.clone(),
                     keep_alive: settings.keep_alive,
@@ -162,6 +194,11 @@ impl Pool {
 
     pub fn size(&self) -> usize {
         self.conns.len()
+    }
+
+    /// What each connection negotiated (`None`: not connected), in pool order.
+    pub fn links(&self) -> Vec<Option<LinkStatus>> {
+        self.conns.iter().map(|c| c.status()).collect()
     }
 
     /// Whether every connection is up.

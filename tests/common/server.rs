@@ -15,10 +15,45 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use super::*;
 
 /// Which broker the proxy under test uses.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TestBroker {
     Embedded,
     Mosquitto,
+    /// Mosquitto spoken to in MQTT 3.1.1 (`upstream.protocol: v3`): routing by topic matching.
+    MosquittoV3,
+    /// RabbitMQ's MQTT plugin (3.1.1 only; detected, not configured).
+    RabbitMq,
+}
+
+impl TestBroker {
+    /// `upstream.broker`, and any further `upstream` keys (`, key: value`).
+    pub fn upstream(self) -> (String, &'static str) {
+        match self {
+            TestBroker::Embedded => ("embedded".into(), ""),
+            TestBroker::Mosquitto => (mosquitto_url(), ""),
+            TestBroker::MosquittoV3 => (mosquitto_url(), ", protocol: v3"),
+            TestBroker::RabbitMq => (rabbitmq_mqtt_url(), ""),
+        }
+    }
+
+    /// Whether the broker offers subscription identifiers (else: topic matching, and
+    /// load-balanced subscriptions are refused).
+    pub fn has_subscription_ids(self) -> bool {
+        matches!(self, TestBroker::Embedded | TestBroker::Mosquitto)
+    }
+}
+
+/// RabbitMQ's MQTT listener for tests: `CUTTLE_TEST_RABBITMQ_MQTT_URL`, default
+/// `mqtt://127.0.0.1:1884` (bench/setup-services.sh enables it). Fails when unreachable.
+pub fn rabbitmq_mqtt_url() -> String {
+    let url = std::env::var("CUTTLE_TEST_RABBITMQ_MQTT_URL")
+        .unwrap_or_else(|_| "mqtt://127.0.0.1:1884".into());
+    let hostport = url.trim_start_matches("mqtt://").to_string();
+    assert!(
+        std::net::TcpStream::connect(&hostport).is_ok(),
+        "RabbitMQ's MQTT listener at {url} is unreachable; run bench/setup-services.sh or set CUTTLE_TEST_RABBITMQ_MQTT_URL"
+    );
+    url
 }
 
 /// The Mosquitto URL for tests: `CUTTLE_TEST_MQTT_URL`, default `mqtt://127.0.0.1:1883`.
@@ -45,11 +80,8 @@ pub struct TestProxy {
 
 /// Starts a proxy with the test policy, `extra` top-level YAML (e.g. limits), on `broker`.
 pub async fn start_proxy(broker: TestBroker, extra: &str) -> TestProxy {
-    let broker_line = match broker {
-        TestBroker::Embedded => "embedded".to_string(),
-        TestBroker::Mosquitto => mosquitto_url(),
-    };
-    start_proxy_on(&broker_line, extra).await
+    let (broker_line, upstream) = broker.upstream();
+    start_proxy_with(&broker_line, upstream, extra, &test_env).await
 }
 
 /// Starts a proxy with the test policy on the broker `broker_line` (`embedded` or a URL).
@@ -59,11 +91,14 @@ pub async fn start_proxy_on(broker_line: &str, extra: &str) -> TestProxy {
 
 /// Like [`start_proxy`], with more `upstream` keys (`key: value, …`).
 pub async fn start_proxy_upstream(broker: TestBroker, upstream: &str, extra: &str) -> TestProxy {
-    let broker_line = match broker {
-        TestBroker::Embedded => "embedded".to_string(),
-        TestBroker::Mosquitto => mosquitto_url(),
-    };
-    start_proxy_with(&broker_line, &format!(", {upstream}"), extra, &test_env).await
+    let (broker_line, fixed) = broker.upstream();
+    start_proxy_with(
+        &broker_line,
+        &format!("{fixed}, {upstream}"),
+        extra,
+        &test_env,
+    )
+    .await
 }
 
 /// [`start_proxy_on`] with more `upstream` keys (`upstream_extra`, e.g.

@@ -221,7 +221,11 @@ impl Scheduler {
         let tracker_data_req = tracker.get_data_requests();
         let mut uniq = HashSet::with_capacity(tracker_data_req.len());
 
-        let all_uniq = tracker_data_req.iter().all(|x| uniq.insert(x.filter_idx));
+        // cuttle patch: unique on the request's own filter, not on the log it reads. A plain
+        // filter and a shared subscription of it (`x`, `$share/g/x`) read the same log, and one
+        // connection may hold both (see `remove_waiters_for_id`); upstream's check on
+        // `filter_idx` fired on that legitimate pair and, in debug builds, killed the router.
+        let all_uniq = tracker_data_req.iter().all(|x| uniq.insert(&x.filter));
 
         if !all_uniq {
             Some(&tracker.data_requests)

@@ -399,6 +399,12 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                     continue;
                 }
             };
+            // cuttle patch: Nagle off. The broker answers small writes (PUBACKs, QoS 0
+            // deliveries) that the peer does not answer at once, so with Nagle on every second
+            // small write waited for the peer's delayed ACK (40 ms).
+            if let Err(e) = stream.set_nodelay(true) {
+                warn!(error=?e, "Unable to set TCP_NODELAY");
+            }
 
             let (network, tenant_id) = match self.tls_accept(stream).await {
                 Ok(o) => o,
