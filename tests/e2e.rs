@@ -9,7 +9,9 @@ use common::server::*;
 use common::*;
 use rmpv::Value;
 
-/// Runs each scenario against both brokers.
+/// Runs each scenario against every broker: the embedded one and Mosquitto with subscription
+/// identifiers, Mosquitto spoken to in MQTT 3.1.1 and RabbitMQ (3.1.1 only, detected) with
+/// routing by topic matching.
 macro_rules! on_both_brokers {
     ($($name:ident),* $(,)?) => {
         mod embedded {
@@ -22,6 +24,18 @@ macro_rules! on_both_brokers {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() { super::$name(super::TestBroker::Mosquitto).await }
+            )*
+        }
+        mod mosquitto_v311 {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name(super::TestBroker::MosquittoV3).await }
+            )*
+        }
+        mod rabbitmq {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name(super::TestBroker::RabbitMq).await }
             )*
         }
     };
@@ -494,6 +508,24 @@ async fn filters_select_sub_topics(b: TestBroker) {
 
 async fn load_balanced_delivery_reaches_exactly_one_member(b: TestBroker) {
     let p = start_proxy(b, "").await;
+    if !b.has_subscription_ids() {
+        // Routing by topic matching cannot tell a shared subscription's copy from the
+        // namespace cover's: refused, with the reason.
+        let mut c = Client::login(&p.url, SENSOR1_TOKEN).await;
+        c.send(subscribe_frame(
+            "chat/general/messages",
+            &[
+                ("loadBalance", true.into()),
+                ("loadBalanceGroup", "workers".into()),
+            ],
+        ))
+        .await;
+        assert_eq!(
+            get_str(&c.frame_of("error").await, "error"),
+            Some("subscription_failed")
+        );
+        return;
+    }
     let mut members = Vec::new();
     for _ in 0..3 {
         let mut c = Client::login(&p.url, SENSOR1_TOKEN).await;

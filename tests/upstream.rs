@@ -107,12 +107,22 @@ fn unique(prefix: &str) -> String {
 }
 
 async fn roundtrip(endpoint: Endpoint) {
+    roundtrip_with(endpoint, Protocol::Auto).await;
+}
+
+async fn roundtrip_with(endpoint: Endpoint, protocol: Protocol) {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let pool = Pool::start(&settings(3), vec![endpoint], 1 << 20, Arc::new(Collect(tx)));
+    let pool = Pool::start(
+        &settings_v(3, protocol),
+        vec![endpoint],
+        1 << 20,
+        Arc::new(Collect(tx)),
+    );
     wait_ready(&pool).await;
     assert_eq!(pool.connected(), 3);
 
-    let base = unique("rt");
+    // Two levels, like every filter the router makes: `[prefix/]app/scope/…`.
+    let base = format!("{}/acme", unique("rt"));
     pool.subscribe(&arc(format!("{base}/#")), qos(1), 7);
     // Overlapping filters: one message carries both subscription ids, whichever connection
     // each filter lives on, and whether the broker sends one copy or two.
@@ -806,4 +816,178 @@ async fn a_clean_disconnect_sends_what_came_before_and_no_will_embedded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_disconnect_sends_what_came_before_and_no_will_mosquitto() {
     a_clean_disconnect_sends_what_came_before_and_no_will(mosquitto()).await;
+}
+
+/// [`settings`] speaking `protocol`.
+fn settings_v(pool: usize, protocol: Protocol) -> UpstreamSettings {
+    UpstreamSettings {
+        protocol,
+        ..settings(pool)
+    }
+}
+
+/// The embedded broker with its MQTT 3.1.1 listener (`upstream.protocol: v3`).
+fn embedded_v311() -> Endpoint {
+    let b = cuttle::broker::start(1 << 20, 1000, 0, true).expect("embedded broker");
+    Endpoint {
+        host: b.addr.ip().to_string(),
+        port: b.addr.port(),
+        tls: false,
+    }
+}
+
+/// RabbitMQ's MQTT plugin (3.1.1 only): `CUTTLE_TEST_RABBITMQ_MQTT_URL`, default
+/// `mqtt://127.0.0.1:1884` (bench/setup-services.sh enables it). Fails when unreachable.
+fn rabbitmq() -> Endpoint {
+    let url = std::env::var("CUTTLE_TEST_RABBITMQ_MQTT_URL")
+        .unwrap_or_else(|_| "mqtt://127.0.0.1:1884".into());
+    let rest = url.strip_prefix("mqtt://").expect("mqtt://host:port");
+    let (host, port) = rest.rsplit_once(':').expect("host:port");
+    let port: u16 = port.parse().expect("port");
+    assert!(
+        std::net::TcpStream::connect((host, port)).is_ok(),
+        "RabbitMQ's MQTT listener at {url} is unreachable; run bench/setup-services.sh"
+    );
+    Endpoint {
+        host: host.into(),
+        port,
+        tls: false,
+    }
+}
+
+/// Routing by topic matching (no subscription identifiers) against a reference model: a
+/// seeded generator subscribes, re-subscribes under new ids and unsubscribes overlapping
+/// filters of two namespaces on a pool of three connections, and after every change publishes
+/// a probe. Each probe must reach every live filter it matches exactly once — whether the
+/// broker sends one copy per connection or one per matching subscription — and nothing else.
+async fn topic_matching_routes_exactly(endpoint: Endpoint, protocol: Protocol, seed: u64) {
+    let (dispatch, mut messages, mut subacks) = collect_all();
+    let pool = Pool::start(&settings_v(3, protocol), vec![endpoint], 1 << 20, dispatch);
+    wait_ready(&pool).await;
+    for link in pool.links() {
+        let link = link.expect("connected");
+        assert!(!link.subscription_ids, "{link:?} routes by topic");
+    }
+    let base = unique("match");
+    let namespaces = [format!("{base}/acme"), format!("{base}/globex")];
+    let patterns = ["r/t/#", "+/t/#", "#", "r/+/#", "r/t/f", "+/+/#", "q/t/#"];
+    let topics = ["r/t", "r/t/f", "q/t", "r/u/g", "q/t/f/x"];
+    let mut rng = seed.max(1);
+    let mut next = move |n: usize| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % n as u64) as usize
+    };
+    // The model: filter → id.
+    let mut live: std::collections::HashMap<String, usize> = Default::default();
+    let mut next_id = 1usize;
+    for step in 0..30u32 {
+        let filter = format!("{}/{}", namespaces[next(2)], patterns[next(patterns.len())]);
+        if live.contains_key(&filter) && next(3) > 0 {
+            let id = live.remove(&filter).unwrap();
+            pool.unsubscribe(&arc(filter.clone()), id);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        } else {
+            let id = next_id;
+            next_id += 1;
+            live.insert(filter.clone(), id);
+            pool.subscribe(&arc(filter.clone()), qos(1), id);
+            tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    let (f, got, ok) = subacks.recv().await.unwrap();
+                    if f == filter && got == id {
+                        assert!(ok, "seed {seed} step {step}: {filter} refused");
+                        return;
+                    }
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("seed {seed} step {step}: no SUBACK for {filter}"));
+        }
+        let topic = format!("{}/{}", namespaces[next(2)], topics[next(topics.len())]);
+        let mut want: Vec<usize> = live
+            .iter()
+            .filter(|(f, _)| rumqttc::matches(&topic, f))
+            .map(|(_, id)| *id)
+            .collect();
+        want.sort_unstable();
+        let probe = Bytes::from(format!("probe-{seed}-{step}"));
+        let (tx, rx) = oneshot::channel();
+        pool.publish(topic.clone(), qos(1), false, probe.clone(), Some(tx))
+            .unwrap();
+        rx.await.unwrap().unwrap();
+        let mut got: Vec<usize> = Vec::new();
+        let settle = if want.is_empty() { 300 } else { 3000 };
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(settle);
+        while let Ok(Some((t, ids, p))) = tokio::time::timeout_at(deadline, messages.recv()).await {
+            if p == probe {
+                assert_eq!(t, topic);
+                got.extend(ids);
+                if got.len() >= want.len() {
+                    // Any extra copy comes right behind.
+                    let more = tokio::time::Instant::now() + Duration::from_millis(150);
+                    while let Ok(Some((_, ids, p))) =
+                        tokio::time::timeout_at(more, messages.recv()).await
+                    {
+                        if p == probe {
+                            got.extend(ids);
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        got.sort_unstable();
+        assert_eq!(
+            got, want,
+            "seed {seed} step {step}: {topic} reached ids {got:?}, want {want:?}; live {live:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_matching_routes_exactly_mosquitto_v311() {
+    for seed in [1, 2] {
+        topic_matching_routes_exactly(mosquitto(), Protocol::V3, seed).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_matching_routes_exactly_embedded_v311() {
+    topic_matching_routes_exactly(embedded_v311(), Protocol::V3, 3).await;
+}
+
+/// RabbitMQ 3.10 speaks MQTT 3.1.1 only: `auto` must find that out by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_matching_routes_exactly_rabbitmq_detected() {
+    topic_matching_routes_exactly(rabbitmq(), Protocol::Auto, 4).await;
+}
+
+/// The pool's own round trip over MQTT 3.1.1: payloads byte-exact, order per topic at every
+/// QoS, unsubscribe stops delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_roundtrip_mosquitto_v311() {
+    roundtrip_with(mosquitto(), Protocol::V3).await;
+}
+
+/// Without subscription identifiers a `$share` subscription's copies cannot be told from a
+/// namespace cover's: refused, and said so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_subscriptions_are_refused_without_subscription_ids() {
+    let (dispatch, _messages, mut subacks) = collect_all();
+    let pool = Pool::start(
+        &settings_v(1, Protocol::V3),
+        vec![mosquitto()],
+        1 << 20,
+        dispatch,
+    );
+    wait_ready(&pool).await;
+    let base = unique("share311");
+    pool.subscribe(&arc(format!("$share/g/{base}/acme/#")), qos(1), 9);
+    let (_, id, granted) = tokio::time::timeout(Duration::from_secs(5), subacks.recv())
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert_eq!((id, granted), (9, false));
 }
