@@ -612,8 +612,11 @@ impl Router {
                             waiters: vec![tx],
                         },
                     );
+                    // QoS 0: a one-shot read of a retained message gains nothing from
+                    // acknowledgements, and on NATS a QoS 1 subscription is a JetStream
+                    // consumer, created too slowly for a reconnect's restore budget.
                     if let Some(pool) = self.pool.get() {
-                        pool.subscribe(&filter, crate::upstream::qos(1), id);
+                        pool.subscribe(&filter, crate::upstream::qos(0), id);
                     }
                 }
             }

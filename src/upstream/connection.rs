@@ -1063,7 +1063,7 @@ impl Session {
                     }
                     None => {
                         let pkid = self.next_pkid();
-                        codec::subscribe(link.version, pkid, &cover, QoS::AtLeastOnce, None, wbuf);
+                        codec::subscribe(link.version, pkid, &cover, COVER_QOS, None, wbuf);
                         tracing::trace!(client_id = %self.shared.client_id, %cover, pkid, "SUBSCRIBE cover");
                         self.subacks.insert(pkid, SubRequest::Cover(cover.clone()));
                         covers.insert(
@@ -1097,6 +1097,14 @@ impl Session {
         }
     }
 }
+
+/// The QoS of namespace covers: 0. A cover carries many client subscriptions, so its QoS is
+/// the proxy's choice, and acknowledgements on the broker → proxy hop buy nothing here: the
+/// session starts clean, so whatever the broker had not delivered when a connection drops is
+/// gone at either QoS. QoS 1 costs a PUBACK per message and, on NATS, a JetStream consumer
+/// per subscription, which took 1–30 s (and once longer) to deliver again after a node died
+/// in `tests/cluster.rs`, against 0.3 s at QoS 0.
+const COVER_QOS: QoS = QoS::AtMostOnce;
 
 /// Subscriptions ask for QoS 1 at most: the proxy delivers at most once-acknowledged to its
 /// clients anyway, and QoS 2 would cost the broker two more packets per message.

@@ -139,6 +139,17 @@ pub async fn start_replica(
     .await
 }
 
+/// [`start_replica`] on a broker list: `brokers` is a YAML flow list of URLs.
+pub async fn start_replica_brokers(
+    brokers: &str,
+    prefix: &str,
+    upstream_extra: &str,
+    extra: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> TestProxy {
+    start_replica(brokers, prefix, upstream_extra, extra, env).await
+}
+
 /// [`start_replica`] with `policy` (the content under `policy:`) instead of the test policy.
 pub async fn start_replica_with_policy(
     broker_line: &str,
@@ -152,8 +163,14 @@ pub async fn start_replica_with_policy(
     copy_key_fixtures(dir.path());
     let prefix = prefix.to_string();
     let indented: String = policy.lines().map(|l| format!("  {l}\n")).collect();
+    // `[url, …]`: a broker list (`upstream.brokers`).
+    let brokers = if broker_line.starts_with('[') {
+        format!("brokers: {broker_line}")
+    } else {
+        format!("broker: \"{broker_line}\"")
+    };
     let text = format!(
-        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nupstream: {{ broker: \"{broker_line}\", pool: 2, topic_prefix: {prefix}{upstream_extra} }}\n{extra}\npolicy:\n{indented}"
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nupstream: {{ {brokers}, pool: 2, topic_prefix: {prefix}{upstream_extra} }}\n{extra}\npolicy:\n{indented}"
     );
     let path = dir.path().join("proxy.yaml");
     std::fs::write(&path, text).unwrap();
