@@ -802,3 +802,54 @@ fn load_with(
     let p = write(dir.path(), "proxy.yaml", text);
     config::load_with_env(&p, env)
 }
+
+#[test]
+fn upstream_broker_lists_protocols_and_trust_anchors() {
+    let s = load(
+        "upstream: { brokers: [\"mqtt://a:1883\", \"mqtts://b\", \"mqtt://[::1]:1884\"], protocol: v3 }\npolicy: { projects: [] }\n",
+    )
+    .unwrap_or_else(|d| panic!("{d}"))
+    .settings;
+    let Broker::Remote(endpoints) = &s.upstream.broker else {
+        panic!("{:?}", s.upstream.broker)
+    };
+    let got: Vec<(String, u16, bool)> = endpoints
+        .iter()
+        .map(|e| (e.host.clone(), e.port, e.tls))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("a".into(), 1883, false),
+            ("b".into(), 8883, true),
+            ("::1".into(), 1884, false)
+        ]
+    );
+    assert_eq!(s.upstream.protocol, cuttle::upstream::Protocol::V3);
+    // Default: MQTT 5, falling back to 3.1.1.
+    let s = load("policy: { projects: [] }\n").unwrap().settings;
+    assert_eq!(s.upstream.protocol, cuttle::upstream::Protocol::Auto);
+
+    let all = errors(
+        "upstream: { broker: \"mqtt://a\", brokers: [\"mqtt://b\"], protocol: v4.2, ca_file: nope.pem }\npolicy: { projects: [] }\n",
+    );
+    assert_has(&all, "upstream.brokers", &["either", "not both"]);
+    assert_has(&all, "upstream.protocol", &["'v4.2'", "auto, v5 or v3"]);
+    assert_has(&all, "upstream.ca_file", &["nope.pem"]);
+    let all = errors(
+        "upstream: { brokers: [\"mqtt://a\", \"embedded\", \"tcp://c\"] }\npolicy: { projects: [] }\n",
+    );
+    assert_has(&all, "upstream.brokers[1]", &["embedded"]);
+    let all =
+        errors("upstream: { brokers: [\"mqtt://a\", \"tcp://c\"] }\npolicy: { projects: [] }\n");
+    assert_has(&all, "upstream.brokers[1]", &["'tcp://c'"]);
+
+    // A CA file that holds no certificate.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = write(dir.path(), "ca.pem", "not a certificate\n");
+    let all = errors(&format!(
+        "upstream: {{ broker: \"mqtts://b\", ca_file: {} }}\npolicy: {{ projects: [] }}\n",
+        ca.display()
+    ));
+    assert_has(&all, "upstream.ca_file", &["no certificate"]);
+}

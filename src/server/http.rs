@@ -386,6 +386,12 @@ fn metrics(proxy: &Proxy, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     r
 }
 
+fn text_owned(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r
+}
+
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
@@ -405,12 +411,21 @@ fn route(
     match (role, req.method(), req.uri().path()) {
         (Role::Admin, &Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (Role::Admin, &Method::GET, "/readyz") => {
+            // First line: the verdict (probes read the status); then one line per upstream
+            // connection: where it is and how it routes (subscription ids or topic matching).
+            let links = upstream_links(&proxy);
             if proxy.is_ready() {
-                text(StatusCode::OK, "ready\n")
+                text_owned(StatusCode::OK, format!("ready\n{links}"))
             } else if proxy.is_draining() {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
+                text_owned(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: draining\n{links}"),
+                )
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                text_owned(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: upstream not connected\n{links}"),
+                )
             }
         }
         (Role::Admin, &Method::GET, "/metrics") => metrics(&proxy, &req),
@@ -418,6 +433,29 @@ fn route(
         (Role::Client, &Method::GET, "/ws") => upgrade(proxy, req, slot, peer),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// `/readyz` detail: one line per upstream connection.
+fn upstream_links(proxy: &Proxy) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for (i, link) in proxy.pool.links().iter().enumerate() {
+        let _ = match link {
+            Some(l) => writeln!(
+                out,
+                "upstream {i}: connected to {} ({}, routing by {})",
+                l.endpoint,
+                l.version.name(),
+                if l.subscription_ids {
+                    "subscription ids"
+                } else {
+                    "topic matching"
+                }
+            ),
+            None => writeln!(out, "upstream {i}: not connected"),
+        };
+    }
+    out
 }
 
 /// Answers a WebSocket upgrade and hands the upgraded connection to a session task.
