@@ -678,14 +678,7 @@ async fn sequence(p: &TestProxy, seed: u64, steps: usize) {
                     "{reply}"
                 );
                 let record = m.records.get(&who).cloned().unwrap_or_default();
-                let mut names: Vec<String> = get(&reply, "restoredSubscriptions")
-                    .and_then(Value::as_array)
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|e| get_str(e, "name").map(String::from))
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let mut names = restored_names(&reply);
                 names.sort();
                 let want: Vec<String> = record.keys().cloned().collect();
                 assert_eq!(names, want, "seed {seed}: restored set of {who:?}");

@@ -246,15 +246,7 @@ async fn replicas_on_different_nats_nodes_deliver_to_each_other_and_restore() {
         ]))
         .await;
     let reply = again.frame_of("auth").await;
-    let restored: Vec<String> = get(&reply, "restoredSubscriptions")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|e| get_str(e, "name").map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
-    assert_eq!(restored, ["chat/general/messages"]);
+    assert_eq!(restored_names(&reply), ["chat/general/messages"]);
     let mut publ_a = Client::login(&a.url, &hs256(&user_claims("alice"))).await;
     until_delivered(&mut publ_a, &mut again, "chat/general/messages", "restored").await;
 }

@@ -61,23 +61,31 @@ fn settings(pool: usize) -> UpstreamSettings {
     }
 }
 
-fn mosquitto() -> Endpoint {
-    let url =
-        std::env::var("CUTTLE_TEST_MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".into());
+/// The broker at `$var` (default `default`, `mqtt://host:port`); fails when unreachable.
+fn endpoint_from_env(var: &str, default: &str, hint: &str) -> Endpoint {
+    let url = std::env::var(var).unwrap_or_else(|_| default.into());
     let rest = url
         .strip_prefix("mqtt://")
-        .expect("CUTTLE_TEST_MQTT_URL must be mqtt://host:port");
+        .unwrap_or_else(|| panic!("{var} must be mqtt://host:port"));
     let (host, port) = rest.rsplit_once(':').expect("host:port");
     let port: u16 = port.parse().expect("port");
     assert!(
         std::net::TcpStream::connect((host, port)).is_ok(),
-        "the test broker at {url} is unreachable; start it (mosquitto -d -c /etc/mosquitto/mosquitto.conf) or set CUTTLE_TEST_MQTT_URL"
+        "the broker at {url} is unreachable; {hint} or set {var}"
     );
     Endpoint {
         host: host.into(),
         port,
         tls: false,
     }
+}
+
+fn mosquitto() -> Endpoint {
+    endpoint_from_env(
+        "CUTTLE_TEST_MQTT_URL",
+        "mqtt://127.0.0.1:1883",
+        "start it (mosquitto -d -c /etc/mosquitto/mosquitto.conf)",
+    )
 }
 
 fn embedded() -> Endpoint {
@@ -839,20 +847,11 @@ fn embedded_v311() -> Endpoint {
 /// RabbitMQ's MQTT plugin (3.1.1 only): `CUTTLE_TEST_RABBITMQ_MQTT_URL`, default
 /// `mqtt://127.0.0.1:1884` (bench/setup-services.sh enables it). Fails when unreachable.
 fn rabbitmq() -> Endpoint {
-    let url = std::env::var("CUTTLE_TEST_RABBITMQ_MQTT_URL")
-        .unwrap_or_else(|_| "mqtt://127.0.0.1:1884".into());
-    let rest = url.strip_prefix("mqtt://").expect("mqtt://host:port");
-    let (host, port) = rest.rsplit_once(':').expect("host:port");
-    let port: u16 = port.parse().expect("port");
-    assert!(
-        std::net::TcpStream::connect((host, port)).is_ok(),
-        "RabbitMQ's MQTT listener at {url} is unreachable; run bench/setup-services.sh"
-    );
-    Endpoint {
-        host: host.into(),
-        port,
-        tls: false,
-    }
+    endpoint_from_env(
+        "CUTTLE_TEST_RABBITMQ_MQTT_URL",
+        "mqtt://127.0.0.1:1884",
+        "run bench/setup-services.sh",
+    )
 }
 
 /// Routing by topic matching (no subscription identifiers) against a reference model: a

@@ -14,6 +14,18 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::*;
 
+/// The `name`s of an `auth` reply's `restoredSubscriptions`, in the reply's order.
+pub fn restored_names(reply: &Value) -> Vec<String> {
+    get(reply, "restoredSubscriptions")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| get_str(e, "name").map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Which broker the proxy under test uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TestBroker {
