@@ -35,7 +35,9 @@
 //! Connect (TCP with `TCP_NODELAY`, optional TLS, CONNECT with a clean start, CONNACK), then
 //! drive the session until it fails; back off (100 ms → 5 s) and go to the next broker of the
 //! list after a failed connect. `upstream.protocol: auto` starts with MQTT 5 and falls back to
-//! 3.1.1 for a broker that refuses it. After a reconnect every desired filter is subscribed
+//! 3.1.1 for a broker that refuses it (a 3.1.1 CONNACK, an MQTT 5 CONNACK saying
+//! "unsupported protocol version", an answer that does not decode as MQTT 5, or a close
+//! without a word — RabbitMQ's answer); the fallback sticks once 3.1.1 is accepted. After a reconnect every desired filter is subscribed
 //! again and unacknowledged QoS 1 publishes are sent again first, in their order.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -184,6 +186,8 @@ impl Drop for Connection {
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Connect timeout of a 3.1.1 attempt after an MQTT 5 CONNECT met a silent close.
+const FALLBACK_TIMEOUT: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Bytes encoded into the write buffer per round at most: big enough that one write carries
 /// hundreds of small publishes, small enough that reading is not starved meanwhile.
@@ -426,8 +430,13 @@ async fn run(shared: Arc<Shared>, o: Options) {
     };
     let n = o.endpoints.len().max(1);
     let mut index = o.first % n;
-    // Per broker: it refused MQTT 5 (auto mode), so use 3.1.1 from now on.
+    // Per broker: it speaks 3.1.1 only (configured, or learnt in auto mode: MQTT 5 was refused
+    // and 3.1.1 then accepted), so use 3.1.1 from now on.
     let mut speaks_311 = vec![o.protocol == Protocol::V3; n];
+    // Auto mode: the last attempt's answer suggested a 3.1.1 broker, try it next. Not sticky
+    // until 3.1.1 is accepted: a broker (or a load balancer) closing before CONNACK for another
+    // reason must not cost a broker that does speak MQTT 5 its subscription ids for good.
+    let mut try_311 = false;
     let mut backoff = BACKOFF_MIN;
     let mut attempt = 0usize;
     loop {
@@ -437,22 +446,33 @@ async fn run(shared: Arc<Shared>, o: Options) {
         let Some(endpoint) = o.endpoints.get(index) else {
             break; // no endpoint at all (validation prevents it)
         };
-        let version = if speaks_311[index] {
+        let version = if speaks_311[index] || try_311 {
             Version::V311
         } else {
             Version::V5
         };
         let name = format!("{}:{}", endpoint.host, endpoint.port);
-        let connecting =
-            tokio::time::timeout(o.connect_timeout, connect(&o, endpoint, version, attempt));
+        // A 3.1.1 attempt after a silent close is a probe: a broker that does speak MQTT 5
+        // may never answer it, so it gets a short timeout.
+        let timeout = if try_311 {
+            o.connect_timeout.min(FALLBACK_TIMEOUT)
+        } else {
+            o.connect_timeout
+        };
+        let connecting = tokio::time::timeout(timeout, connect(&o, endpoint, version, attempt));
         attempt = attempt.wrapping_add(1);
         let outcome = tokio::select! {
-            r = connecting => r.unwrap_or(Err(ConnectError::Timeout(o.connect_timeout))),
+            r = connecting => r.unwrap_or(Err(ConnectError::Timeout(timeout))),
             () = closing_requested(&shared) => break,
         };
         match outcome {
             Ok((stream, ack, leftover)) => {
                 backoff = BACKOFF_MIN;
+                if try_311 {
+                    tracing::info!(client_id = %shared.client_id, endpoint = %name, "the broker does not speak MQTT 5: using MQTT 3.1.1 (routing by topic matching)");
+                    speaks_311[index] = true;
+                    try_311 = false;
+                }
                 let link = session.open(&o, version, &ack);
                 *shared.status.lock() = Some(LinkStatus {
                     endpoint: name.clone(),
@@ -480,18 +500,18 @@ async fn run(shared: Arc<Shared>, o: Options) {
                         tracing::warn!(client_id = %shared.client_id, endpoint = %name, error = %e, "upstream connection lost");
                     }
                 }
-                // Straight back to the same broker once (a blip, a restart); after a failed
-                // connect, the next one.
-                continue;
+                // Back to the same broker first (a blip, a restart), after the shortest
+                // backoff; after a failed connect, the next one.
             }
             Err(ConnectError::Version(_))
                 if o.protocol == Protocol::Auto && version == Version::V5 =>
             {
-                tracing::info!(client_id = %shared.client_id, endpoint = %name, "the broker does not speak MQTT 5: using MQTT 3.1.1 (routing by topic matching)");
-                speaks_311[index] = true;
+                tracing::debug!(client_id = %shared.client_id, endpoint = %name, "MQTT 5 refused: trying MQTT 3.1.1");
+                try_311 = true;
                 continue;
             }
             Err(e) => {
+                try_311 = false;
                 shared.metrics.connect_failed();
                 tracing::debug!(client_id = %shared.client_id, endpoint = %name, error = %e, "upstream connect failed");
                 if n > 1 {
@@ -604,8 +624,9 @@ async fn connect(
             }
         }
         if stream.read_buf(&mut buf).await? == 0 {
-            // Some 3.1.1 brokers just close on a protocol level they do not know.
-            return Err(if version == Version::V5 {
+            // RabbitMQ closes on an MQTT 5 CONNECT without a word. So may a broker still
+            // starting, or a proxy in between: worth one 3.1.1 attempt, not a conclusion.
+            return Err(if version == Version::V5 && buf.is_empty() {
                 ConnectError::Version(version.name())
             } else {
                 ConnectError::Protocol("connection closed before CONNACK".into())
