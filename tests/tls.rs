@@ -596,3 +596,75 @@ fn fixture_text(name: &str) -> String {
 fn public(name: &str) -> KeyPair {
     KeyPair::from_pem(&fixture_text(name)).unwrap()
 }
+
+/// The upstream over TLS (`mqtts://`) to a broker behind a private CA (`upstream.ca_file`): a
+/// TLS terminator in the test, in front of Mosquitto, with a certificate of the test CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_speaks_tls_to_a_broker_behind_a_private_ca() {
+    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::pem::PemObject;
+    let pki = Pki::new();
+    let cert = pki.server_cert("broker");
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(cert.chain_pem.as_bytes())
+            .map(|c| c.unwrap())
+            .collect();
+    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let broker = mosquitto_url().trim_start_matches("mqtt://").to_string();
+    let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = handshakes.clone();
+    let terminator = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, broker, counted) = (acceptor.clone(), broker.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Ok(mut plain) = TcpStream::connect(&broker).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("broker-ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let p = start_proxy_with(
+        &format!("mqtts://127.0.0.1:{port}"),
+        &format!(", ca_file: {}", ca.display()),
+        "",
+        &test_env,
+    )
+    .await;
+    assert_eq!(
+        handshakes.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "both pool connections came through TLS"
+    );
+    let mut sub = Client::login(&p.url, SENSOR1_TOKEN).await;
+    sub.subscribe("chat/general/messages").await;
+    let mut publ = Client::login(&p.url, &hs256(&user_claims("alice"))).await;
+    publ.publish("chat/general/messages", "over tls".into())
+        .await;
+    assert_eq!(
+        get(&sub.frame_of("message").await, "data"),
+        Some(&Value::from("over tls"))
+    );
+    terminator.abort();
+}
