@@ -237,15 +237,7 @@ async fn replicas_on_different_nats_nodes_deliver_to_each_other_and_restore() {
 
     // The SDK's automatic reconnect lands on the other replica (other node): the set
     // written through node 0 is read back through node 1.
-    let mut again = Client::connect(&b.url).await;
-    again
-        .send(map(&[
-            ("type", "auth".into()),
-            ("token", SENSOR1_TOKEN.into()),
-            ("reconnect", true.into()),
-        ]))
-        .await;
-    let reply = again.frame_of("auth").await;
+    let (mut again, reply) = Client::auth_reconnect(&b.url, SENSOR1_TOKEN).await;
     assert_eq!(restored_names(&reply), ["chat/general/messages"]);
     let mut publ_a = Client::login(&a.url, &hs256(&user_claims("alice"))).await;
     until_delivered(&mut publ_a, &mut again, "chat/general/messages", "restored").await;

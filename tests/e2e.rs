@@ -785,23 +785,11 @@ async fn reconnect_restores_subscriptions(b: TestBroker) {
     );
 
     // The SDK's automatic reconnect: `reconnect: true`, and it never re-subscribes.
-    let mut again = Client::connect(&p.url).await;
-    again
-        .send(map(&[
-            ("type", "auth".into()),
-            ("token", SENSOR1_TOKEN.into()),
-            ("reconnect", true.into()),
-        ]))
-        .await;
-    let reply = again.frame_of("auth").await;
-    assert_eq!(get(&reply, "success"), Some(&Value::Boolean(true)));
-    let restored = get(&reply, "restoredSubscriptions")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let mut names: Vec<&str> = restored.iter().filter_map(|e| get_str(e, "name")).collect();
-    names.sort_unstable();
-    assert_eq!(names, ["chat/+/messages", "chat/general/messages"]);
+    let (mut again, reply) = Client::auth_reconnect(&p.url, SENSOR1_TOKEN).await;
+    assert_eq!(
+        restored_names(&reply),
+        ["chat/+/messages", "chat/general/messages"]
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let mut publ = Client::login(&p.url, &hs256(&user_claims("alice"))).await;
@@ -822,15 +810,7 @@ async fn reconnect_restores_subscriptions(b: TestBroker) {
     assert_eq!(get_str(&m, "filter"), Some("a"));
 
     // Another actor has its own (empty) set.
-    let mut other = Client::connect(&p.url).await;
-    other
-        .send(map(&[
-            ("type", "auth".into()),
-            ("token", SENSOR2_TOKEN.into()),
-            ("reconnect", true.into()),
-        ]))
-        .await;
-    let reply = other.frame_of("auth").await;
+    let (_other, reply) = Client::auth_reconnect(&p.url, SENSOR2_TOKEN).await;
     assert_eq!(
         get(&reply, "restoredSubscriptions"),
         Some(&Value::Array(vec![]))

@@ -40,36 +40,6 @@ fn unlisted_user(sub: &str, scope: &str) -> String {
     hs256(&claims)
 }
 
-async fn auth_reconnect(url: &str, token: &str) -> (Client, Value) {
-    let mut c = Client::connect(url).await;
-    c.send(map(&[
-        ("type", "auth".into()),
-        ("token", token.into()),
-        ("reconnect", true.into()),
-    ]))
-    .await;
-    let reply = c.frame_of("auth").await;
-    assert_eq!(
-        get(&reply, "success"),
-        Some(&Value::Boolean(true)),
-        "{reply}"
-    );
-    (c, reply)
-}
-
-fn restored_names(reply: &Value) -> Vec<String> {
-    let mut names: Vec<String> = get(reply, "restoredSubscriptions")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|e| get_str(e, "name").map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-}
-
 /// Finding: the stored set was keyed by (project, actor), so an unlisted JWT user `eve` of
 /// scope acme got her filters back when connecting as `eve` in globex.
 async fn restore_sets_are_keyed_by_scope(b: TestBroker) {
@@ -80,16 +50,16 @@ async fn restore_sets_are_keyed_by_scope(b: TestBroker) {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     drop(acme);
 
-    let (_globex, reply) = auth_reconnect(&p.url, &unlisted_user("eve", "globex")).await;
+    let (_globex, reply) = Client::auth_reconnect(&p.url, &unlisted_user("eve", "globex")).await;
     assert_eq!(
         restored_names(&reply),
         Vec::<String>::new(),
         "eve in globex must not get acme's set"
     );
-    let (_unscoped, reply) = auth_reconnect(&p.url, &hs256(&user_claims("eve"))).await;
+    let (_unscoped, reply) = Client::auth_reconnect(&p.url, &hs256(&user_claims("eve"))).await;
     assert_eq!(restored_names(&reply), Vec::<String>::new(), "unscoped eve");
     // The owner still gets it back.
-    let (_again, reply) = auth_reconnect(&p.url, &unlisted_user("eve", "acme")).await;
+    let (_again, reply) = Client::auth_reconnect(&p.url, &unlisted_user("eve", "acme")).await;
     assert_eq!(restored_names(&reply), ["chat/general/messages"]);
 }
 

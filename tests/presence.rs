@@ -245,14 +245,7 @@ async fn a_dropped_connection_lingers_for_the_grace_and_a_reconnect_does_not_fla
     // its presence without roomId: bob is back in general, and nobody saw him leave.
     drop(bob);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut bob = Client::connect(&p.url).await;
-    bob.send(map(&[
-        ("type", "auth".into()),
-        ("token", token("bob").into()),
-        ("reconnect", true.into()),
-    ]))
-    .await;
-    bob.frame_of("auth").await;
+    let (mut bob, _) = Client::auth_reconnect(&p.url, &token("bob")).await;
     bob.send(presence(None, 1)).await;
     assert_eq!(event(&mut bob).await, ev("join", "bob"));
     no_event_within(&mut watcher, 1000).await;

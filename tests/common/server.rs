@@ -14,16 +14,18 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::*;
 
-/// The `name`s of an `auth` reply's `restoredSubscriptions`, in the reply's order.
+/// The `name`s of an `auth` reply's `restoredSubscriptions`, sorted.
 pub fn restored_names(reply: &Value) -> Vec<String> {
-    get(reply, "restoredSubscriptions")
+    let mut names: Vec<String> = get(reply, "restoredSubscriptions")
         .and_then(Value::as_array)
         .map(|a| {
             a.iter()
                 .filter_map(|e| get_str(e, "name").map(String::from))
                 .collect()
         })
-        .unwrap_or_default()
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
 /// Which broker the proxy under test uses.
@@ -274,6 +276,25 @@ impl Client {
     pub async fn auth(url: &str, token: &str) -> (Self, Value) {
         let mut c = Self::connect(url).await;
         let reply = c.authenticate(token).await;
+        (c, reply)
+    }
+
+    /// Connects and authenticates as the SDK's automatic reconnect does (`reconnect: true`),
+    /// asserting success; returns the `auth` reply (`restoredSubscriptions`).
+    pub async fn auth_reconnect(url: &str, token: &str) -> (Self, Value) {
+        let mut c = Self::connect(url).await;
+        c.send(map(&[
+            ("type", "auth".into()),
+            ("token", token.into()),
+            ("reconnect", true.into()),
+        ]))
+        .await;
+        let reply = c.frame_of("auth").await;
+        assert_eq!(
+            get(&reply, "success"),
+            Some(&Value::Boolean(true)),
+            "{reply}"
+        );
         (c, reply)
     }
 
