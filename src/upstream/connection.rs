@@ -737,9 +737,9 @@ impl Session {
         self.on_input(&mut rbuf, &mut link, &mut wbuf, &mut discard)?;
         loop {
             let now = tokio::time::Instant::now();
+            let closing = *self.shared.closing.lock();
             if !disconnecting {
                 self.fill(&mut link, &mut wbuf);
-                let closing = *self.shared.closing.lock();
                 if let Some(due) = closing {
                     let settled =
                         self.inflight.is_empty() && self.shared.outbox.lock().queue.is_empty();
@@ -766,8 +766,7 @@ impl Session {
                 Some(sent) => sent + link.keep_alive,
                 None => next_ping,
             };
-            let closing_due = *self.shared.closing.lock();
-            let timer = closing_due.map_or(timer, |d| d.min(timer));
+            let timer = closing.map_or(timer, |d| d.min(timer));
             if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
                 rbuf.reserve(READ_CHUNK);
             }
