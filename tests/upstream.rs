@@ -89,7 +89,12 @@ fn mosquitto() -> Endpoint {
 }
 
 fn embedded() -> Endpoint {
-    let b = cuttle::broker::start(1 << 20, 1000, 0, false).expect("embedded broker");
+    embedded_listener(false)
+}
+
+/// A new embedded broker; `v311`: its listener speaks MQTT 3.1.1 (`upstream.protocol: v3`).
+fn embedded_listener(v311: bool) -> Endpoint {
+    let b = cuttle::broker::start(1 << 20, 1000, 0, v311).expect("embedded broker");
     Endpoint {
         host: b.addr.ip().to_string(),
         port: b.addr.port(),
@@ -834,16 +839,6 @@ fn settings_v(pool: usize, protocol: Protocol) -> UpstreamSettings {
     }
 }
 
-/// The embedded broker with its MQTT 3.1.1 listener (`upstream.protocol: v3`).
-fn embedded_v311() -> Endpoint {
-    let b = cuttle::broker::start(1 << 20, 1000, 0, true).expect("embedded broker");
-    Endpoint {
-        host: b.addr.ip().to_string(),
-        port: b.addr.port(),
-        tls: false,
-    }
-}
-
 /// RabbitMQ's MQTT plugin (3.1.1 only): `CUTTLE_TEST_RABBITMQ_MQTT_URL`, default
 /// `mqtt://127.0.0.1:1884` (bench/setup-services.sh enables it). Fails when unreachable.
 fn rabbitmq() -> Endpoint {
@@ -954,7 +949,7 @@ async fn topic_matching_routes_exactly_mosquitto_v311() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topic_matching_routes_exactly_embedded_v311() {
-    topic_matching_routes_exactly(embedded_v311(), Protocol::V3, 3).await;
+    topic_matching_routes_exactly(embedded_listener(true), Protocol::V3, 3).await;
 }
 
 /// RabbitMQ 3.10 speaks MQTT 3.1.1 only: `auto` must find that out by itself.
