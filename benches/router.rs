@@ -109,8 +109,7 @@ impl Fanout {
                 outbox,
             };
             let mut m = router.membership(session, 1024);
-            m.replace(&filters, 1, &sub, Reply::None)
-                .expect("subscribed");
+            m.replace(&filters, &sub, Reply::None).expect("subscribed");
             members.push(m);
             queues.push(rx);
             overflows.push(overflow);
@@ -243,7 +242,7 @@ fn churn(c: &mut Criterion) {
             // Each subscription string is the session's own; each filter is distinct.
             let topic = format!("{TOPIC}#{k}");
             let f = filtered(&router, &actor, &format!("s{session}-{k}"));
-            m.replace(&f, 1, &subscriber(session, &outbox, &topic), Reply::None)
+            m.replace(&f, &subscriber(session, &outbox, &topic), Reply::None)
                 .expect("subscribed");
         }
         members.push(m);
@@ -262,7 +261,7 @@ fn churn(c: &mut Criterion) {
         b.iter(|| {
             members[0].remove(&topic0);
             members[0]
-                .replace(&f0, 1, &subscriber(0, &outboxes[0], &topic0), Reply::None)
+                .replace(&f0, &subscriber(0, &outboxes[0], &topic0), Reply::None)
                 .expect("subscribed");
         })
     });
@@ -278,7 +277,7 @@ fn churn(c: &mut Criterion) {
         let session = CHURN_SESSIONS + i;
         let (outbox, rx, _) = Outbox::channel(BATCH as usize, usize::MAX);
         let mut m = router.membership(session, 1024);
-        m.replace(&hot, 1, &subscriber(session, &outbox, TOPIC), Reply::None)
+        m.replace(&hot, &subscriber(session, &outbox, TOPIC), Reply::None)
             .expect("subscribed");
         hot_members.push(m);
         hot_queues.push(rx);
@@ -313,7 +312,7 @@ fn churn(c: &mut Criterion) {
                     socket_id: "churn".into(),
                     outbox: outboxes[s].clone(),
                 };
-                let _ = members[s].replace(&f, 1, &sub, Reply::None);
+                let _ = members[s].replace(&f, &sub, Reply::None);
                 churned.fetch_add(1, Ordering::Relaxed);
                 i += 1;
             }

@@ -468,7 +468,6 @@ impl Router {
     fn join(
         &self,
         filter: &str,
-        qos: u8,
         key: u64,
         sub: &Subscriber,
         ready: &Arc<Ready>,
@@ -504,7 +503,7 @@ impl Router {
                     },
                 );
                 if let Some(pool) = self.pool.get() {
-                    pool.subscribe(&filter, crate::upstream::qos(qos), id);
+                    pool.subscribe(&filter, id);
                 }
                 id
             }
@@ -612,11 +611,8 @@ impl Router {
                             waiters: vec![tx],
                         },
                     );
-                    // QoS 0: a one-shot read of a retained message gains nothing from
-                    // acknowledgements, and on NATS a QoS 1 subscription is a JetStream
-                    // consumer, created too slowly for a reconnect's restore budget.
                     if let Some(pool) = self.pool.get() {
-                        pool.subscribe(&filter, crate::upstream::qos(0), id);
+                        pool.subscribe(&filter, id);
                     }
                 }
             }
@@ -905,7 +901,6 @@ impl Membership {
     pub fn replace(
         &mut self,
         filters: &[String],
-        qos: u8,
         sub: &Subscriber,
         reply: Reply,
     ) -> Result<Readiness, JoinError> {
@@ -928,7 +923,7 @@ impl Membership {
         });
         let mut joined = Vec::with_capacity(filters.len());
         for f in filters {
-            match self.router.join(f, qos, key, sub, &ready) {
+            match self.router.join(f, key, sub, &ready) {
                 Ok(j) => joined.push(j),
                 Err(e) => {
                     // Undo the joins this call made that the old set does not hold.

@@ -136,10 +136,10 @@ async fn roundtrip_with(endpoint: Endpoint, protocol: Protocol) {
 
     // Two levels, like every filter the router makes: `[prefix/]app/scope/…`.
     let base = format!("{}/acme", unique("rt"));
-    pool.subscribe(&arc(format!("{base}/#")), qos(1), 7);
+    pool.subscribe(&arc(format!("{base}/#")), 7);
     // Overlapping filters: one message carries both subscription ids, whichever connection
     // each filter lives on, and whether the broker sends one copy or two.
-    pool.subscribe(&arc(format!("{base}/+")), qos(1), 8);
+    pool.subscribe(&arc(format!("{base}/+")), 8);
     // Subscriptions are applied asynchronously: publish until the first one arrives.
     let payload = Bytes::from_static(b"\x92\x01\xc4\x02\x00\xff"); // msgpack with a bin inside
     let got = tokio::time::timeout(Duration::from_secs(10), async {
@@ -378,7 +378,7 @@ async fn a_publish_over_the_brokers_packet_limit_is_refused_not_paid_for_by_the_
     wait_ready(&pool).await;
     let base = unique("mps");
     let filter = arc(format!("{base}/#"));
-    pool.subscribe(&filter, qos(1), 3);
+    pool.subscribe(&filter, 3);
     let (_, id, granted) = tokio::time::timeout(Duration::from_secs(5), subacks.recv())
         .await
         .unwrap()
@@ -476,7 +476,7 @@ async fn acknowledgements_survive_a_broker_restart() {
     let pool = Pool::start(&settings(1), vec![broker.endpoint()], 1 << 20, dispatch);
     wait_ready(&pool).await;
     let base = unique("restart");
-    pool.subscribe(&arc(format!("{base}/#")), qos(1), 5);
+    pool.subscribe(&arc(format!("{base}/#")), 5);
     assert!(
         subacks
             .recv()
@@ -545,7 +545,7 @@ async fn resubscribe_with_a_new_id(endpoint: Endpoint) {
     wait_ready(&pool).await;
     let base = unique("reid");
     let filter = arc(format!("{base}/#"));
-    pool.subscribe(&filter, qos(1), 7);
+    pool.subscribe(&filter, 7);
     assert!(
         subacks
             .recv()
@@ -555,7 +555,7 @@ async fn resubscribe_with_a_new_id(endpoint: Endpoint) {
     for next in [9usize, 11, 13] {
         // Leave and rejoin at once, as a reloading page does.
         pool.unsubscribe(&filter, next - 2);
-        pool.subscribe(&filter, qos(1), next);
+        pool.subscribe(&filter, next);
         let (_, id, ok) = tokio::time::timeout(Duration::from_secs(5), subacks.recv())
             .await
             .expect("the new id is subscribed")
@@ -599,7 +599,7 @@ async fn a_burst_of_subscribes_larger_than_receive_maximum(endpoint: Endpoint) {
     wait_ready(&pool).await;
     let base = unique("burst");
     for i in 0..BURST {
-        pool.subscribe(&arc(format!("{base}/{i}")), qos(1), 1000 + i);
+        pool.subscribe(&arc(format!("{base}/{i}")), 1000 + i);
     }
     let mut granted = std::collections::HashMap::new();
     while granted.len() < BURST {
@@ -681,9 +681,9 @@ async fn an_unsubscribed_shared_subscription_delivers_nothing(endpoint: Endpoint
             .unwrap();
         assert_eq!((id, ok), (want, true));
     };
-    pool.subscribe(&shared, qos(1), 1);
+    pool.subscribe(&shared, 1);
     granted(&mut subacks, 1).await;
-    pool.subscribe(&plain, qos(1), 2);
+    pool.subscribe(&plain, 2);
     granted(&mut subacks, 2).await;
     assert_eq!(publish(&mut messages).await, [vec![1], vec![2]]);
 
@@ -691,7 +691,7 @@ async fn an_unsubscribed_shared_subscription_delivers_nothing(endpoint: Endpoint
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(publish(&mut messages).await, [vec![2]], "after UNSUBSCRIBE");
 
-    pool.subscribe(&shared, qos(1), 3);
+    pool.subscribe(&shared, 3);
     granted(&mut subacks, 3).await;
     assert_eq!(
         publish(&mut messages).await,
@@ -702,7 +702,7 @@ async fn an_unsubscribed_shared_subscription_delivers_nothing(endpoint: Endpoint
     // Leave and rejoin at once (no linger), twice.
     for id in [4, 5] {
         pool.unsubscribe(&shared, id - 1);
-        pool.subscribe(&shared, qos(1), id);
+        pool.subscribe(&shared, id);
         granted(&mut subacks, id).await;
         assert_eq!(
             publish(&mut messages).await,
@@ -739,7 +739,7 @@ async fn a_clean_disconnect_sends_what_came_before_and_no_will(endpoint: Endpoin
     );
     wait_ready(&listener).await;
     let base = unique("bye");
-    listener.subscribe(&arc(format!("{base}/#")), qos(1), 9);
+    listener.subscribe(&arc(format!("{base}/#")), 9);
     let (sink, _) = mpsc::unbounded_channel();
     let will = (format!("{base}/will"), Bytes::from_static(b"gone"));
     let sender = Pool::start_with_will(
@@ -886,7 +886,7 @@ async fn topic_matching_routes_exactly(endpoint: Endpoint, protocol: Protocol, s
             let id = next_id;
             next_id += 1;
             live.insert(filter.clone(), id);
-            pool.subscribe(&arc(filter.clone()), qos(1), id);
+            pool.subscribe(&arc(filter.clone()), id);
             tokio::time::timeout(Duration::from_secs(10), async {
                 loop {
                     let (f, got, ok) = subacks.recv().await.unwrap();
@@ -978,7 +978,7 @@ async fn shared_subscriptions_are_refused_without_subscription_ids() {
     );
     wait_ready(&pool).await;
     let base = unique("share311");
-    pool.subscribe(&arc(format!("$share/g/{base}/acme/#")), qos(1), 9);
+    pool.subscribe(&arc(format!("$share/g/{base}/acme/#")), 9);
     let (_, id, granted) = tokio::time::timeout(Duration::from_secs(5), subacks.recv())
         .await
         .expect("an answer")

@@ -10,7 +10,8 @@
 //! Layout: [`wire`] speaks each protocol as a client; [`targets`] starts and stops the
 //! servers; [`scenario`] drives fan-out, fan-in, idle and connect; [`noisy`] measures one
 //! tenant's latency while another attacks the proxy (cuttle only); [`report`] writes the
-//! tables, ratios and plots; [`presence`] times two replicas agreeing on room presence
+//! tables, ratios and plots; [`rooms`] runs many small rooms at a chat rate and measures
+//! bystanders under subscribe/unsubscribe churn; [`presence`] times two replicas agreeing on room presence
 //! after join and leave storms (cuttle only); [`broadcast`] is the ceiling baseline server;
 //! [`sys`] reads /proc.
 //! The proxy itself runs as a child process of this binary (`serve-proxy`, exactly the
@@ -20,6 +21,7 @@ mod broadcast;
 mod noisy;
 mod presence;
 mod report;
+mod rooms;
 mod scenario;
 mod sys;
 mod targets;
@@ -89,7 +91,7 @@ struct RunArgs {
     /// (`noisy`, the noisy-neighbour scenario, `presence`, two replicas' presence
     /// convergence under join storms, and `webhooks`, the fan-out with every webhook event
     /// sent to a slow receiver, run against the cuttle targets only.)
-    #[arg(long, value_delimiter = ',', default_values_t = ["fanout".to_string(), "fanin".into(), "connect".into(), "idle".into(), "noisy".into(), "presence".into(), "webhooks".into()])]
+    #[arg(long, value_delimiter = ',', default_values_t = ["fanout".to_string(), "fanin".into(), "rooms".into(), "churn".into(), "connect".into(), "idle".into(), "noisy".into(), "presence".into(), "webhooks".into()])]
     scenarios: Vec<String>,
     #[arg(long, value_delimiter = ',', default_values_t = [100, 1000, 5000])]
     fanout_n: Vec<usize>,
@@ -100,6 +102,10 @@ struct RunArgs {
     /// server needs a few dozen fds of its own.
     #[arg(long, value_delimiter = ',', default_values_t = [1000, 5000, 10000, 19500])]
     idle_n: Vec<usize>,
+    /// QoS levels of the fan-out, fan-in and rooms phases (QoS 1 only on the targets that
+    /// have it: not NATS core, not the broadcast server).
+    #[arg(long, value_delimiter = ',', default_values_t = [0, 1])]
+    qos: Vec<u8>,
     /// Payload sizes in bytes (at least 12: phase and timestamp).
     #[arg(long, value_delimiter = ',', default_values_t = [64, 1024])]
     payloads: Vec<usize>,
@@ -273,11 +279,29 @@ async fn run(mut args: RunArgs) -> Result<()> {
     }
     // Each idle client is one fd here and one in the server (children inherit the limit); the
     // presence members are held all at once, as are their replicas' sockets.
-    let want_fds = args.idle_n.iter().copied().max().unwrap_or(0).max(
-        presence_shape
-            .big_room
-            .max(presence_shape.rooms * presence_shape.room_size),
-    ) as u64
+    let (rooms_shape, churn_shape) = if args.smoke {
+        (rooms::RoomsShape::smoke(), rooms::ChurnShape::smoke())
+    } else {
+        (
+            rooms::RoomsShape::full(args.duration),
+            rooms::ChurnShape::full(args.duration),
+        )
+    };
+    if args.qos.iter().any(|q| *q > 1) {
+        bail!("--qos takes 0 and 1 (QoS 2 is capped at 1 by the proxy)");
+    }
+    let want_fds = args
+        .idle_n
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(
+            presence_shape
+                .big_room
+                .max(presence_shape.rooms * presence_shape.room_size),
+        )
+        .max(rooms_shape.clients()) as u64
         + 400;
     let fds = sys::raise_fd_limit(want_fds)?;
     if fds < want_fds {
@@ -290,6 +314,9 @@ async fn run(mut args: RunArgs) -> Result<()> {
         fanin_n: args.fanin_n.clone(),
         idle_n: args.idle_n.clone(),
         payloads: args.payloads.clone(),
+        qos: args.qos.clone(),
+        rooms: rooms_shape,
+        churn: churn_shape,
         duration: args.duration,
         fixed_rate: args.fixed_rate,
         window_per_subscriber: args.window,
@@ -396,13 +423,23 @@ fn smoke_check(results: &Results, args: &RunArgs) -> Result<()> {
                 .collect();
             let tenants = matches!(target, Target::CuttleEmbedded | Target::CuttleMosquitto);
             let cuttle_only = matches!(scenario.as_str(), "noisy" | "presence" | "webhooks");
-            if rows.is_empty() && (!cuttle_only || tenants) {
+            let applies = if cuttle_only {
+                tenants
+            } else {
+                target.runs(scenario)
+            };
+            if rows.is_empty() && applies {
                 problems.push(format!("{target} {scenario}: no figures"));
             }
             for r in rows {
                 let measured = match scenario.as_str() {
-                    "fanout" | "fanin" | "webhooks" => {
+                    "fanout" | "fanin" | "webhooks" | "rooms" => {
                         r.delivered_per_s.is_some_and(|v| v > 0.0) && r.p99_us.is_some()
+                    }
+                    // The bystanders were measured; under churn, the churners churned.
+                    "churn" => {
+                        r.p99_us.is_some()
+                            && (r.mode == "alone" || r.churn_per_s.is_some_and(|v| v > 0.0))
                     }
                     "idle" => r.rss_per_conn_kib.is_some(),
                     "connect" => r.connects_per_s.is_some_and(|v| v > 0.0),

@@ -24,7 +24,12 @@ pub struct Results {
     pub records: Vec<Record>,
 }
 
-const CUTTLES: [Target; 2] = [Target::CuttleEmbedded, Target::CuttleMosquitto];
+const CUTTLES: [Target; 4] = [
+    Target::CuttleEmbedded,
+    Target::CuttleMosquitto,
+    Target::CuttleNats,
+    Target::CuttleRabbitmq,
+];
 const BASELINES: [Target; 4] = [
     Target::RabbitmqWebMqtt,
     Target::NatsWs,
@@ -244,6 +249,24 @@ pub fn markdown(r: &Results, plots: &str) -> String {
     );
     out.push_str("### Fan-in at a fixed load: p50 / p99 / p99.9 latency\n\n");
     out.push_str(&table(r, "fanin", "fixed", percentile_triple));
+    if r.records.iter().any(|x| x.qos == 1) {
+        out.push_str(
+            "\n### QoS 1 (the SDK's default)\n\n\
+             Publishes at QoS 1 and subscriptions at QoS 1: MQTT clients PUBACK every delivery \
+             and read their publishes' PUBACKs; cuttle publishes upstream at QoS 1 and waits for \
+             the broker's PUBACK (its broker subscriptions are QoS 0, README \"Deviations\"). \
+             NATS core and the broadcast server have no QoS 1 (–).\n\n",
+        );
+        out.push_str("Fan-out, max sustained rate (deliveries/s):\n\n");
+        out.push_str(&table(r, "fanout", "max-qos1", thr));
+        out.push_str("\nFan-out at the fixed load: p50 / p99 / p99.9:\n\n");
+        out.push_str(&table(r, "fanout", "fixed-qos1", percentile_triple));
+        out.push_str("\nFan-in, max sustained rate (deliveries/s):\n\n");
+        out.push_str(&table(r, "fanin", "max-qos1", thr));
+        out.push_str("\nFan-in at the fixed load: p50 / p99 / p99.9:\n\n");
+        out.push_str(&table(r, "fanin", "fixed-qos1", percentile_triple));
+    }
+    rooms_and_churn(&mut out, r);
     out.push_str("\n### Idle connections (2 subscriptions each): server RSS per connection\n\n");
     out.push_str(&table(r, "idle", "idle", |x| {
         x.rss_per_conn_kib.map(|k| format!("{k:.1} KiB"))
@@ -272,6 +295,20 @@ pub fn markdown(r: &Results, plots: &str) -> String {
     out.push_str(&ratio_table(r, "fanout", "fixed", |x| x.p99_us));
     out.push_str("\nFan-in throughput at max rate (higher is better):\n\n");
     out.push_str(&ratio_table(r, "fanin", "max", |x| x.delivered_per_s));
+    if r.records.iter().any(|x| x.qos == 1) {
+        out.push_str("\nQoS 1 fan-out throughput at max rate (higher is better):\n\n");
+        out.push_str(&ratio_table(r, "fanout", "max-qos1", |x| x.delivered_per_s));
+        out.push_str("\nQoS 1 fan-in throughput at max rate (higher is better):\n\n");
+        out.push_str(&ratio_table(r, "fanin", "max-qos1", |x| x.delivered_per_s));
+    }
+    if r.records.iter().any(|x| x.scenario == "rooms") {
+        out.push_str("\nRooms, p99 latency (lower is better):\n\n");
+        for mode in modes_of(r, "rooms") {
+            let _ = writeln!(out, "`{mode}`:\n");
+            out.push_str(&ratio_table(r, "rooms", &mode, |x| x.p99_us));
+            out.push('\n');
+        }
+    }
     out.push_str("\nIdle RSS per connection (lower is better):\n\n");
     out.push_str(&ratio_table(r, "idle", "idle", |x| x.rss_per_conn_kib));
     out.push_str("\nConnects per second, plain (higher is better):\n\n");
@@ -307,11 +344,214 @@ pub fn markdown(r: &Results, plots: &str) -> String {
             );
         }
     }
+    fanin_minus_direct(&mut out, r);
+    goals(&mut out, r);
     out.push_str("\nServer CPU during fan-out at max rate (cores busy; the load generator shares the machine):\n\n");
     out.push_str(&table(r, "fanout", "max", |x| {
         x.server_cores.map(|c| format!("{c:.2}"))
     }));
     out
+}
+
+/// The modes of `scenario` in the results, in first-seen order.
+fn modes_of(r: &Results, scenario: &str) -> Vec<String> {
+    let mut modes: Vec<String> = Vec::new();
+    for x in r.records.iter().filter(|x| x.scenario == scenario) {
+        if x.mode != "failed" && !modes.contains(&x.mode) {
+            modes.push(x.mode.clone());
+        }
+    }
+    modes
+}
+
+/// The rooms and churn tables (when the results hold them).
+fn rooms_and_churn(out: &mut String, r: &Results) {
+    let thr = |x: &Record| x.delivered_per_s.map(rate);
+    let rooms = modes_of(r, "rooms");
+    if !rooms.is_empty() {
+        out.push_str(
+            "\n### Rooms: many small rooms at a chat rate\n\n\
+             N clients in rooms of 10 (1,000 rooms in the full run), each subscribed to its \
+             room and publishing on it: `chat` = one message per client every 5 s, `busy` = \
+             every second; every message reaches the room's members, the sender included. \
+             Deliveries/s, then p50 / p99 / p99.9.\n\n",
+        );
+        for mode in &rooms {
+            let _ = writeln!(out, "`{mode}`:\n");
+            out.push_str(&table(r, "rooms", mode, thr));
+            out.push('\n');
+            out.push_str(&table(r, "rooms", mode, percentile_triple));
+            out.push('\n');
+        }
+    }
+    if r.records.iter().any(|x| x.scenario == "churn") {
+        out.push_str(
+            "### Churn: bystanders' latency while others subscribe and unsubscribe\n\n\
+             N bystanders receive the fixed load (1 KiB in the full run); `churn` adds 200 \
+             connections subscribing to and unsubscribing from distinct room topics, 2,000 \
+             operations/s in all, each waiting for its acknowledgement. Bystanders' p50 / p99 / \
+             p99.9:\n\n",
+        );
+        for mode in ["alone", "churn"] {
+            let _ = writeln!(out, "`{mode}`:\n");
+            out.push_str(&table(r, "churn", mode, percentile_triple));
+            out.push('\n');
+        }
+        out.push_str("Churn achieved (operations/s) and one operation's p99 round trip:\n\n");
+        out.push_str(&table(r, "churn", "churn", |x| {
+            Some(format!(
+                "{} · {}",
+                x.churn_per_s.map_or("–".into(), rate),
+                x.churn_p99_us.map_or("–".into(), latency)
+            ))
+        }));
+        out.push('\n');
+    }
+}
+
+/// The upstream issue's targets, each with its figure, the figure it is held against and
+/// whether it was met (cuttle-embedded and cuttle-mosquitto; every (N, payload) measured).
+fn goals(out: &mut String, r: &Results) {
+    let fig =
+        |t: Target, sc: &str, n: usize, p: usize, mode: &str, f: fn(&Record) -> Option<f64>| {
+            find(r, t, sc, n, p, mode).and_then(f)
+        };
+    let thr: fn(&Record) -> Option<f64> = |x| x.delivered_per_s;
+    let p99: fn(&Record) -> Option<f64> = |x| x.p99_us;
+    let mut rows: Vec<String> = Vec::new();
+    let verdict = |ok: bool| if ok { "✓" } else { "✗" };
+    let pair = [Target::CuttleEmbedded, Target::CuttleMosquitto];
+    // Fan-in ≥ 1× NATS WebSocket, QoS 0.
+    for (n, p) in keys(r, "fanin", "max") {
+        for c in pair {
+            if let (Some(a), Some(b)) = (
+                fig(c, "fanin", n, p, "max", thr),
+                fig(Target::NatsWs, "fanin", n, p, "max", thr),
+            ) {
+                rows.push(format!(
+                    "| fan-in ≥ 1× nats-ws, QoS 0 · {n} · {} | {c} | {} vs {} | {:.2}× | {} |",
+                    payload_name(p),
+                    rate(a),
+                    rate(b),
+                    a / b,
+                    verdict(a >= b)
+                ));
+            }
+        }
+    }
+    // Fan-in p99 at the fixed load ≤ direct MQTT + 0.5 ms, QoS 0 and 1.
+    for mode in ["fixed", "fixed-qos1"] {
+        for (n, p) in keys(r, "fanin", mode) {
+            for c in pair {
+                if let (Some(a), Some(b)) = (
+                    fig(c, "fanin", n, p, mode, p99),
+                    fig(Target::MosquittoTcp, "fanin", n, p, mode, p99),
+                ) {
+                    rows.push(format!("| fan-in p99 ≤ mosquitto-tcp + 0.5 ms, {} · {n} · {} | {c} | {} vs {} | {:+.2} ms | {} |", if mode == "fixed" { "QoS 0" } else { "QoS 1" }, payload_name(p), latency(a), latency(b), (a - b) / 1000.0, verdict(a - b <= 500.0)));
+                }
+            }
+        }
+    }
+    // Fan-out ≥ 1× NATS WebSocket and ≥ 0.8× the broadcast ceiling.
+    for (n, p) in keys(r, "fanout", "max") {
+        for c in pair {
+            let Some(a) = fig(c, "fanout", n, p, "max", thr) else {
+                continue;
+            };
+            if let Some(b) = fig(Target::NatsWs, "fanout", n, p, "max", thr) {
+                rows.push(format!(
+                    "| fan-out ≥ 1× nats-ws · {n} · {} | {c} | {} vs {} | {:.2}× | {} |",
+                    payload_name(p),
+                    rate(a),
+                    rate(b),
+                    a / b,
+                    verdict(a >= b)
+                ));
+            }
+            if let Some(b) = fig(Target::WsBroadcast, "fanout", n, p, "max", thr) {
+                rows.push(format!(
+                    "| fan-out ≥ 0.8× ws-broadcast · {n} · {} | {c} | {} vs {} | {:.2}× | {} |",
+                    payload_name(p),
+                    rate(a),
+                    rate(b),
+                    a / b,
+                    verdict(a >= 0.8 * b)
+                ));
+            }
+        }
+    }
+    // Embedded fan-out p99 at 100 × 1 KiB ≤ Mosquitto-backed + 0.5 ms.
+    for mode in ["fixed", "fixed-qos1"] {
+        if let (Some(a), Some(b)) = (
+            fig(Target::CuttleEmbedded, "fanout", 100, 1024, mode, p99),
+            fig(Target::CuttleMosquitto, "fanout", 100, 1024, mode, p99),
+        ) {
+            rows.push(format!("| embedded fan-out p99 ≤ cuttle-mosquitto + 0.5 ms, {} · 100 · 1 KiB | cuttle-embedded | {} vs {} | {:+.2} ms | {} |", if mode == "fixed" { "QoS 0" } else { "QoS 1" }, latency(a), latency(b), (a - b) / 1000.0, verdict(a - b <= 500.0)));
+        }
+    }
+    // Idle RSS per connection ≤ the broadcast server's.
+    for (n, _) in keys(r, "idle", "idle") {
+        for c in pair {
+            let rss: fn(&Record) -> Option<f64> = |x| x.rss_per_conn_kib;
+            if let (Some(a), Some(b)) = (
+                fig(c, "idle", n, 0, "idle", rss),
+                fig(Target::WsBroadcast, "idle", n, 0, "idle", rss),
+            ) {
+                rows.push(format!("| idle RSS/connection ≤ ws-broadcast · {n} | {c} | {a:.1} vs {b:.1} KiB | {:.2}× | {} |", a / b, verdict(a <= b)));
+            }
+        }
+    }
+    if rows.is_empty() {
+        return;
+    }
+    out.push_str("\n### The upstream issue's targets\n\n| target · N · payload | cuttle | figure vs baseline | ratio / difference | met |\n|---|---|---:|---:|:---:|\n");
+    for row in rows {
+        out.push_str(&row);
+        out.push('\n');
+    }
+}
+
+/// Fan-in p99 at the fixed load, cuttle − direct MQTT, at each QoS (target ≤ +0.5 ms).
+fn fanin_minus_direct(out: &mut String, r: &Results) {
+    if !r
+        .records
+        .iter()
+        .any(|x| x.target == Target::MosquittoTcp.name() && x.scenario == "fanin")
+    {
+        return;
+    }
+    let cuttles: Vec<Target> = CUTTLES
+        .into_iter()
+        .filter(|t| targets_in(r).contains(t))
+        .collect();
+    out.push_str("\nFan-in p99 at the fixed load, cuttle − direct MQTT (target ≤ +0.5 ms):\n\n| QoS · N · payload |");
+    for c in &cuttles {
+        let _ = write!(out, " {c} |");
+    }
+    out.push_str("\n|---|");
+    for _ in &cuttles {
+        out.push_str("---:|");
+    }
+    out.push('\n');
+    for (qos, mode) in [(0, "fixed"), (1, "fixed-qos1")] {
+        for (n, payload) in keys(r, "fanin", mode) {
+            let base =
+                find(r, Target::MosquittoTcp, "fanin", n, payload, mode).and_then(|x| x.p99_us);
+            let _ = write!(out, "| {qos} · {n} · {} |", payload_name(payload));
+            for &c in &cuttles {
+                match (
+                    find(r, c, "fanin", n, payload, mode).and_then(|x| x.p99_us),
+                    base,
+                ) {
+                    (Some(a), Some(b)) => {
+                        let _ = write!(out, " {:+.2} ms |", (a - b) / 1000.0);
+                    }
+                    _ => out.push_str(" – |"),
+                }
+            }
+            out.push('\n');
+        }
+    }
 }
 
 /// The noisy-neighbour block (between the `noisy` markers): per cuttle target, the victim's

@@ -35,6 +35,13 @@ pub struct Plan {
     pub fanin_n: Vec<usize>,
     pub idle_n: Vec<usize>,
     pub payloads: Vec<usize>,
+    /// QoS levels of the fan-out and fan-in phases (0, 1); QoS 1 only where the protocol
+    /// has it ([`crate::wire::Protocol::has_qos1`]).
+    pub qos: Vec<u8>,
+    /// The rooms scenario's shape.
+    pub rooms: crate::rooms::RoomsShape,
+    /// The churn scenario's shape.
+    pub churn: crate::rooms::ChurnShape,
     /// Length of each measured phase.
     pub duration: Duration,
     /// Deliveries per second in the fixed-rate mode.
@@ -64,8 +71,12 @@ pub struct Record {
     /// concurrency for connect).
     pub n: usize,
     pub payload: usize,
-    /// `max` or `fixed` (throughput phases), `plain` or `tls` (connect), `idle`.
+    /// `max` or `fixed` (throughput phases; `max-qos1`, `fixed-qos1` at QoS 1), `plain` or
+    /// `tls` (connect), `idle`, `chat`/`busy` (rooms), `alone`/`churn` (churn).
     pub mode: String,
+    /// QoS of the publishes and subscriptions (0 where the scenario has none).
+    #[serde(default)]
+    pub qos: u8,
     pub published_per_s: Option<f64>,
     pub delivered_per_s: Option<f64>,
     pub p50_us: Option<f64>,
@@ -91,6 +102,39 @@ pub struct Record {
     /// Webhooks: events the slow receiver got during the scenario (over all its phases).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook_events: Option<u64>,
+    /// Churn: subscribe + unsubscribe operations completed per second during the phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub churn_per_s: Option<f64>,
+    /// Churn: p99 of one subscribe or unsubscribe round trip (request → acknowledgement).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub churn_p99_us: Option<f64>,
+}
+
+/// The throughput-phase mode label: `max`/`fixed` at QoS 0 (the labels of earlier runs),
+/// `max-qos1`/`fixed-qos1` at QoS 1.
+pub fn throughput_mode(fixed: bool, qos: u8) -> String {
+    let base = if fixed { "fixed" } else { "max" };
+    if qos == 0 {
+        base.to_string()
+    } else {
+        format!("{base}-qos{qos}")
+    }
+}
+
+/// The QoS levels of `plan` that `running`'s protocol has.
+pub(crate) fn qos_levels(running: &Running, plan: &Plan) -> Vec<u8> {
+    let has_qos1 = running.endpoint.protocol.has_qos1();
+    plan.qos
+        .iter()
+        .copied()
+        .filter(|&q| q == 0 || has_qos1)
+        .collect()
+}
+
+/// The QoS subscribers take so that every level of `plan` reaches them as published (MQTT
+/// delivers at the lower of the publish and subscription QoS).
+pub(crate) fn subscriber_qos(running: &Running, plan: &Plan) -> u8 {
+    qos_levels(running, plan).into_iter().max().unwrap_or(0)
 }
 
 const SHARDS: usize = 16;
@@ -166,21 +210,15 @@ pub(crate) async fn subscriber_loop(index: usize, mut client: Client, shared: Ar
     loop {
         match client.next_payload().await {
             Ok(Some(payload)) => {
-                let Some((phase_id, sent)) = Payload::read(&payload) else {
-                    continue;
-                };
-                if phase_id == FOREIGN_PHASE {
+                if Payload::read(&payload).is_some_and(|(id, _)| id == FOREIGN_PHASE) {
                     shared.foreign.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                let phase = shared.current.load();
-                if phase.id != phase_id {
-                    continue;
+                record_delivery(&shared.current.load(), index, &payload);
+                if client.flush_acks().await.is_err() {
+                    shared.disconnected.fetch_add(1, Ordering::Relaxed);
+                    return;
                 }
-                let latency = crate::wire::now_ns().saturating_sub(sent).max(1_000);
-                let _ = phase.histograms[index % SHARDS].lock().record(latency);
-                phase.delivered.fetch_add(1, Ordering::Relaxed);
-                phase.window.add_permits(1);
             }
             Ok(None) | Err(_) => {
                 shared.disconnected.fetch_add(1, Ordering::Relaxed);
@@ -188,6 +226,21 @@ pub(crate) async fn subscriber_loop(index: usize, mut client: Client, shared: Ar
             }
         }
     }
+}
+
+/// Counts `payload` in `phase` (latency into shard `index`, one window permit back) if it
+/// belongs to it; payloads of other phases are stragglers and ignored.
+pub(crate) fn record_delivery(phase: &Phase, index: usize, payload: &[u8]) {
+    let Some((phase_id, sent)) = Payload::read(payload) else {
+        return;
+    };
+    if phase.id != phase_id {
+        return;
+    }
+    let latency = crate::wire::now_ns().saturating_sub(sent).max(1_000);
+    let _ = phase.histograms[index % SHARDS].lock().record(latency);
+    phase.delivered.fetch_add(1, Ordering::Relaxed);
+    phase.window.add_permits(1);
 }
 
 /// Connects `count` clients starting at `first_index`, `concurrency` at a time, running
@@ -318,6 +371,7 @@ pub async fn fanout(running: &Running, plan: &Plan, out: &mut Vec<Record>) -> Re
     let mut connected = 0usize;
     let mut publisher = Client::connect(ep, 0).await.context("fan-out publisher")?;
     let mut warmed = false;
+    let sub_qos = subscriber_qos(running, plan);
     for &n in &plan.fanout_n {
         let (clients, failed) = connect_many(
             ep,
@@ -325,6 +379,7 @@ pub async fn fanout(running: &Running, plan: &Plan, out: &mut Vec<Record>) -> Re
             n.saturating_sub(connected),
             plan.ramp_concurrency,
             |mut c| async move {
+                c.set_qos(sub_qos);
                 c.subscribe(false).await?;
                 Ok(c)
             },
@@ -351,7 +406,8 @@ pub async fn fanout(running: &Running, plan: &Plan, out: &mut Vec<Record>) -> Re
             .await?;
             warmed = true;
         }
-        for &payload in &plan.payloads {
+        for (payload, qos) in iproduct(&plan.payloads, &qos_levels(running, plan)) {
+            publisher.set_qos(qos);
             for fixed in [false, true] {
                 let cpu = CpuMeter::start(running.server_pid);
                 let rate = fixed.then(|| plan.fixed_rate as f64 / live.max(1) as f64);
@@ -369,10 +425,8 @@ pub async fn fanout(running: &Running, plan: &Plan, out: &mut Vec<Record>) -> Re
                 finish(
                     rec,
                     running,
-                    "fanout",
-                    n,
-                    payload,
-                    fixed,
+                    ("fanout", n, payload),
+                    (fixed, qos),
                     cpu.cores(),
                     errors,
                     out,
@@ -385,26 +439,32 @@ pub async fn fanout(running: &Running, plan: &Plan, out: &mut Vec<Record>) -> Re
     Ok(())
 }
 
-/// Labels a throughput phase's figures with what was measured, prints and keeps them.
-#[allow(clippy::too_many_arguments)]
+/// Every (payload, QoS) pair, payload-major.
+fn iproduct(payloads: &[usize], qos: &[u8]) -> Vec<(usize, u8)> {
+    payloads
+        .iter()
+        .flat_map(|&p| qos.iter().map(move |&q| (p, q)))
+        .collect()
+}
+
+/// Labels a throughput phase's figures with what was measured — (scenario, N, payload) and
+/// (fixed, QoS) — prints and keeps them.
 fn finish(
     mut rec: Record,
     running: &Running,
-    scenario: &str,
-    n: usize,
-    payload: usize,
-    fixed: bool,
+    (scenario, n, payload): (&str, usize, usize),
+    (fixed, qos): (bool, u8),
     server_cores: Option<f64>,
     errors: u64,
     out: &mut Vec<Record>,
 ) {
-    let mode = if fixed { "fixed" } else { "max" };
-    let label = base_record(running, scenario, n, payload, mode);
+    let label = base_record(running, scenario, n, payload, &throughput_mode(fixed, qos));
     rec.target = label.target;
     rec.scenario = label.scenario;
     rec.n = n;
     rec.payload = payload;
     rec.mode = label.mode;
+    rec.qos = qos;
     rec.server_cores = server_cores;
     rec.errors = errors;
     print_record(&rec);
@@ -575,6 +635,7 @@ pub async fn fanin(running: &Running, plan: &Plan, out: &mut Vec<Record>) -> Res
     let ep = &running.endpoint;
     let shared = Shared::new()?;
     let mut subscriber = Client::connect(ep, 0).await.context("fan-in subscriber")?;
+    subscriber.set_qos(subscriber_qos(running, plan));
     subscriber.subscribe(false).await?;
     let sub_task = tokio::spawn(subscriber_loop(0, subscriber, Arc::clone(&shared)));
     let mut publishers: Vec<Client> = Vec::new();
@@ -593,7 +654,10 @@ pub async fn fanin(running: &Running, plan: &Plan, out: &mut Vec<Record>) -> Res
         publishers.extend(clients);
         eprintln!("  fan-in N={n}: {} publishers", publishers.len());
         tokio::time::sleep(plan.settle).await;
-        for &payload in &plan.payloads {
+        for (payload, qos) in iproduct(&plan.payloads, &qos_levels(running, plan)) {
+            for p in &mut publishers {
+                p.set_qos(qos);
+            }
             for fixed in [false, true] {
                 let cpu = CpuMeter::start(running.server_pid);
                 let (rec, back) = fanin_phase(publishers, &shared, payload, fixed, plan).await?;
@@ -602,10 +666,8 @@ pub async fn fanin(running: &Running, plan: &Plan, out: &mut Vec<Record>) -> Res
                 finish(
                     rec,
                     running,
-                    "fanin",
-                    n,
-                    payload,
-                    fixed,
+                    ("fanin", n, payload),
+                    (fixed, qos),
                     cpu.cores(),
                     errors,
                     out,
@@ -858,6 +920,10 @@ pub async fn run_target(
             // The baselines have no tenants to isolate and no presence: nothing to measure.
             continue;
         }
+        if !target.runs(scenario) {
+            // See Target::runs: a scenario that does not apply to this target.
+            continue;
+        }
         let profile = match scenario.as_str() {
             "noisy" => Profile::Noisy,
             "presence" => Profile::Presence(plan.presence.layout()),
@@ -879,6 +945,8 @@ pub async fn run_target(
             "fanout" => fanout(&running, plan, out).await,
             "webhooks" => webhooks(&running, plan, out, sink.as_ref()).await,
             "fanin" => fanin(&running, plan, out).await,
+            "rooms" => crate::rooms::rooms(&running, plan, out).await,
+            "churn" => crate::rooms::churn(&running, plan, out).await,
             "idle" => idle(&running, plan, out).await,
             "connect" => connect_rate(&running, plan, out, tls_files).await,
             other => bail!("unknown scenario `{other}`"),

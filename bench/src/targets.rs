@@ -43,6 +43,11 @@ pub enum Target {
     CuttleEmbedded,
     /// cuttle in front of a private Mosquitto.
     CuttleMosquitto,
+    /// cuttle on a private three-node NATS cluster (JetStream, MQTT listener on every node;
+    /// the pool spread over the nodes by `upstream.brokers`).
+    CuttleNats,
+    /// cuttle on the machine's RabbitMQ MQTT plugin (MQTT 3.1.1, routing by topic matching).
+    CuttleRabbitmq,
     /// RabbitMQ's Web-MQTT plugin, MQTT-over-WebSocket clients.
     RabbitmqWebMqtt,
     /// nats-server's WebSocket listener, NATS-protocol clients.
@@ -54,9 +59,11 @@ pub enum Target {
 }
 
 impl Target {
-    pub const ALL: [Target; 6] = [
+    pub const ALL: [Target; 8] = [
         Target::CuttleEmbedded,
         Target::CuttleMosquitto,
+        Target::CuttleNats,
+        Target::CuttleRabbitmq,
         Target::RabbitmqWebMqtt,
         Target::NatsWs,
         Target::MosquittoTcp,
@@ -67,10 +74,28 @@ impl Target {
         match self {
             Target::CuttleEmbedded => "cuttle-embedded",
             Target::CuttleMosquitto => "cuttle-mosquitto",
+            Target::CuttleNats => "cuttle-nats",
+            Target::CuttleRabbitmq => "cuttle-rabbitmq",
             Target::RabbitmqWebMqtt => "rabbitmq-web-mqtt",
             Target::NatsWs => "nats-ws",
             Target::MosquittoTcp => "mosquitto-tcp",
             Target::WsBroadcast => "ws-broadcast",
+        }
+    }
+}
+
+impl Target {
+    /// Whether `scenario` is measured on this target. cuttle on NATS and on RabbitMQ runs
+    /// the scenarios whose figures depend on the broker (fan-out, fan-in, rooms, churn): idle
+    /// memory, connect rate, the noisy neighbour, presence and webhooks measure the proxy
+    /// process, which is the same on every broker. The broadcast server has no topics.
+    pub fn runs(self, scenario: &str) -> bool {
+        match self {
+            Target::CuttleNats | Target::CuttleRabbitmq => {
+                matches!(scenario, "fanout" | "fanin" | "rooms" | "churn")
+            }
+            Target::WsBroadcast => !matches!(scenario, "rooms" | "churn"),
+            _ => true,
         }
     }
 }
@@ -83,6 +108,11 @@ impl fmt::Display for Target {
 
 /// RabbitMQ Web-MQTT's port, as `bench/setup-services.sh` configures it.
 pub const RABBITMQ_WEB_MQTT_PORT: u16 = 15675;
+/// RabbitMQ's MQTT (TCP) port, as `bench/setup-services.sh` configures it.
+pub const RABBITMQ_MQTT_PORT: u16 = 1884;
+
+/// Rooms `c0`… of the benchmark app (the rooms and churn scenarios).
+pub const BENCH_ROOMS: usize = 1000;
 
 /// Device actors in the cuttle benchmark policy: clients spread over them, so 20,000
 /// connections stay under the default `connections_per_actor` of 32. All are in one scope:
@@ -401,7 +431,78 @@ async fn http_ok(port: u16, path: &str) -> bool {
     buf.starts_with(b"HTTP/1.1 200")
 }
 
-/// Starts a private Mosquitto (TCP_NODELAY on, anonymous, no connection cap).
+/// Starts a private three-node NATS cluster on loopback — routes between the nodes,
+/// JetStream (NATS's MQTT needs it) and the MQTT listener with `stream_replicas: 3` on every
+/// node, as README "Any MQTT broker" advises — and waits until every node is healthy.
+/// Returns the nodes and their MQTT ports.
+async fn start_nats_cluster(dir: &std::path::Path) -> Result<(Vec<Child>, Vec<u16>)> {
+    const NODES: usize = 3;
+    let ports = |_| sys::free_port();
+    let client: Vec<u16> = (0..NODES).map(ports).collect::<Result<_>>()?;
+    let route: Vec<u16> = (0..NODES).map(ports).collect::<Result<_>>()?;
+    let mqtt: Vec<u16> = (0..NODES).map(ports).collect::<Result<_>>()?;
+    let monitor: Vec<u16> = (0..NODES).map(ports).collect::<Result<_>>()?;
+    let routes = route
+        .iter()
+        .map(|p| format!("\"nats://127.0.0.1:{p}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let program = which("nats-server")?;
+    let mut nodes = Vec::with_capacity(NODES);
+    for i in 0..NODES {
+        let conf = dir.join(format!("nats-n{i}.conf"));
+        let store = dir.join(format!("nats-js{i}"));
+        std::fs::write(
+            &conf,
+            format!(
+                "server_name: n{i}\nhost: 127.0.0.1\nport: {}\nhttp: 127.0.0.1:{}\n\
+                 max_connections: 1000000\n\
+                 jetstream {{ store_dir: \"{}\", max_memory_store: 256MB, max_file_store: 1GB }}\n\
+                 cluster {{ name: cuttle-bench, host: 127.0.0.1, port: {}, routes: [{routes}] }}\n\
+                 mqtt {{ host: 127.0.0.1, port: {}, stream_replicas: 3 }}\n",
+                client[i],
+                monitor[i],
+                store.display(),
+                route[i],
+                mqtt[i]
+            ),
+        )?;
+        let conf_s = conf.to_string_lossy().into_owned();
+        nodes.push(spawn(
+            dir,
+            &format!("nats-n{i}"),
+            &program,
+            &["-c", &conf_s],
+        )?);
+    }
+    for (i, port) in monitor.iter().enumerate() {
+        let mut healthy = false;
+        for _ in 0..600 {
+            if http_ok(*port, "/healthz").await {
+                healthy = true;
+                break;
+            }
+            if let Some(node) = nodes.get_mut(i)
+                && let Ok(Some(status)) = node.try_wait()
+            {
+                let log =
+                    std::fs::read_to_string(dir.join(format!("nats-n{i}.log"))).unwrap_or_default();
+                bail!("nats-server n{i} exited ({status}):\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if !healthy {
+            bail!("nats-server n{i} was not healthy within 30 s");
+        }
+    }
+    Ok((nodes, mqtt))
+}
+
+/// Starts a private Mosquitto (TCP_NODELAY on, anonymous, no connection cap). Its queue of
+/// QoS 1 messages per client is raised from 1,000 to 100,000: the scenarios' windows bound
+/// the backlog, and with the default, direct MQTT's fan-in subscriber lost ~510 of 75,000
+/// messages per QoS 1 phase ("Outgoing messages are being dropped") although no more than
+/// 512 were outstanding by the tool's count — its PUBACKs wait behind the publishers' traffic.
 async fn start_mosquitto(dir: &std::path::Path) -> Result<(Child, u16)> {
     let port = sys::free_port()?;
     let conf = dir.join("mosquitto.conf");
@@ -409,7 +510,11 @@ async fn start_mosquitto(dir: &std::path::Path) -> Result<(Child, u16)> {
         &conf,
         format!(
             "listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\n\
-             set_tcp_nodelay true\npersistence false\nlog_type error\n"
+             set_tcp_nodelay true\npersistence false\nmax_queued_messages 100000\n{}\n",
+            // Diagnosis: BENCH_MOSQUITTO_LOG=<file> logs every packet there.
+            std::env::var("BENCH_MOSQUITTO_LOG").map_or("log_type error".to_string(), |f| {
+                format!("log_type all\nlog_dest file {f}")
+            })
         ),
     )?;
     let program = which("mosquitto")?;
@@ -435,6 +540,16 @@ fn which(name: &str) -> Result<PathBuf> {
         }
     }
     bail!("`{name}` is not installed (bench/setup-services.sh checks the baselines' servers)")
+}
+
+/// The `upstream:` key naming the broker: `broker: <url>`, or `brokers: [..]` for a list
+/// (written `[url, url, …]`).
+fn upstream_broker(broker: &str) -> String {
+    if broker.starts_with('[') {
+        format!("brokers: {broker}")
+    } else {
+        format!("broker: {broker}")
+    }
 }
 
 fn cuttle_config(
@@ -464,13 +579,17 @@ fn cuttle_config(
         "listen: 127.0.0.1:{listen}\n\
          admin: 127.0.0.1:{admin}\n\
          {tls}\
-         upstream:\n  broker: {broker}\n  pool: 4\n\
+         upstream:\n  {upstream}\n  pool: 4\n\
          limits:\n  publish_per_second: 1000000\n  max_connections: 100000\n  idle_timeout_ms: 3600000\n\
          log:\n  level: warn\n\
          policy:\n  projects:\n    - id: bench\n\
          \x20     scopes: [ {{ slug: acme }} ]\n\
-         \x20     apps:\n        - slug: bench\n          topics:\n            t: {{ device: read-write }}\n            u: {{ device: read-write }}\n          rooms:\n            - slug: r\n\
-         \x20     actors:\n{actors}"
+         \x20     apps:\n        - slug: bench\n          topics:\n            t: {{ device: read-write }}\n            u: {{ device: read-write }}\n          rooms:\n            - slug: r\n{rooms}\
+         \x20     actors:\n{actors}",
+        upstream = upstream_broker(broker),
+        rooms = (0..BENCH_ROOMS)
+            .map(|k| format!("            - slug: c{k}\n"))
+            .collect::<String>(),
     )
 }
 
@@ -495,13 +614,14 @@ fn noisy_config(listen: u16, admin: u16, broker: &str) -> String {
     format!(
         "listen: 127.0.0.1:{listen}\n\
          admin: 127.0.0.1:{admin}\n\
-         upstream:\n  broker: {broker}\n  pool: 4\n\
+         upstream:\n  {upstream}\n  pool: 4\n\
          limits:\n  idle_timeout_ms: 3600000\n  max_connections: {NOISY_MAX_CONNECTIONS}\n\
          log:\n  level: warn\n\
          policy:\n  projects:\n    - id: bench\n\
          \x20     scopes: [ {{ slug: acme }}, {{ slug: evil }} ]\n\
          \x20     apps:\n        - slug: bench\n          topics:\n            t: {{ device: read-write }}\n            u: {{ device: read-write }}\n          rooms:\n{rooms}\
-         \x20     actors:\n{actors}"
+         \x20     actors:\n{actors}",
+        upstream = upstream_broker(broker),
     )
 }
 
@@ -546,14 +666,15 @@ fn presence_config(
     format!(
         "listen: 127.0.0.1:{listen}\n\
          admin: 127.0.0.1:{admin}\n\
-         upstream:\n  broker: {broker}\n  pool: 4\n  topic_prefix: {prefix}\n\
+         upstream:\n  {upstream}\n  pool: 4\n  topic_prefix: {prefix}\n\
          limits:\n  publish_per_second: 1000000\n  max_connections: 100000\n  idle_timeout_ms: 3600000\n{send_queue}\
          presence:\n  replica_id: {replica_id}\n\
          log:\n  level: warn\n\
          policy:\n  projects:\n    - id: bench\n\
          \x20     scopes: [ {{ slug: acme }} ]\n\
          \x20     apps:\n        - slug: bench\n          topics:\n            t: {{ device: read-write }}\n            u: {{ device: read-write }}\n          rooms:\n{rooms}{lobbies}\
-         \x20     actors:\n{actors}"
+         \x20     actors:\n{actors}",
+        upstream = upstream_broker(broker),
     )
 }
 
@@ -582,16 +703,43 @@ pub async fn start_with(target: Target, profile: Profile) -> Result<Running> {
     let me = std::env::current_exe()?;
 
     let (endpoint, cuttle_broker, server_pid, broker_port) = match target {
-        Target::CuttleEmbedded | Target::CuttleMosquitto => {
-            let broker = if target == Target::CuttleMosquitto {
-                let (child, port) = start_mosquitto(&dir).await?;
-                children.push(child);
-                Some(port)
-            } else {
-                None
+        Target::CuttleEmbedded
+        | Target::CuttleMosquitto
+        | Target::CuttleNats
+        | Target::CuttleRabbitmq => {
+            let (broker, broker_url) = match target {
+                Target::CuttleMosquitto => {
+                    let (child, port) = start_mosquitto(&dir).await?;
+                    children.push(child);
+                    (Some(port), format!("mqtt://127.0.0.1:{port}"))
+                }
+                Target::CuttleNats => {
+                    let (nodes, ports) = start_nats_cluster(&dir).await?;
+                    children.extend(nodes);
+                    let list = ports
+                        .iter()
+                        .map(|p| format!("mqtt://127.0.0.1:{p}"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    (ports.first().copied(), format!("[{list}]"))
+                }
+                Target::CuttleRabbitmq => {
+                    if TcpStream::connect(("127.0.0.1", RABBITMQ_MQTT_PORT))
+                        .await
+                        .is_err()
+                    {
+                        bail!(
+                            "RabbitMQ MQTT is not listening on 127.0.0.1:{RABBITMQ_MQTT_PORT}; \
+                             run bench/setup-services.sh"
+                        );
+                    }
+                    (
+                        Some(RABBITMQ_MQTT_PORT),
+                        format!("mqtt://127.0.0.1:{RABBITMQ_MQTT_PORT}"),
+                    )
+                }
+                _ => (None, "embedded".to_string()),
             };
-            let broker_url =
-                broker.map_or("embedded".to_string(), |p| format!("mqtt://127.0.0.1:{p}"));
             let (listen, admin) = (sys::free_port()?, sys::free_port()?);
             let config = dir.join("proxy.yaml");
             let text = match profile {

@@ -8,8 +8,11 @@
 //! - the built-in broadcast server: raw binary frames (see [`crate::broadcast`]).
 //!
 //! MQTT packets are encoded and parsed with rumqttc's `mqttbytes` (the codec rumqttc itself
-//! uses); NoLag frames with `rmp`. Everything is QoS 0 / fire-and-forget so that every system
-//! does the same amount of work per message.
+//! uses); NoLag frames with `rmp`. A client publishes and subscribes at its [`Client::set_qos`]
+//! level (0 by default): QoS 1 is acknowledged the way each protocol does it — MQTT
+//! subscribers PUBACK every delivery and MQTT publishers read their PUBACKs; a NoLag `publish`
+//! at QoS 1 gets no answer (the proxy acknowledges it upstream). NATS core and the broadcast
+//! server have no QoS 1: the scenarios measure them at QoS 0 only ([`Protocol::has_qos1`]).
 //!
 //! A [`Payload`] carries the phase it belongs to and the publisher's send time, so a
 //! subscriber can compute end-to-end latency (publisher and subscribers share one process and
@@ -22,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
-use rumqttc::mqttbytes::v4::{Connect, Packet, Publish, Subscribe};
+use rumqttc::mqttbytes::v4::{Connect, Packet, PubAck, Publish, Subscribe, Unsubscribe};
 use rumqttc::mqttbytes::{Error as MqttError, QoS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -50,6 +53,20 @@ pub enum Protocol {
 impl Protocol {
     fn uses_websocket(self) -> bool {
         !matches!(self, Protocol::MqttTcp)
+    }
+
+    /// Whether the protocol has an acknowledged (QoS 1) delivery.
+    pub fn has_qos1(self) -> bool {
+        matches!(self, Protocol::NoLag | Protocol::MqttWs | Protocol::MqttTcp)
+    }
+
+    /// Topic `leaf` (`t` or `u`) of room `room` (rooms and churn scenarios) in this
+    /// protocol's syntax: `bench/c<room>/<leaf>` (cuttle: room `c<room>` of app `bench`).
+    pub fn room_topic(self, room: usize, leaf: &str) -> String {
+        match self {
+            Protocol::NatsWs => format!("bench.c{room}.{leaf}"),
+            _ => format!("bench/c{room}/{leaf}"),
+        }
     }
 
     /// The two topics (or subjects) of the benchmark in this protocol's syntax: the first
@@ -141,7 +158,19 @@ pub struct Client {
     rbuf: BytesMut,
     /// Scratch for encoding outgoing packets.
     wbuf: BytesMut,
-    topic: &'static str,
+    /// Where [`Client::publish`] publishes (the traffic topic, or a room's).
+    topic: String,
+    /// QoS of subscriptions and publishes (0 or 1).
+    qos: u8,
+    /// The next MQTT packet id of a QoS 1 publish.
+    next_pkid: u16,
+    /// Whether the client has subscribed: a publisher that has not reads (and drops) its
+    /// PUBACKs itself after each publish; one that has leaves them to [`Client::next_payload`].
+    subscribed: bool,
+    /// Packet ids of QoS 1 MQTT deliveries not yet acknowledged ([`Client::flush_acks`]).
+    pending_acks: Vec<u16>,
+    /// A NATS server PING not yet answered ([`Client::flush_acks`]).
+    pending_pong: bool,
 }
 
 /// Opens a TCP connection to `ep`, from source address number `index % source_addresses`.
@@ -190,7 +219,12 @@ impl Client {
             transport,
             rbuf: BytesMut::with_capacity(1024),
             wbuf: BytesMut::with_capacity(256),
-            topic: ep.protocol.topics()[0],
+            topic: ep.protocol.topics()[0].to_string(),
+            qos: 0,
+            next_pkid: 0,
+            subscribed: false,
+            pending_acks: Vec::new(),
+            pending_pong: false,
         };
         client.login(ep, index).await?;
         Ok(client)
@@ -245,6 +279,44 @@ impl Client {
     /// server's acknowledgement so that nothing published afterwards is missed.
     pub async fn subscribe(&mut self, second: bool) -> Result<()> {
         let topic = self.protocol.topics()[usize::from(second)];
+        if self.protocol == Protocol::Broadcast {
+            // The server registers a subscriber on a first frame of "S" and answers "K".
+            if !second {
+                self.send_frame(Bytes::from_static(b"S")).await?;
+                loop {
+                    if let Some(frame) = self.next_ws_binary().await? {
+                        if &frame[..] == b"K" {
+                            break;
+                        }
+                    } else {
+                        bail!("broadcast server closed during subscribe");
+                    }
+                }
+            }
+            self.subscribed = true;
+            return Ok(());
+        }
+        self.subscribe_to(topic).await
+    }
+
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    /// The QoS (0 or 1, capped at 1) of later subscribes and publishes.
+    pub fn set_qos(&mut self, qos: u8) {
+        self.qos = qos.min(1);
+    }
+
+    /// Makes room `room`'s traffic topic the one [`Client::publish`] publishes on.
+    pub fn set_room(&mut self, room: usize) {
+        self.topic = self.protocol.room_topic(room, "t");
+    }
+
+    /// Subscribes to `topic` (in the protocol's syntax) at the client's QoS and waits for the
+    /// server's acknowledgement. Not for the broadcast server.
+    pub async fn subscribe_to(&mut self, topic: &str) -> Result<()> {
+        self.subscribed = true;
         match self.protocol {
             Protocol::NoLag => {
                 let mut frame = Vec::with_capacity(64);
@@ -254,50 +326,132 @@ impl Client {
                 put_str(&mut frame, "topic");
                 put_str(&mut frame, topic);
                 put_str(&mut frame, "qos");
-                rmp::encode::write_uint(&mut frame, 0)?;
+                rmp::encode::write_uint(&mut frame, u64::from(self.qos))?;
                 self.send_frame(frame.into()).await?;
-                let reply = self.next_nolag_of("subscribed").await?;
-                let _ = reply;
+                self.next_nolag_of("subscribed").await?;
             }
             Protocol::MqttWs | Protocol::MqttTcp => {
-                let mut sub = Subscribe::new(topic, QoS::AtMostOnce);
-                sub.pkid = 1 + u16::from(second);
+                let mut sub = Subscribe::new(topic, mqtt_qos(self.qos));
+                sub.pkid = self.take_pkid();
                 self.send_mqtt(Packet::Subscribe(sub)).await?;
-                loop {
-                    match self.next_mqtt().await? {
-                        Packet::SubAck(_) => break,
-                        Packet::Publish(_) | Packet::PingResp => continue,
-                        other => bail!("expected SUBACK, got {other:?}"),
-                    }
-                }
+                self.await_mqtt_ack(|p| matches!(p, Packet::SubAck(_)), "SUBACK")
+                    .await?;
             }
             Protocol::NatsWs => {
-                let sid = 1 + u8::from(second);
-                self.send_frame(Bytes::from(format!("SUB {topic} {sid}\r\nPING\r\n")))
-                    .await?;
+                // The subscription id is derived from the subject: unsubscribe needs nothing else.
+                self.send_frame(Bytes::from(format!(
+                    "SUB {topic} {}\r\nPING\r\n",
+                    nats_sid(topic)
+                )))
+                .await?;
                 self.nats_await_pong().await?;
             }
-            Protocol::Broadcast => {
-                // The server registers a subscriber on a first frame of "S" and answers "K".
-                if !second {
-                    self.send_frame(Bytes::from_static(b"S")).await?;
-                    loop {
-                        if let Some(frame) = self.next_ws_binary().await? {
-                            if &frame[..] == b"K" {
-                                break;
-                            }
-                        } else {
-                            bail!("broadcast server closed during subscribe");
-                        }
-                    }
-                }
-            }
+            Protocol::Broadcast => bail!("the broadcast server has no topics"),
         }
         Ok(())
     }
 
-    /// Publishes one message on the traffic topic, QoS 0, no echo.
+    /// Unsubscribes from `topic` and waits for the server's acknowledgement (deliveries that
+    /// arrive meanwhile are dropped). Not for the broadcast server.
+    pub async fn unsubscribe_from(&mut self, topic: &str) -> Result<()> {
+        match self.protocol {
+            Protocol::NoLag => {
+                self.send_frame(nolag::unsubscribe(topic)).await?;
+                self.next_nolag_of("unsubscribed").await?;
+            }
+            Protocol::MqttWs | Protocol::MqttTcp => {
+                let unsub = Unsubscribe {
+                    pkid: self.take_pkid(),
+                    topics: vec![topic.to_string()],
+                };
+                self.send_mqtt(Packet::Unsubscribe(unsub)).await?;
+                self.await_mqtt_ack(|p| matches!(p, Packet::UnsubAck(_)), "UNSUBACK")
+                    .await?;
+            }
+            Protocol::NatsWs => {
+                self.send_frame(Bytes::from(format!(
+                    "UNSUB {}\r\nPING\r\n",
+                    nats_sid(topic)
+                )))
+                .await?;
+                self.nats_await_pong().await?;
+            }
+            Protocol::Broadcast => bail!("the broadcast server has no topics"),
+        }
+        Ok(())
+    }
+
+    /// Reads MQTT packets until one `is_ack`; deliveries meanwhile are acknowledged (QoS 1)
+    /// and dropped.
+    async fn await_mqtt_ack(&mut self, is_ack: fn(&Packet) -> bool, what: &str) -> Result<()> {
+        loop {
+            match self.next_mqtt().await? {
+                p if is_ack(&p) => break,
+                Packet::Publish(p) => {
+                    if p.qos != QoS::AtMostOnce {
+                        self.pending_acks.push(p.pkid);
+                    }
+                }
+                Packet::PingResp | Packet::PubAck(_) => continue,
+                other => bail!("expected {what}, got {other:?}"),
+            }
+        }
+        self.flush_acks().await
+    }
+
+    /// A fresh MQTT packet id (never 0).
+    fn take_pkid(&mut self) -> u16 {
+        self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+        self.next_pkid
+    }
+
+    /// Sends the PUBACKs of the QoS 1 MQTT deliveries [`Client::next_payload`] returned, in
+    /// one write, and the PONG of a NATS server's PING. Readers call it after each delivery
+    /// (outside any `select!`: a cancelled write would corrupt the stream).
+    pub async fn flush_acks(&mut self) -> Result<()> {
+        if std::mem::take(&mut self.pending_pong) {
+            self.send_frame(Bytes::from_static(b"PONG\r\n")).await?;
+        }
+        if self.pending_acks.is_empty() {
+            return Ok(());
+        }
+        self.wbuf.clear();
+        for pkid in std::mem::take(&mut self.pending_acks) {
+            Packet::PubAck(PubAck::new(pkid))
+                .write(&mut self.wbuf, MAX_PACKET)
+                .map_err(|e| anyhow!("encode MQTT: {e:?}"))?;
+        }
+        let bytes = self.wbuf.split().freeze();
+        self.send_frame(bytes).await
+    }
+
+    /// A publisher that never subscribed reads its QoS 1 PUBACKs here, without waiting:
+    /// whatever has arrived is parsed and dropped, so the socket's receive side never fills.
+    fn drain_publish_acks(&mut self) -> Result<()> {
+        use futures_util::FutureExt;
+        loop {
+            match Packet::read(&mut self.rbuf, MAX_PACKET) {
+                Ok(_) => continue,
+                Err(MqttError::InsufficientBytes(_)) => {}
+                Err(e) => bail!("bad MQTT packet: {e:?}"),
+            }
+            match self.fill().now_or_never() {
+                Some(Ok(true)) => continue,
+                Some(Ok(false)) => bail!("MQTT server closed the connection"),
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// Publishes one message on the traffic topic at the client's QoS, no echo.
     pub async fn publish(&mut self, payload: &[u8]) -> Result<()> {
+        self.publish_echo(payload, false).await
+    }
+
+    /// Publishes one message on the traffic topic at the client's QoS; `echo` asks cuttle to
+    /// deliver it to the sender too (MQTT 3.1.1 and NATS always do).
+    pub async fn publish_echo(&mut self, payload: &[u8], echo: bool) -> Result<()> {
         match self.protocol {
             Protocol::NoLag => {
                 let mut frame = Vec::with_capacity(payload.len() + 64);
@@ -305,22 +459,29 @@ impl Client {
                 put_str(&mut frame, "type");
                 put_str(&mut frame, "publish");
                 put_str(&mut frame, "topic");
-                put_str(&mut frame, self.topic);
+                put_str(&mut frame, &self.topic);
                 put_str(&mut frame, "data");
                 rmp::encode::write_bin(&mut frame, payload)?;
                 put_str(&mut frame, "qos");
-                rmp::encode::write_uint(&mut frame, 0)?;
+                rmp::encode::write_uint(&mut frame, u64::from(self.qos))?;
                 put_str(&mut frame, "echo");
-                rmp::encode::write_bool(&mut frame, false)?;
+                rmp::encode::write_bool(&mut frame, echo)?;
                 self.send_frame(frame.into()).await
             }
             Protocol::MqttWs | Protocol::MqttTcp => {
-                let publish = Publish::from_bytes(
-                    self.topic,
-                    QoS::AtMostOnce,
+                let mut publish = Publish::from_bytes(
+                    &self.topic,
+                    mqtt_qos(self.qos),
                     Bytes::copy_from_slice(payload),
                 );
-                self.send_mqtt(Packet::Publish(publish)).await
+                if self.qos > 0 {
+                    publish.pkid = self.take_pkid();
+                }
+                self.send_mqtt(Packet::Publish(publish)).await?;
+                if self.qos > 0 && !self.subscribed {
+                    self.drain_publish_acks()?;
+                }
+                Ok(())
             }
             Protocol::NatsWs => {
                 let mut out = Vec::with_capacity(payload.len() + 32);
@@ -360,7 +521,12 @@ impl Client {
                     }
                 }
                 Protocol::MqttWs | Protocol::MqttTcp => match self.next_mqtt_or_eof().await? {
-                    Some(Packet::Publish(p)) => return Ok(Some(p.payload)),
+                    Some(Packet::Publish(p)) => {
+                        if p.qos != QoS::AtMostOnce {
+                            self.pending_acks.push(p.pkid);
+                        }
+                        return Ok(Some(p.payload));
+                    }
                     Some(_) => continue,
                     None => return Ok(None),
                 },
@@ -546,36 +712,62 @@ impl Client {
         }
     }
 
-    /// The payload of the next MSG; None at end of stream.
+    /// The payload of the next MSG; None at end of stream. Cancel-safe (the rooms scenario
+    /// reads in a `select!`): nothing is consumed from `rbuf` until a whole message is
+    /// there, and a server PING is answered by the next [`Client::flush_acks`], not here.
     async fn next_nats_msg(&mut self) -> Result<Option<Bytes>> {
         loop {
-            let line = match self.next_nats_line().await {
-                Ok(l) => l,
-                Err(_) if self.rbuf.is_empty() => return Ok(None),
-                Err(e) => return Err(e),
+            let Some(pos) = self.rbuf.windows(2).position(|w| w == b"\r\n") else {
+                if self.rbuf.len() > MAX_PACKET {
+                    bail!("NATS line too long");
+                }
+                if !self.fill().await? {
+                    return Ok(None);
+                }
+                continue;
             };
-            if line.starts_with(b"MSG ") {
+            if self.rbuf.starts_with(b"MSG ") {
                 // MSG <subject> <sid> [reply-to] <#bytes>
-                let len: usize = std::str::from_utf8(&line)
+                let len: usize = std::str::from_utf8(&self.rbuf[..pos])
                     .ok()
                     .and_then(|l| l.rsplit(' ').next())
                     .and_then(|n| n.parse().ok())
                     .ok_or_else(|| anyhow!("bad NATS MSG line"))?;
-                while self.rbuf.len() < len + 2 {
+                if len > MAX_PACKET {
+                    bail!("NATS message too long");
+                }
+                if self.rbuf.len() < pos + 2 + len + 2 {
                     if !self.fill().await? {
                         return Ok(None);
                     }
+                    continue;
                 }
+                self.rbuf.advance(pos + 2);
                 let payload = self.rbuf.split_to(len).freeze();
                 self.rbuf.advance(2);
                 return Ok(Some(payload));
             }
+            let line = self.rbuf.split_to(pos).freeze();
+            self.rbuf.advance(2);
             match &line[..] {
-                b"PING" => self.send_frame(Bytes::from_static(b"PONG\r\n")).await?,
+                b"PING" => self.pending_pong = true,
                 l if l.starts_with(b"-ERR") => bail!("NATS: {}", String::from_utf8_lossy(l)),
                 _ => {}
             }
         }
+    }
+}
+
+/// A NATS subscription id for `subject` (ids are single tokens; subjects hold dots).
+fn nats_sid(subject: &str) -> String {
+    subject.replace('.', "_")
+}
+
+fn mqtt_qos(level: u8) -> QoS {
+    if level == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
     }
 }
 

@@ -278,7 +278,7 @@ impl Presence {
     /// and the flusher. Must be called inside a Tokio runtime.
     pub fn attach(self: &Arc<Self>, pool: Arc<Pool>) {
         let filter: Arc<str> = self.filter.as_str().into();
-        pool.subscribe(&filter, crate::upstream::qos(1), SUBSCRIPTION_ID);
+        pool.subscribe(&filter, SUBSCRIPTION_ID);
         let _ = self.pool.set(pool);
         if let Some(mut rx) = self.inbox_rx.lock().take() {
             let weak = Arc::downgrade(self);

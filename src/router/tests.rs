@@ -347,7 +347,7 @@ impl Run {
             })
             .or_default() += 1;
         let sub = subscriber(live.session, topic, &live.outbox);
-        let got = live.membership.replace(&filters, 1, &sub, Reply::None);
+        let got = live.membership.replace(&filters, &sub, Reply::None);
         let seed = self.seed;
         match expected {
             Ok(()) => {
@@ -634,14 +634,12 @@ fn unknown_unsubscribe_touches_nothing() {
     let f = vec!["chat/_/general/messages/#".to_string()];
     a.replace(
         &f,
-        1,
         &subscriber(1, "chat/general/messages", &outbox),
         Reply::None,
     )
     .expect("joined");
     b.replace(
         &f,
-        1,
         &subscriber(2, "chat/general/messages", &outbox),
         Reply::None,
     )
@@ -674,7 +672,7 @@ fn rejoined_filter_gets_a_fresh_id() {
     let topic = "chat/_/general/messages";
     let mut m = router.membership(1, 16);
     let sub = subscriber(1, "chat/general/messages", &outbox);
-    m.replace(std::slice::from_ref(&f), 1, &sub, Reply::None)
+    m.replace(std::slice::from_ref(&f), &sub, Reply::None)
         .expect("joined");
     let old = router.subscription_id(&f).expect("entry");
     assert!(m.remove("chat/general/messages"));
@@ -688,7 +686,7 @@ fn rejoined_filter_gets_a_fresh_id() {
     // Rejoin on a new membership (a reconnect) and on the same one (unsubscribe, subscribe).
     drop(m);
     let mut m = router.membership(2, 16);
-    m.replace(std::slice::from_ref(&f), 1, &sub, Reply::None)
+    m.replace(std::slice::from_ref(&f), &sub, Reply::None)
         .expect("rejoined");
     let new = router.subscription_id(&f).expect("entry");
     assert_ne!(new, old, "a rejoined filter reuses its old subscription id");
@@ -709,7 +707,7 @@ fn rejoined_filter_gets_a_fresh_id() {
     let mut seen = HashSet::from([old, new]);
     for i in 0..200 {
         let g = format!("chat/_/general/messages/f{i}");
-        m.replace(std::slice::from_ref(&g), 1, &sub, Reply::None)
+        m.replace(std::slice::from_ref(&g), &sub, Reply::None)
             .expect("joined");
         let id = router.subscription_id(&g).expect("entry");
         assert!(seen.insert(id), "id {id} reused");

@@ -213,7 +213,7 @@ impl Proxy {
         presence.attach(pool.clone());
         if attach {
             let filter: Arc<str> = settings.upstream.layout.control_filter().into();
-            pool.subscribe(&filter, crate::upstream::qos(1), control::SUBSCRIPTION_ID);
+            pool.subscribe(&filter, control::SUBSCRIPTION_ID);
         }
         let restore = restore::RestoreWriter::start(pool.clone());
         let webhooks = crate::webhook::Webhooks::new(

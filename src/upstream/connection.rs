@@ -140,7 +140,7 @@ struct Outbox {
 #[derive(Default)]
 struct Subscriptions {
     /// Filter → (QoS, subscription id).
-    desired: HashMap<Arc<str>, (QoS, usize)>,
+    desired: HashMap<Arc<str>, usize>,
     dirty: HashSet<Arc<str>>,
     /// Set on every (re)connect: the broker has forgotten our subscriptions (clean start).
     resync: bool,
@@ -241,9 +241,10 @@ impl Connection {
         let _ = tokio::time::timeout_at(deadline, ended).await;
     }
 
-    pub fn subscribe(&self, filter: &Arc<str>, qos: QoS, id: usize) {
+    /// Subscribes `filter` (at [`SUBSCRIPTION_QOS`]) with routing id `id`.
+    pub fn subscribe(&self, filter: &Arc<str>, id: usize) {
         let mut s = self.shared.subs.lock();
-        s.desired.insert(filter.clone(), (qos, id));
+        s.desired.insert(filter.clone(), id);
         s.dirty.insert(filter.clone());
         drop(s);
         self.shared.wake.notify_one();
@@ -253,7 +254,7 @@ impl Connection {
     /// same filter is left alone).
     pub fn unsubscribe(&self, filter: &Arc<str>, id: usize) {
         let mut s = self.shared.subs.lock();
-        if s.desired.get(filter).is_some_and(|(_, have)| *have == id) {
+        if s.desired.get(filter).is_some_and(|have| *have == id) {
             s.desired.remove(filter);
             s.dirty.insert(filter.clone());
         }
@@ -1009,13 +1010,13 @@ impl Session {
                 Routes::Ids(actual) => {
                     let have = actual.get(&filter).copied();
                     match (want, have) {
-                        (Some((qos, id)), have) if have != Some(id) => {
+                        (Some(id), have) if have != Some(id) => {
                             let pkid = self.next_pkid();
                             codec::subscribe(
                                 link.version,
                                 pkid,
                                 &filter,
-                                cap_qos(qos),
+                                SUBSCRIPTION_QOS,
                                 Some(id),
                                 wbuf,
                             );
@@ -1041,7 +1042,7 @@ impl Session {
         &mut self,
         link: &mut Link,
         filter: Arc<str>,
-        want: Option<(QoS, usize)>,
+        want: Option<usize>,
         wbuf: &mut BytesMut,
     ) {
         let Routes::Match {
@@ -1054,7 +1055,7 @@ impl Session {
         };
         if filter.starts_with("$share/") {
             // Module docs: a shared subscription's copies are indistinguishable here.
-            if let Some((_, id)) = want {
+            if let Some(id) = want {
                 tracing::warn!(client_id = %self.shared.client_id, %filter, "load-balanced subscriptions need a broker with MQTT 5 subscription identifiers: refused");
                 self.results.push((filter, id, false));
             }
@@ -1062,7 +1063,7 @@ impl Session {
         }
         let have = matcher.get(&filter);
         match (want, have) {
-            (Some((_, id)), have) if have != Some(id) => {
+            (Some(id), have) if have != Some(id) => {
                 matcher.insert(&filter, id);
                 let cover: Arc<str> = match cover_of.get(&filter) {
                     Some(c) => c.clone(),
@@ -1083,7 +1084,7 @@ impl Session {
                     }
                     None => {
                         let pkid = self.next_pkid();
-                        codec::subscribe(link.version, pkid, &cover, COVER_QOS, None, wbuf);
+                        codec::subscribe(link.version, pkid, &cover, SUBSCRIPTION_QOS, None, wbuf);
                         tracing::trace!(client_id = %self.shared.client_id, %cover, pkid, "SUBSCRIBE cover");
                         self.subacks.insert(pkid, SubRequest::Cover(cover.clone()));
                         covers.insert(
@@ -1118,16 +1119,22 @@ impl Session {
     }
 }
 
-/// The QoS of namespace covers: 0. A cover carries many client subscriptions, so its QoS is
-/// the proxy's choice, and acknowledgements on the broker → proxy hop buy nothing here: the
-/// session starts clean, so whatever the broker had not delivered when a connection drops is
-/// gone at either QoS. QoS 1 costs a PUBACK per message and, on NATS, a JetStream consumer
-/// per subscription, which took 1–30 s (and once longer) to deliver again after a node died
-/// in `tests/cluster.rs`, against 0.3 s at QoS 0.
-const COVER_QOS: QoS = QoS::AtMostOnce;
+/// The QoS of every broker subscription (filters and namespace covers alike): 0, whatever
+/// the clients asked for. Acknowledgements on the broker → proxy hop buy nothing: the session
+/// starts clean, so whatever the broker had not delivered when a connection drops is gone at
+/// either QoS, TCP already delivers in order within a connection, and the proxy's own
+/// delivery to a WebSocket client has no acknowledgement. (Before, a filter shared by
+/// clients of both levels got the first one's QoS anyway.) What QoS 1 costs: a PUBACK per
+/// message and the broker's in-flight window (Mosquitto: 20 messages per connection); on NATS
+/// a JetStream consumer per subscription, which took 1–30 s to deliver again after a node
+/// died in `tests/cluster.rs`, against 0.3 s at QoS 0. cuttle-bench's fan-in at N = 100 did
+/// not separate the two levels on the embedded broker and Mosquitto: the difference was
+/// inside this machine's run-to-run spread (66k–119k deliveries/s for the same phase).
+/// (A client publish at QoS 1 still goes upstream at QoS 1: see [`cap_qos`].)
+const SUBSCRIPTION_QOS: QoS = QoS::AtMostOnce;
 
-/// Subscriptions ask for QoS 1 at most: the proxy delivers at most once-acknowledged to its
-/// clients anyway, and QoS 2 would cost the broker two more packets per message.
+/// Publishes go upstream at QoS 1 at most: the proxy's acknowledgement to its client is
+/// at-least-once anyway, and QoS 2 would cost the broker two more packets per message.
 fn cap_qos(qos: QoS) -> QoS {
     match qos {
         QoS::AtMostOnce => QoS::AtMostOnce,

@@ -215,8 +215,8 @@ impl Pool {
     /// Subscribes `filter` with subscription identifier `id` (1..=[`MAX_SUBSCRIPTION_ID`];
     /// called by the router when its first local subscriber arrives). A filter subscribed
     /// again with another id is re-subscribed upstream with the new id.
-    pub fn subscribe(&self, filter: &Arc<str>, qos: QoS, id: usize) {
-        self.pick(filter).subscribe(filter, qos, id);
+    pub fn subscribe(&self, filter: &Arc<str>, id: usize) {
+        self.pick(filter).subscribe(filter, id);
     }
 
     /// Unsubscribes `filter` if it is still subscribed with `id` (called when the router

@@ -52,7 +52,6 @@ struct SubState {
     load_balance: bool,
     group: Option<String>,
     items: Vec<FilterItem>,
-    qos: u8,
     /// Bytes of this subscription's entry in the stored set.
     record_bytes: usize,
 }
@@ -521,7 +520,7 @@ impl Machine {
         let sub = self.subscriber(topic, grant);
         let ready = self
             .membership
-            .replace(&upstream, state.qos, &sub, reply)
+            .replace(&upstream, &sub, reply)
             .map_err(|e| {
                 let limit = match e {
                     JoinError::ConnectionLimit => "limits.filters_per_connection",
@@ -542,13 +541,11 @@ impl Machine {
         load_balance: bool,
         group: Option<String>,
         items: Vec<FilterItem>,
-        qos: u8,
     ) -> SubState {
         let mut st = SubState {
             load_balance,
             group,
             items,
-            qos,
             record_bytes: 0,
         };
         st.record_bytes = st.entry(topic).encode().len();
@@ -561,7 +558,6 @@ impl Machine {
             s.load_balance,
             s.load_balance_group.map(str::to_owned),
             s.filters,
-            s.qos,
         );
         let reply = encode::subscribed(s.topic, s.load_balance);
         let joined = self.join(s.topic, state, Reply::Frame(reply.clone()));
@@ -573,8 +569,7 @@ impl Machine {
             return Some(errors::not_subscribed(topic));
         };
         let echoed = encode_filter_items(&items);
-        // PROTOCOL §9: setFilters subscriptions use QoS 1.
-        let state = Self::sub_state(topic, current.load_balance, current.group.clone(), items, 1);
+        let state = Self::sub_state(topic, current.load_balance, current.group.clone(), items);
         let reply = encode::filters_updated(topic, echoed);
         let joined = self.join(topic, state, Reply::Frame(reply.clone()));
         self.answer(joined, reply)
@@ -658,13 +653,8 @@ impl Machine {
         let mut restored = Vec::new();
         let mut later = 0;
         for e in record.entries {
-            let state = Self::sub_state(
-                &e.name,
-                e.load_balance,
-                e.group.clone(),
-                e.filters.clone(),
-                1,
-            );
+            let state =
+                Self::sub_state(&e.name, e.load_balance, e.group.clone(), e.filters.clone());
             match self.join(&e.name, state, Reply::Signal(live.clone())) {
                 Ok(ready) => {
                     if ready == Readiness::Later {
