@@ -227,7 +227,12 @@ impl Drop for Running {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // Diagnosis: BENCH_KEEP_DIRS=1 keeps the servers' configs and logs.
+        if std::env::var_os("BENCH_KEEP_DIRS").is_some() {
+            eprintln!("{}: logs kept in {}", self.target, self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
