@@ -2,7 +2,7 @@
 //! measured side by side in one run on the same machine, payloads and client counts.
 //!
 //! ```text
-//! cargo run --release -p cuttle-bench -- run                # the full run (≈ 30 min)
+//! cargo run --release -p cuttle-bench -- run                # the full run (≈ 75 min)
 //! cargo run --release -p cuttle-bench -- run --smoke        # seconds; what CI runs
 //! cargo run --release -p cuttle-bench -- report --input bench/results/full.json
 //! ```
@@ -139,7 +139,7 @@ struct RunArgs {
     #[arg(long)]
     smoke: bool,
     /// Give up after this long in total.
-    #[arg(long, default_value = "60m", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "100m", value_parser = humantime::parse_duration)]
     max_time: Duration,
     /// Where the results JSON goes.
     #[arg(long, default_value = "bench/results/full.json")]

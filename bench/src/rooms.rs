@@ -183,11 +183,7 @@ pub async fn rooms(running: &Running, plan: &Plan, out: &mut Vec<Record>) -> Res
             let (mut rec, back) =
                 rooms_phase(clients, &per_room, shape, interval, plan.settle).await?;
             clients = back;
-            let label = if qos == 0 {
-                mode.to_string()
-            } else {
-                format!("{mode}-qos{qos}")
-            };
+            let label = scenario::qos_mode(mode, qos);
             let base = base_record(running, "rooms", shape.clients(), shape.payload, &label);
             rec.target = base.target;
             rec.scenario = base.scenario;

@@ -113,7 +113,11 @@ pub struct Record {
 /// The throughput-phase mode label: `max`/`fixed` at QoS 0 (the labels of earlier runs),
 /// `max-qos1`/`fixed-qos1` at QoS 1.
 pub fn throughput_mode(fixed: bool, qos: u8) -> String {
-    let base = if fixed { "fixed" } else { "max" };
+    qos_mode(if fixed { "fixed" } else { "max" }, qos)
+}
+
+/// A phase's mode label at `qos`: `base` at QoS 0, `base-qos1` at QoS 1.
+pub fn qos_mode(base: &str, qos: u8) -> String {
     if qos == 0 {
         base.to_string()
     } else {
