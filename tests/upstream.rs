@@ -431,6 +431,77 @@ async fn a_publish_over_the_brokers_packet_limit_is_refused_not_paid_for_by_the_
     );
 }
 
+/// Every broker subscription is QoS 0, whatever the clients asked (`SUBSCRIPTION_QOS`): the
+/// broker's own log shows the SUBSCRIBE at QoS 0 and a QoS 1 publish delivered to the pool at
+/// QoS 0 (no PUBACK owed), while the publish itself still went upstream at QoS 1 (acknowledged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_subscriptions_are_qos_0_and_publishes_keep_qos_1() {
+    use std::os::unix::fs::PermissionsExt;
+    // Mosquitto drops root for its own user: the log must be writable by it.
+    let logs = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(logs.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let log = logs.path().join("mosquitto.log");
+    let broker =
+        PrivateMosquitto::start(&format!("log_type all\nlog_dest file {}", log.display())).await;
+    let (dispatch, mut messages, mut subacks) = collect_all();
+    let pool = Pool::start(&settings(1), vec![broker.endpoint()], 1 << 20, dispatch);
+    wait_ready(&pool).await;
+    let base = unique("qos0");
+    let filter = arc(format!("{base}/#"));
+    pool.subscribe(&filter, 5);
+    let (_, id, granted) = tokio::time::timeout(Duration::from_secs(5), subacks.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((id, granted), (5, true));
+    let (ack_tx, ack_rx) = oneshot::channel();
+    pool.publish(
+        format!("{base}/x"),
+        qos(1),
+        false,
+        Bytes::from_static(b"hello"),
+        Some(ack_tx),
+    )
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), ack_rx)
+        .await
+        .expect("the broker acknowledged the QoS 1 publish")
+        .unwrap()
+        .unwrap();
+    let (_, ids, payload) = tokio::time::timeout(Duration::from_secs(5), messages.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((ids, &payload[..]), (vec![5], &b"hello"[..]));
+    // Mosquitto writes its log as it goes; give the last lines a moment.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("Sending PUBLISH to") || tokio::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        text.contains(&format!("\t{base}/# (QoS 0)")),
+        "the SUBSCRIBE asked for QoS 0:\n{text}"
+    );
+    let delivered: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Sending PUBLISH to") && l.contains(&format!("'{base}/x'")))
+        .collect();
+    assert!(
+        !delivered.is_empty() && delivered.iter().all(|l| l.contains(", q0,")),
+        "delivered to the pool at QoS 0: {delivered:?}"
+    );
+    assert!(
+        text.lines().any(|l| l.contains("Received PUBLISH from")
+            && l.contains(", q1,")
+            && l.contains(&format!("'{base}/x'"))),
+        "the publish went upstream at QoS 1:\n{text}"
+    );
+}
+
 /// Regression ("ack shift"): a publish whose caller gave up used to leave its waiter queued,
 /// and every later acknowledgement went to the wrong publish. Waiters are now queued in the
 /// same critical section as the request, so abandoned ones shift nothing.

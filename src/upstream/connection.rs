@@ -139,7 +139,7 @@ struct Outbox {
 /// The filters this connection should hold, and which of them changed.
 #[derive(Default)]
 struct Subscriptions {
-    /// Filter → (QoS, subscription id).
+    /// Filter → subscription id.
     desired: HashMap<Arc<str>, usize>,
     dirty: HashSet<Arc<str>>,
     /// Set on every (re)connect: the broker has forgotten our subscriptions (clean start).

@@ -59,10 +59,11 @@ pub struct PublishFrame<'a> {
     pub msg_ref: Option<&'a str>,
 }
 
+/// A `subscribe` frame. Its `qos` is accepted and not kept: every broker subscription is QoS 0
+/// (`upstream::connection::SUBSCRIPTION_QOS`, README "Deviations").
 #[derive(Debug, Clone, PartialEq)]
 pub struct SubscribeFrame<'a> {
     pub topic: &'a str,
-    pub qos: u8,
     pub load_balance: bool,
     pub load_balance_group: Option<&'a str>,
     pub filters: Vec<FilterItem>,
@@ -327,7 +328,6 @@ pub fn decode(buf: &[u8]) -> Result<ClientFrame<'_>, FrameError> {
             };
             ClientFrame::Subscribe(SubscribeFrame {
                 topic,
-                qos: qos(f.qos),
                 load_balance: literal_bool(f.load_balance) == Some(true),
                 load_balance_group: as_str(f.load_balance_group),
                 filters: match f.filters {
