@@ -1056,3 +1056,247 @@ async fn shared_subscriptions_are_refused_without_subscription_ids() {
         .unwrap();
     assert_eq!((id, granted), (9, false));
 }
+
+/// A scripted MQTT 5 broker for one connection: CONNACK with Receive Maximum `window`, every
+/// publish reported as (topic, qos), QoS 1 publishes acknowledged at once unless their topic
+/// starts with `held_prefix`; those wait until the test releases them, oldest first.
+struct ScriptedBroker {
+    endpoint: Endpoint,
+    publishes: mpsc::UnboundedReceiver<(String, u8)>,
+    release: mpsc::UnboundedSender<usize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ScriptedBroker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ScriptedBroker {
+    async fn start(window: u16, held_prefix: &'static str) -> Self {
+        use rumqttc::v5::mqttbytes::v5::{ConnAck, ConnAckProperties, Packet, PingResp, PubAck};
+        use rumqttc::v5::mqttbytes::{Error as CodecError, QoS};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (ptx, publishes) = mpsc::unbounded_channel();
+        let (release, mut rrx) = mpsc::unbounded_channel::<usize>();
+        let task = tokio::spawn(async move {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let mut rbuf = bytes::BytesMut::new();
+            let mut held: std::collections::VecDeque<u16> = Default::default();
+            loop {
+                // Answer every whole packet read so far.
+                let mut out = bytes::BytesMut::new();
+                loop {
+                    let packet = match Packet::read(&mut rbuf, None) {
+                        Ok(p) => p,
+                        Err(CodecError::InsufficientBytes(_)) => break,
+                        Err(e) => panic!("the pool sent a packet that does not decode: {e:?}"),
+                    };
+                    let reply = match packet {
+                        Packet::Connect(..) => Some(Packet::ConnAck(ConnAck {
+                            session_present: false,
+                            code: rumqttc::v5::mqttbytes::v5::ConnectReturnCode::Success,
+                            properties: Some(ConnAckProperties {
+                                session_expiry_interval: None,
+                                receive_max: Some(window),
+                                max_qos: None,
+                                retain_available: None,
+                                max_packet_size: None,
+                                assigned_client_identifier: None,
+                                topic_alias_max: None,
+                                reason_string: None,
+                                user_properties: Vec::new(),
+                                wildcard_subscription_available: None,
+                                subscription_identifiers_available: None,
+                                shared_subscription_available: None,
+                                server_keep_alive: None,
+                                response_information: None,
+                                server_reference: None,
+                                authentication_method: None,
+                                authentication_data: None,
+                            }),
+                        })),
+                        Packet::Publish(p) => {
+                            let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                            let _ = ptx.send((topic.clone(), p.qos as u8));
+                            if p.qos != QoS::AtLeastOnce {
+                                None
+                            } else if topic.starts_with(held_prefix) {
+                                held.push_back(p.pkid);
+                                None
+                            } else {
+                                Some(Packet::PubAck(PubAck::new(p.pkid, None)))
+                            }
+                        }
+                        Packet::PingReq(_) => Some(Packet::PingResp(PingResp)),
+                        _ => None,
+                    };
+                    if let Some(r) = reply {
+                        r.write(&mut out, None).unwrap();
+                    }
+                }
+                if !out.is_empty() && sock.write_all(&out).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    n = sock.read_buf(&mut rbuf) => {
+                        if !matches!(n, Ok(n) if n > 0) {
+                            return;
+                        }
+                    }
+                    n = rrx.recv() => {
+                        let mut out = bytes::BytesMut::new();
+                        for _ in 0..n.unwrap_or(0) {
+                            if let Some(pkid) = held.pop_front() {
+                                Packet::PubAck(PubAck::new(pkid, None)).write(&mut out, None).unwrap();
+                            }
+                        }
+                        if sock.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Self {
+            endpoint: Endpoint {
+                host: "127.0.0.1".into(),
+                port,
+                tls: false,
+            },
+            publishes,
+            release,
+            task,
+        }
+    }
+
+    /// The next publish the broker received, within `within`.
+    async fn next(&mut self, within: Duration) -> Option<(String, u8)> {
+        tokio::time::timeout(within, self.publishes.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+/// Regression (issue 12's churn bench on NATS and RabbitMQ): the pool connection's queue was
+/// one FIFO, so a tenant's QoS 1 backlog on a broker slow to acknowledge held every other
+/// tenant's publishes behind it, QoS 0 included, and one tenant could fill the whole byte
+/// budget. Now each namespace has its own lane: another tenant's QoS 0 goes at once, its QoS 1
+/// gets one of the next window slots to free up, and a lane at its byte bound refuses only its
+/// own publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_qos_1_backlog_does_not_hold_another_tenants_publishes() {
+    let window = 5;
+    let mut broker = ScriptedBroker::start(window, "app/slow/").await;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let pool = Pool::start(
+        &settings(1),
+        vec![broker.endpoint.clone()],
+        1 << 20,
+        Arc::new(Collect(tx)),
+    );
+    wait_ready(&pool).await;
+    let backlog = 50;
+    for i in 0..backlog {
+        pool.publish(
+            format!("app/slow/t/{i}"),
+            qos(1),
+            false,
+            Bytes::from_static(b"s"),
+            None,
+        )
+        .unwrap();
+    }
+    // The broker holds the window's worth of them unacknowledged.
+    for i in 0..window {
+        let (topic, q) = broker
+            .next(Duration::from_secs(5))
+            .await
+            .expect("slow publish");
+        assert_eq!((topic, q), (format!("app/slow/t/{i}"), 1));
+    }
+    assert_eq!(
+        broker.next(Duration::from_millis(200)).await,
+        None,
+        "window full"
+    );
+
+    // Another tenant's QoS 0 goes at once, past the 45 waiting.
+    let sent = std::time::Instant::now();
+    pool.publish(
+        "app/fast/t".into(),
+        qos(0),
+        false,
+        Bytes::from_static(b"f"),
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        broker.next(Duration::from_secs(2)).await,
+        Some(("app/fast/t".into(), 0)),
+        "another tenant's QoS 0 publish waited behind the QoS 1 backlog"
+    );
+    let qos0_latency = sent.elapsed();
+    assert!(
+        qos0_latency < Duration::from_millis(500),
+        "{qos0_latency:?}"
+    );
+
+    // Its QoS 1 waits for a slot like everybody's, but gets one of the first two to free up
+    // (the slow lane waited longer), not the 46th.
+    let (ack_tx, ack_rx) = oneshot::channel();
+    pool.publish(
+        "app/fast/q".into(),
+        qos(1),
+        false,
+        Bytes::from_static(b"f"),
+        Some(ack_tx),
+    )
+    .unwrap();
+    assert_eq!(
+        broker.next(Duration::from_millis(200)).await,
+        None,
+        "no slot yet"
+    );
+    broker.release.send(2).unwrap();
+    let mut got = Vec::new();
+    while let Some((topic, _)) = broker.next(Duration::from_millis(500)).await {
+        got.push(topic);
+    }
+    // (Its immediate acknowledgement frees a slot for the slow lane again.)
+    assert_eq!(got, ["app/slow/t/5", "app/fast/q", "app/slow/t/6"]);
+    tokio::time::timeout(Duration::from_secs(2), ack_rx)
+        .await
+        .expect("acknowledged")
+        .unwrap()
+        .unwrap();
+
+    // The slow tenant fills its lane (a quarter of the connection's 32 MiB): its publishes are
+    // refused, the other tenant's still go.
+    let big = Bytes::from(vec![0u8; 1 << 20]);
+    let mut accepted = 0usize;
+    let refused = loop {
+        match pool.publish("app/slow/big".into(), qos(1), false, big.clone(), None) {
+            Ok(()) => accepted += 1,
+            Err(e) => break e,
+        }
+        assert!(accepted < 32, "the slow lane was never bounded");
+    };
+    assert_eq!(refused, cuttle::upstream::PublishError::Saturated);
+    assert_eq!(
+        accepted, 7,
+        "8 MiB lane: 7 publishes of 1 MiB after the backlog"
+    );
+    pool.publish("app/fast/t".into(), qos(0), false, big.clone(), None)
+        .expect("another tenant's publish is accepted");
+    assert_eq!(
+        broker.next(Duration::from_secs(2)).await,
+        Some(("app/fast/t".into(), 0))
+    );
+}

@@ -43,16 +43,17 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use rumqttc::v5::mqttbytes::QoS;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::Notify;
 
 use super::codec::{self, Incoming, Version};
 use super::matcher::Matcher;
+use super::outbox::{AckSender, Outbox, Pending};
 use super::{Dispatch, Endpoint, Protocol};
 use crate::secret::Secret;
 
@@ -70,8 +71,6 @@ pub enum PublishError {
     #[error("the upstream connection was lost before the broker acknowledged the publish")]
     Lost,
 }
-
-type AckSender = oneshot::Sender<Result<(), PublishError>>;
 
 pub(super) struct Options {
     pub client_id: String,
@@ -104,38 +103,6 @@ pub struct LinkStatus {
     pub subscription_ids: bool,
 }
 
-/// A publish handed over and not yet acknowledged.
-struct Pending {
-    topic: Bytes,
-    qos: QoS,
-    retain: bool,
-    payload: Bytes,
-    ack: Option<AckSender>,
-    since: Instant,
-    /// Hand-over order, to send unacknowledged publishes again in order after a reconnect.
-    seq: u64,
-}
-
-/// Bookkeeping bytes of one queued publish, counted against the queue's bound with its topic
-/// and payload (many tiny publishes cost more than their payloads).
-const PENDING_OVERHEAD: usize = 96;
-
-impl Pending {
-    fn cost(&self) -> usize {
-        self.topic.len() + self.payload.len() + PENDING_OVERHEAD
-    }
-}
-
-/// Publishes handed over: queued (not yet written) and, through `held`, those written and
-/// waiting for their acknowledgement too.
-#[derive(Default)]
-struct Outbox {
-    queue: VecDeque<Pending>,
-    /// Bytes of every publish not yet acknowledged (queued or in flight).
-    held: usize,
-    next_seq: u64,
-}
-
 /// The filters this connection should hold, and which of them changed.
 #[derive(Default)]
 struct Subscriptions {
@@ -154,7 +121,6 @@ struct Shared {
     wake: Notify,
     /// The broker's Maximum Packet Size (CONNACK); `u32::MAX` when it set none.
     broker_max_packet: AtomicU32,
-    max_queued_bytes: usize,
     /// The task has ended (the pool was dropped, or it disconnected).
     closed: AtomicBool,
     /// A clean DISCONNECT was asked for ([`Connection::disconnect`]), due at this deadline at
@@ -199,16 +165,22 @@ const MAX_INFLIGHT: usize = 1024;
 /// SUBSCRIBEs and UNSUBSCRIBEs awaiting their acknowledgement at most: a restore of thousands
 /// of filters reaches the broker as fast as it answers, not all at once.
 const MAX_PENDING_SUBSCRIPTIONS: usize = 512;
+/// Namespaces it takes at their byte bound to fill a connection's queue: one namespace may
+/// hold this share of it at most (see [`super::outbox`]).
+const LANES_TO_FILL: usize = 4;
 
 impl Connection {
     pub fn start(o: Options) -> Self {
         let shared = Arc::new(Shared {
             client_id: o.client_id.clone(),
-            outbox: Mutex::new(Outbox::default()),
+            outbox: Mutex::new(Outbox::new(
+                o.max_queued_bytes,
+                o.max_queued_bytes / LANES_TO_FILL,
+                o.namespace_depth,
+            )),
             subs: Mutex::new(Subscriptions::default()),
             wake: Notify::new(),
             broker_max_packet: AtomicU32::new(u32::MAX),
-            max_queued_bytes: o.max_queued_bytes,
             closed: AtomicBool::new(false),
             closing: Mutex::new(None),
             closing_notify: Notify::new(),
@@ -302,29 +274,11 @@ impl Connection {
         if size > max {
             return Err(PublishError::TooLarge { size, max });
         }
-        let mut p = Pending {
-            topic: Bytes::from(topic),
-            // QoS 2 would need PUBREC/PUBREL/PUBCOMP for nothing: the proxy's own
-            // acknowledgement to its client is at-least-once.
-            qos: cap_qos(qos),
-            retain,
-            payload,
-            ack,
-            since: Instant::now(),
-            seq: 0,
-        };
-        let cost = p.cost();
-        let mut o = shared.outbox.lock();
-        if o.held + cost > shared.max_queued_bytes {
-            return Err(PublishError::Saturated);
-        }
-        o.held += cost;
-        p.seq = o.next_seq;
-        o.next_seq += 1;
-        let was_empty = o.queue.is_empty();
-        o.queue.push_back(p);
-        drop(o);
-        if was_empty {
+        // QoS 2 would need PUBREC/PUBREL/PUBCOMP for nothing: the proxy's own acknowledgement
+        // to its client is at-least-once.
+        let p = Pending::new(Bytes::from(topic), cap_qos(qos), retain, payload, ack);
+        let wake = shared.outbox.lock().push(p)?;
+        if wake {
             shared.wake.notify_one();
         }
         Ok(())
@@ -698,12 +652,8 @@ impl Session {
     /// The connection is gone: unacknowledged publishes go back to the front of the queue,
     /// in their order, to be sent again after the next CONNACK.
     fn lost(&mut self) {
-        let mut again: Vec<Pending> = self.inflight.drain().map(|(_, p)| p).collect();
-        again.sort_by_key(|p| p.seq);
-        let mut o = self.shared.outbox.lock();
-        for p in again.into_iter().rev() {
-            o.queue.push_front(p);
-        }
+        let again: Vec<Pending> = self.inflight.drain().map(|(_, p)| p).collect();
+        self.shared.outbox.lock().requeue(again);
     }
 
     fn next_pkid(&mut self) -> u16 {
@@ -742,8 +692,7 @@ impl Session {
             if !disconnecting {
                 self.fill(&mut link, &mut wbuf);
                 if let Some(due) = closing {
-                    let settled =
-                        self.inflight.is_empty() && self.shared.outbox.lock().queue.is_empty();
+                    let settled = self.inflight.is_empty() && self.shared.outbox.lock().is_empty();
                     if settled || now >= due {
                         codec::disconnect(&mut wbuf);
                         disconnecting = true;
@@ -887,7 +836,7 @@ impl Session {
             return;
         };
         self.shared.metrics.acknowledged(p.since.elapsed());
-        self.shared.outbox.lock().held -= p.cost();
+        self.shared.outbox.lock().release(&p);
         if let Some(tx) = p.ack {
             let _ = tx.send(Ok(()));
         }
@@ -942,23 +891,18 @@ impl Session {
         }
         let shared = self.shared.clone();
         let mut o = shared.outbox.lock();
+        o.admit(link.window.saturating_sub(self.inflight.len()));
         while wbuf.len() < WRITE_BATCH {
-            let Some(front) = o.queue.front() else {
+            let Some(mut p) = o.pop(self.inflight.len() < link.window) else {
                 break;
             };
-            if front.qos != QoS::AtMostOnce && self.inflight.len() >= link.window {
-                break; // in order: a QoS 0 publish behind it waits too
-            }
-            let Some(mut p) = o.queue.pop_front() else {
-                break;
-            };
-            if p.topic.len() + p.payload.len() + codec::PUBLISH_OVERHEAD > link.max_packet {
+            if p.packet_size() > link.max_packet {
                 // Accepted before this broker's maximum was known (a reconnect to another
                 // node): refuse it now rather than lose the connection.
-                o.held -= p.cost();
+                o.release(&p);
                 if let Some(tx) = p.ack.take() {
                     let _ = tx.send(Err(PublishError::TooLarge {
-                        size: p.topic.len() + p.payload.len() + codec::PUBLISH_OVERHEAD,
+                        size: p.packet_size(),
                         max: link.max_packet,
                     }));
                 }
@@ -966,7 +910,7 @@ impl Session {
             }
             if p.qos == QoS::AtMostOnce {
                 codec::publish(link.version, &p.topic, p.qos, p.retain, 0, &p.payload, wbuf);
-                o.held -= p.cost();
+                o.release(&p);
                 // QoS 0: handed to the socket is all the acknowledgement there is.
                 if let Some(tx) = p.ack.take() {
                     let _ = tx.send(Ok(()));
@@ -1174,14 +1118,12 @@ pub(super) fn cover_for(filter: &str, namespace_depth: usize) -> Arc<str> {
 /// Ends the task: every waiting publish fails.
 fn shut_down(shared: &Shared, session: &mut Session) {
     shared.closed.store(true, Ordering::Release);
-    let mut o = shared.outbox.lock();
-    for p in o.queue.drain(..) {
+    let queued = shared.outbox.lock().drain();
+    for p in queued {
         if let Some(tx) = p.ack {
             let _ = tx.send(Err(PublishError::Closed));
         }
     }
-    o.held = 0;
-    drop(o);
     for (_, p) in session.inflight.drain() {
         if let Some(tx) = p.ack {
             let _ = tx.send(Err(PublishError::Lost));

@@ -23,6 +23,7 @@
 mod codec;
 mod connection;
 mod matcher;
+mod outbox;
 
 use std::hash::BuildHasher;
 use std::sync::Arc;
