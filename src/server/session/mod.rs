@@ -381,8 +381,11 @@ where
         }
         if reason == CloseReason::TooBig {
             // The rest of the oversized message is still in the stream, unparsed: frames
-            // after it cannot be found, so drain raw bytes until the client hangs up.
-            let mut buf = [0u8; 8192];
+            // after it cannot be found, so drain raw bytes until the client hangs up. On the
+            // heap, and only here: an array would sit in every session's task (this future
+            // is part of the session's), and that alone was 8 KiB of each idle connection's
+            // resident memory (the regression from 8.2 to 16.1 KiB, BENCHMARKS.md).
+            let mut buf = vec![0u8; 8192];
             while let Ok(n) = ws.get_mut().read(&mut buf).await {
                 if n == 0 {
                     break;
