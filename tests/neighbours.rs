@@ -567,7 +567,8 @@ async fn control_frames_are_rate_limited_per_connection() {
 /// in the noisy-neighbour benchmark). Another connection is served meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_flood_is_read_at_the_connections_budget() {
-    const BUDGET: usize = 50 + 20; // the default publish_per_second + control_per_second
+    // The defaults: publish_per_second + control_per_second + presence.frames_per_second.
+    const BUDGET: usize = 50 + 20 + 10;
     let p = start_proxy(TestBroker::Embedded, "").await;
     let (ws, _) = tokio_tungstenite::connect_async(&p.url).await.unwrap();
     let mut flooder = Client::from_ws(ws);

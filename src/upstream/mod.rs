@@ -6,11 +6,12 @@
 //!   hash), so a broker message reaches the proxy once. After a reconnect the connection
 //!   re-subscribes everything assigned to it.
 //! - **Publishes** of one topic always use the same connection, so they keep their order.
-//!   Publishing never waits: a full connection (requests or bytes) refuses at once
-//!   ([`PublishError::Saturated`]), and a publish larger than the broker's Maximum Packet Size
-//!   is refused to its sender ([`PublishError::TooLarge`]) instead of costing the shared
-//!   connection. A publish that asks for an acknowledgement completes when the broker
-//!   acknowledged it (PUBACK for QoS 1, PUBCOMP for QoS 2, written to the socket for QoS 0).
+//!   Publishing never waits: a full connection, or a namespace at its share of it, refuses at
+//!   once ([`PublishError::Saturated`]; the queue and its fairness: [`outbox`]), and a
+//!   publish larger than the broker's Maximum Packet Size is refused to its sender
+//!   ([`PublishError::TooLarge`]) instead of costing the shared connection. A publish that
+//!   asks for an acknowledgement completes when the broker acknowledged it (PUBACK for QoS 1
+//!   — QoS 2 is sent as QoS 1 — written to the socket for QoS 0).
 //! - **Incoming messages** and **SUBACK results** are handed to a [`Dispatch`] on the
 //!   connection's event-loop task; dispatching must never block (the router only does
 //!   `try_send`s).
