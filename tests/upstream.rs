@@ -1059,10 +1059,12 @@ async fn shared_subscriptions_are_refused_without_subscription_ids() {
 
 /// A scripted MQTT 5 broker for one connection: CONNACK with Receive Maximum `window`, every
 /// publish reported as (topic, qos), QoS 1 publishes acknowledged at once unless their topic
-/// starts with `held_prefix`; those wait until the test releases them, oldest first.
+/// starts with `held_prefix`; those wait until the test releases them, oldest first. Every
+/// SUBSCRIBE is reported (its filters) and never acknowledged.
 struct ScriptedBroker {
     endpoint: Endpoint,
     publishes: mpsc::UnboundedReceiver<(String, u8)>,
+    subscribes: mpsc::UnboundedReceiver<Vec<String>>,
     release: mpsc::UnboundedSender<usize>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -1081,6 +1083,7 @@ impl ScriptedBroker {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (ptx, publishes) = mpsc::unbounded_channel();
+        let (stx, subscribes) = mpsc::unbounded_channel();
         let (release, mut rrx) = mpsc::unbounded_channel::<usize>();
         let task = tokio::spawn(async move {
             let Ok((mut sock, _)) = listener.accept().await else {
@@ -1133,6 +1136,10 @@ impl ScriptedBroker {
                                 Some(Packet::PubAck(PubAck::new(p.pkid, None)))
                             }
                         }
+                        Packet::Subscribe(sub) => {
+                            let _ = stx.send(sub.filters.into_iter().map(|f| f.path).collect());
+                            None
+                        }
                         Packet::PingReq(_) => Some(Packet::PingResp(PingResp)),
                         _ => None,
                     };
@@ -1170,9 +1177,24 @@ impl ScriptedBroker {
                 tls: false,
             },
             publishes,
+            subscribes,
             release,
             task,
         }
+    }
+
+    /// A scripted broker and a one-connection pool connected to it.
+    async fn with_pool(window: u16, held_prefix: &'static str) -> (Self, Arc<Pool>) {
+        let broker = Self::start(window, held_prefix).await;
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let pool = Pool::start(
+            &settings(1),
+            vec![broker.endpoint.clone()],
+            1 << 20,
+            Arc::new(Collect(tx)),
+        );
+        wait_ready(&pool).await;
+        (broker, pool)
     }
 
     /// The next publish the broker received, within `within`.
@@ -1193,15 +1215,7 @@ impl ScriptedBroker {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_tenants_qos_1_backlog_does_not_hold_another_tenants_publishes() {
     let window = 5;
-    let mut broker = ScriptedBroker::start(window, "app/slow/").await;
-    let (tx, _rx) = mpsc::unbounded_channel();
-    let pool = Pool::start(
-        &settings(1),
-        vec![broker.endpoint.clone()],
-        1 << 20,
-        Arc::new(Collect(tx)),
-    );
-    wait_ready(&pool).await;
+    let (mut broker, pool) = ScriptedBroker::with_pool(window, "app/slow/").await;
     let backlog = 50;
     for i in 0..backlog {
         pool.publish(
@@ -1299,4 +1313,48 @@ async fn one_tenants_qos_1_backlog_does_not_hold_another_tenants_publishes() {
         broker.next(Duration::from_secs(2)).await,
         Some(("app/fast/t".into(), 0))
     );
+}
+
+/// The connection's own caps on what awaits the broker, measured on a broker that acknowledges
+/// nothing: QoS 1 publishes in flight stop at 1,024 even when the broker's Receive Maximum
+/// allows more, and SUBSCRIBEs awaiting their SUBACK stop at 512 (the rest wait their turn,
+/// so a restore of thousands of filters never floods the broker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_publishes_and_pending_subscribes_are_capped() {
+    let (mut broker, pool) = ScriptedBroker::with_pool(u16::MAX, "app/").await;
+    for i in 0..1500 {
+        pool.publish(
+            format!("app/acme/t/{i}"),
+            qos(1),
+            false,
+            Bytes::from_static(b"p"),
+            None,
+        )
+        .unwrap();
+    }
+    let mut in_flight = 0;
+    while broker.next(Duration::from_millis(500)).await.is_some() {
+        in_flight += 1;
+    }
+    assert_eq!(
+        in_flight, 1024,
+        "QoS 1 publishes written without an acknowledgement"
+    );
+    for i in 0..600 {
+        pool.subscribe(&arc(format!("app/acme/f/{i}")), i + 1);
+    }
+    let mut pending = 0;
+    while let Ok(Some(filters)) =
+        tokio::time::timeout(Duration::from_millis(500), broker.subscribes.recv()).await
+    {
+        pending += filters.len();
+    }
+    assert_eq!(pending, 512, "filters subscribed without a SUBACK");
+    // Releasing some publish acknowledgements lets exactly as many more go.
+    broker.release.send(100).unwrap();
+    let mut more = 0;
+    while broker.next(Duration::from_millis(500)).await.is_some() {
+        more += 1;
+    }
+    assert_eq!(more, 100);
 }
