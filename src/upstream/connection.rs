@@ -267,16 +267,16 @@ impl Connection {
         if !rumqttc::v5::mqttbytes::valid_topic(&topic) {
             return Err(PublishError::InvalidTopic);
         }
+        // QoS 2 would need PUBREC/PUBREL/PUBCOMP for nothing: the proxy's own acknowledgement
+        // to its client is at-least-once.
+        let p = Pending::new(Bytes::from(topic), cap_qos(qos), retain, payload, ack);
         // A packet over the broker's maximum would make it drop the whole connection (and we
         // would send it again after every reconnect): refuse it to its sender instead.
-        let size = topic.len() + payload.len() + codec::PUBLISH_OVERHEAD;
+        let size = p.packet_size();
         let max = shared.broker_max_packet.load(Ordering::Relaxed) as usize;
         if size > max {
             return Err(PublishError::TooLarge { size, max });
         }
-        // QoS 2 would need PUBREC/PUBREL/PUBCOMP for nothing: the proxy's own acknowledgement
-        // to its client is at-least-once.
-        let p = Pending::new(Bytes::from(topic), cap_qos(qos), retain, payload, ack);
         let wake = shared.outbox.lock().push(p)?;
         if wake {
             shared.wake.notify_one();

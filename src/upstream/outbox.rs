@@ -40,7 +40,7 @@ use super::connection::PublishError;
 pub(super) type AckSender = oneshot::Sender<Result<(), PublishError>>;
 
 /// Bytes a lane may send per round-robin turn (deficit round robin's quantum).
-pub(super) const QUANTUM: usize = 16 << 10;
+const QUANTUM: usize = 16 << 10;
 
 /// Bookkeeping bytes of one queued publish, counted against the bounds with its topic and
 /// payload (many tiny publishes cost more than their payloads).
