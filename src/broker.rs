@@ -40,12 +40,11 @@ pub fn start(
     port: u16,
     v311: bool,
 ) -> Result<EmbeddedBroker, BrokerError> {
-    // rumqttd cannot report the port it bound, so pick one first (and check a configured one
-    // is free). Another process could take it in between; the pool would then fail to connect
-    // and /readyz stays not-ready.
-    let addr = TcpListener::bind(("127.0.0.1", port))
-        .and_then(|l| l.local_addr())
-        .map_err(BrokerError::Port)?;
+    // rumqttd cannot report the port it bound, so bind here and hand it the listener
+    // (vendor/rumqttd/PATCHES.md, patch 6): a configured port that is taken fails now, with a
+    // message, and a picked one cannot be taken between picking and serving.
+    let listener = TcpListener::bind(("127.0.0.1", port)).map_err(BrokerError::Port)?;
+    let addr = listener.local_addr().map_err(BrokerError::Port)?;
 
     let connections = ConnectionSettings {
         connection_timeout_ms: 10_000,
@@ -80,6 +79,7 @@ pub fn start(
     };
 
     let mut broker = rumqttd::Broker::new(config);
+    broker.with_listener(listener).map_err(BrokerError::Port)?;
     std::thread::Builder::new()
         .name("embedded-broker".into())
         .spawn(move || {
@@ -89,9 +89,44 @@ pub fn start(
         })
         .map_err(BrokerError::Thread)?;
 
-    // No readiness probe here: rumqttd logs a bare TCP probe as a failed MQTT connect. The
-    // pool's connections retry with backoff until the listener is up, and /readyz reports
-    // not-ready until they are.
+    // The listener is bound already: the pool's first connections wait in its backlog until
+    // rumqttd's server thread accepts them, and /readyz reports not-ready until they are up.
     tracing::info!(%addr, "embedded MQTT broker listening");
     Ok(EmbeddedBroker { addr })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// An MQTT 5 CONNECT: clean start, keep-alive 60 s, no properties, client id `t`.
+    const CONNECT_V5: [u8; 16] = [
+        0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 0, 0, 1, b't',
+    ];
+
+    #[test]
+    fn the_port_is_listening_when_start_returns() {
+        // Before the listener was handed over, rumqttd bound the port in its own thread a
+        // moment later: a connection made at once was refused.
+        let broker = start(1 << 20, 10, 0, false).expect("embedded broker");
+        let mut conn = std::net::TcpStream::connect(broker.addr).expect("connects at once");
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        conn.write_all(&CONNECT_V5).unwrap();
+        let mut fixed = [0u8; 2];
+        conn.read_exact(&mut fixed).expect("an answer");
+        assert_eq!(fixed[0], 0x20, "CONNACK");
+    }
+
+    #[test]
+    fn a_taken_port_fails_at_start_naming_the_setting() {
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let err = start(1 << 20, 10, port, false).expect_err("the port is taken");
+        assert!(matches!(err, BrokerError::Port(_)), "{err}");
+        assert!(err.to_string().contains("upstream.embedded_port"), "{err}");
+    }
 }

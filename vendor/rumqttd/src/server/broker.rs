@@ -67,6 +67,8 @@ pub enum Error {
 pub struct Broker {
     config: Arc<Config>,
     router_tx: Sender<(ConnectionId, Event)>,
+    // cuttle patch: listeners bound by the caller, by listen address (see `with_listener`).
+    bound: HashMap<SocketAddr, std::net::TcpListener>,
 }
 
 impl Broker {
@@ -87,11 +89,11 @@ impl Broker {
                 // Start router first and then cluster in the background
                 let router_tx = router.spawn();
                 // cluster.spawn();
-                Broker { config, router_tx }
+                Broker { config, router_tx, bound: HashMap::new() }
             }
             None => {
                 let router_tx = router.spawn();
-                Broker { config, router_tx }
+                Broker { config, router_tx, bound: HashMap::new() }
             }
         }
     }
@@ -155,6 +157,18 @@ impl Broker {
         Ok((link_tx, link_rx))
     }
 
+    /// cuttle patch: serve the server whose `listen` is `listener`'s address on `listener`
+    /// instead of binding that address again in the server thread. A caller that lets the OS
+    /// pick a port (`:0`) can then learn it without the bind-drop-rebind race, in which another
+    /// socket of the process (an outgoing connection's ephemeral port, another listener) could
+    /// take the port first and the server thread would fail with nobody to tell.
+    pub fn with_listener(&mut self, listener: std::net::TcpListener) -> io::Result<()> {
+        let addr = listener.local_addr()?;
+        listener.set_nonblocking(true)?;
+        self.bound.insert(addr, listener);
+        Ok(())
+    }
+
     #[tracing::instrument(skip(self))]
     pub fn start(&mut self) -> Result<(), Error> {
         if self.config.v4.is_none()
@@ -205,7 +219,9 @@ impl Broker {
         if let Some(v4_config) = &self.config.v4 {
             for (_, config) in v4_config.clone() {
                 let server_thread = thread::Builder::new().name(config.name.clone());
+                let bound = self.bound.remove(&config.listen);
                 let mut server = Server::new(config, self.router_tx.clone(), V4);
+                server.bound = bound;
                 let handle = server_thread.spawn(move || {
                     let mut runtime = tokio::runtime::Builder::new_current_thread();
                     let runtime = runtime.enable_all().build().unwrap();
@@ -223,7 +239,9 @@ impl Broker {
         if let Some(v5_config) = &self.config.v5 {
             for (_, config) in v5_config.clone() {
                 let server_thread = thread::Builder::new().name(config.name.clone());
+                let bound = self.bound.remove(&config.listen);
                 let mut server = Server::new(config, self.router_tx.clone(), V5);
+                server.bound = bound;
                 let handle = server_thread.spawn(move || {
                     let mut runtime = tokio::runtime::Builder::new_current_thread();
                     let runtime = runtime.enable_all().build().unwrap();
@@ -349,6 +367,8 @@ pub struct Server<P> {
     router_tx: Sender<(ConnectionId, Event)>,
     protocol: P,
     awaiting_will_handler: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
+    // cuttle patch: a listener bound by the caller (`Broker::with_listener`).
+    bound: Option<std::net::TcpListener>,
 }
 
 impl<P: Protocol + Clone + Send + 'static> Server<P> {
@@ -362,6 +382,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             router_tx,
             protocol,
             awaiting_will_handler: Arc::new(Mutex::new(HashMap::default())),
+            bound: None,
         }
     }
 
@@ -380,7 +401,10 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
     }
 
     pub async fn start(&mut self, link_type: LinkType) -> Result<(), Error> {
-        let listener = TcpListener::bind(&self.config.listen).await?;
+        let listener = match self.bound.take() {
+            Some(listener) => TcpListener::from_std(listener)?,
+            None => TcpListener::bind(&self.config.listen).await?,
+        };
         let delay = Duration::from_millis(self.config.next_connection_delay_ms);
         let mut count: usize = 0;
 
